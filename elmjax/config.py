@@ -1,0 +1,307 @@
+"""The configuration schema: every field, its default, and its validation.
+
+A run's configuration is one `ml_collections.ConfigDict` with the sections `model`, `data`,
+`train`, `optim`, `checkpoint`, `mesh` and `eval`. `base_config()` holds every field with the
+paper's recipe defaults (shared/SPEC.md §1); the files in `configs/` call `openelm_config()`
+with a variant's few numbers. Per-layer lists are never stored here: they are derived from
+the model section by `elmjax.scaling.schedule_from_config`.
+
+Any field can be overridden on the command line (`--config.train.steps=100`); `validate()`
+then rejects bad values with an error that names the field and what is allowed.
+"""
+from __future__ import annotations
+
+import math
+
+import ml_collections
+from ml_collections import config_dict
+
+
+class ConfigError(ValueError):
+    """A configuration field holds a value that elmjax cannot run with."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"config field `{field}`: {message}")
+        self.field = field
+
+
+# Logical axis name -> mesh axes. Model code names only logical axes (shared/DESIGN.md).
+DEFAULT_SHARDING_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("seq", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),  # the fused q|k|v output dim and the attention output dim
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("expert", "expert"),
+    ("norm", None),
+)
+
+NORM_TYPES = ("rms_norm", "layer_norm")
+QK_NORM_STYLES = ("per_head", "full", "none")
+POSITION_ENCODINGS = ("rope", "alibi")
+FFN_TYPES = ("swiglu",)
+INIT_SCHEMES = ("openelm",)
+ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_attention_out")
+NONFINITE_ACTIONS = ("skip", "abort")
+LR_SCHEDULES = ("cosine", "linear", "constant")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field with its default: OpenELM-270M's shape and the paper's recipe."""
+    config = ml_collections.ConfigDict()
+
+    config.model = model = ml_collections.ConfigDict()
+    model.num_layers = 16  # number of transformer blocks
+    model.model_dim = 1280  # residual stream width d
+    model.head_dim = 64  # width of one attention head
+    model.num_gqa_groups = 4  # query heads per kv head
+    model.qkv_multipliers = (0.5, 1.0)  # (first, last) layer's query width as a fraction of d
+    model.ffn_multipliers = (0.5, 4.0)  # (first, last) layer's FFN width as a multiple of d
+    model.ffn_dim_divisor = 256  # FFN widths are rounded to multiples of this
+    model.vocab_size = 32000  # rows of the embedding matrix
+    model.max_seq_len = 2048  # longest sequence the model is trained or evaluated on
+    model.rope_theta = 10000.0  # RoPE base frequency
+    model.norm_type = "rms_norm"  # one of NORM_TYPES
+    model.norm_eps = 1e-6  # epsilon of every norm layer
+    model.qk_norm = "per_head"  # one of QK_NORM_STYLES: per head (OpenELM), whole q/k (OLMoE)
+    model.position_encoding = "rope"  # one of POSITION_ENCODINGS
+    model.ffn_type = "swiglu"  # one of FFN_TYPES
+    model.use_bias = False  # biases on linear layers (BTLM uses them)
+    model.tie_embeddings = True  # logits = h @ embedding^T
+    model.embedding_scale = 1.0  # multiplies token embeddings (muP uses 14.6)
+    model.logit_scale = 1.0  # multiplies logits (muP uses 0.222)
+    model.attention_scale = config_dict.placeholder(float)  # None: 1/sqrt(head_dim)
+    model.init_scheme = "openelm"  # one of INIT_SCHEMES
+    model.attention_impl = "auto"  # one of ATTENTION_IMPLS
+    model.compute_dtype = "float32"  # matmul dtype; bfloat16 on accelerators
+    model.param_dtype = "float32"  # parameter storage dtype
+    model.remat_policy = "none"  # activation checkpointing per block, one of REMAT_POLICIES
+
+    config.data = data = ml_collections.ConfigDict()
+    data.source = "embedded"  # "embedded" (installed corpus) or a comma-separated list of globs
+    data.format = "text"  # text | jsonl | parquet | token_store
+    data.text_field = "text"  # field of a JSONL record or Parquet column holding the text
+    data.mixture_weights = ""  # comma-separated weights, one per source; empty = equal
+    data.tokenizer = ""  # SentencePiece .model or tokenizer.json; empty = trained on the corpus
+    data.add_bos = True  # prepend BOS to each document
+    data.add_eos = True  # append EOS to each document
+    data.pad_id = 0  # token id written into padding positions (never in the loss)
+    data.seed = 0  # shuffle seed
+    data.num_workers = 0  # grain worker processes; 0 = in-process
+    data.prefetch = 2  # batches prefetched per worker
+    data.eval_fraction = 0.01  # documents held out for perplexity evaluation
+
+    config.train = train = ml_collections.ConfigDict()
+    train.steps = 350_000  # optimizer steps
+    train.batch_size = 2048  # sequences per step, global
+    train.seq_len = 2048  # tokens per sequence
+    train.grad_accum_steps = 1  # micro-batches per optimizer step
+    train.seed = 0  # parameter initialisation seed
+    train.z_loss = 1e-4  # weight of mean(logsumexp(logits)^2)
+    train.log_every = 10  # steps between metrics lines
+    train.nonfinite = "skip"  # one of NONFINITE_ACTIONS
+    train.sample_at_end = True  # print a short generated sample when training ends
+
+    config.optim = optim = ml_collections.ConfigDict()
+    optim.peak_lr = 5.3e-3  # learning rate after warmup
+    optim.init_lr = 1e-6  # learning rate at step 0
+    optim.final_lr_ratio = 0.1  # final LR as a fraction of peak
+    optim.warmup_steps = 5000  # linear warmup length
+    optim.schedule = "cosine"  # one of LR_SCHEDULES, after warmup
+    optim.b1 = 0.9
+    optim.b2 = 0.95
+    optim.eps = 1e-8
+    optim.weight_decay = 0.1  # on 2-D weights (norms excluded; embedding included)
+    optim.clip_norm = 1.0  # global gradient-norm clip; 0 disables
+
+    config.checkpoint = checkpoint = ml_collections.ConfigDict()
+    checkpoint.every_steps = 5000  # steps between checkpoints
+    checkpoint.max_to_keep = 5  # newest checkpoints kept
+    checkpoint.keep_every = 0  # also keep every K-th step forever; 0 = none
+    checkpoint.async_save = True  # save in a background thread
+
+    config.mesh = mesh = ml_collections.ConfigDict()
+    mesh.data = -1  # data-parallel axis size; -1 = the devices left over
+    mesh.fsdp = 1  # fully-sharded data-parallel axis size
+    mesh.tensor = 1  # tensor-parallel axis size
+    mesh.expert = 1  # expert-parallel axis size
+    mesh.rules = DEFAULT_SHARDING_RULES  # logical axis -> mesh axes
+
+    config.eval = evaluation = ml_collections.ConfigDict()
+    evaluation.every_steps = 0  # held-out perplexity every K steps; 0 = never
+    evaluation.batches = 4  # batches per held-out evaluation
+
+    return config
+
+
+def openelm_config(
+    *,
+    num_layers: int,
+    model_dim: int,
+    head_dim: int,
+    peak_lr: float,
+    remat_policy: str = "none",
+    **model_overrides,
+) -> ml_collections.ConfigDict:
+    """A config for an OpenELM variant from the paper's few numbers (SPEC §1)."""
+    config = base_config()
+    config.model.num_layers = num_layers
+    config.model.model_dim = model_dim
+    config.model.head_dim = head_dim
+    config.model.remat_policy = remat_policy
+    for name, value in model_overrides.items():
+        if name not in config.model:
+            raise ConfigError(f"model.{name}", "is not a model field")
+        config.model[name] = value
+    config.optim.peak_lr = peak_lr
+    return config
+
+
+def _require(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(field, message)
+
+
+def _choice(config: ml_collections.ConfigDict, section: str, name: str, allowed) -> None:
+    value = config[section][name]
+    _require(value in allowed, f"{section}.{name}", f"is {value!r}; allowed: {', '.join(allowed)}")
+
+
+def _range(config, field: str, low_high) -> None:
+    _require(
+        len(low_high) == 2 and all(isinstance(v, (int, float)) for v in low_high),
+        field,
+        f"is {low_high!r}; expected two numbers (first layer, last layer)",
+    )
+    low, high = low_high
+    _require(low > 0, field, f"min {low} must be > 0")
+    _require(low <= high, field, f"min {low} is greater than max {high}; expected min <= max")
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks every field; raises `ConfigError` naming the first bad one. Returns `config`."""
+    model = config.model
+    _require(model.num_layers >= 1, "model.num_layers", f"is {model.num_layers}; need >= 1")
+    _require(model.model_dim >= 1, "model.model_dim", f"is {model.model_dim}; need >= 1")
+    _require(
+        model.head_dim >= 2 and model.head_dim % 2 == 0,
+        "model.head_dim",
+        f"is {model.head_dim}; need an even number >= 2 (RoPE rotates pairs)",
+    )
+    _require(
+        model.model_dim % model.head_dim == 0,
+        "model.head_dim",
+        f"{model.head_dim} does not divide model.model_dim={model.model_dim}",
+    )
+    _require(
+        model.num_gqa_groups >= 1,
+        "model.num_gqa_groups",
+        f"is {model.num_gqa_groups}; need >= 1",
+    )
+    _range(config, "model.qkv_multipliers", tuple(model.qkv_multipliers))
+    _range(config, "model.ffn_multipliers", tuple(model.ffn_multipliers))
+    _require(
+        model.ffn_dim_divisor >= 1,
+        "model.ffn_dim_divisor",
+        f"is {model.ffn_dim_divisor}; need >= 1",
+    )
+    _require(model.vocab_size >= 2, "model.vocab_size", f"is {model.vocab_size}; need >= 2")
+    _require(model.max_seq_len >= 1, "model.max_seq_len", f"is {model.max_seq_len}; need >= 1")
+    _require(model.rope_theta > 0, "model.rope_theta", f"is {model.rope_theta}; need > 0")
+    _require(0 < model.norm_eps < 1, "model.norm_eps", f"is {model.norm_eps}; need 0 < eps < 1")
+    _choice(config, "model", "norm_type", NORM_TYPES)
+    _choice(config, "model", "qk_norm", QK_NORM_STYLES)
+    _choice(config, "model", "position_encoding", POSITION_ENCODINGS)
+    _choice(config, "model", "ffn_type", FFN_TYPES)
+    _choice(config, "model", "init_scheme", INIT_SCHEMES)
+    _choice(config, "model", "attention_impl", ATTENTION_IMPLS)
+    _choice(config, "model", "compute_dtype", DTYPES)
+    _choice(config, "model", "param_dtype", DTYPES)
+    _choice(config, "model", "remat_policy", REMAT_POLICIES)
+    for name in ("embedding_scale", "logit_scale"):
+        value = model[name]
+        _require(
+            math.isfinite(value) and value > 0, f"model.{name}", f"is {value}; need a positive number"
+        )
+    if model.attention_scale is not None:
+        _require(
+            model.attention_scale > 0,
+            "model.attention_scale",
+            f"is {model.attention_scale}; need > 0, or None for 1/sqrt(head_dim)",
+        )
+    # Every layer must get at least one kv head: the smallest query width is
+    # make_divisible(d * min_alpha, head_dim * groups) >= head_dim * groups, so this always
+    # holds; what can fail is a group count that does not divide the query heads.
+    from elmjax.scaling import schedule_from_config  # local: scaling imports nothing from here
+
+    for index, layer in enumerate(schedule_from_config(model)):
+        _require(
+            layer.num_query_heads % model.num_gqa_groups == 0,
+            "model.num_gqa_groups",
+            f"{model.num_gqa_groups} does not divide layer {index}'s "
+            f"{layer.num_query_heads} query heads",
+        )
+
+    train = config.train
+    for name in ("steps", "batch_size", "seq_len", "grad_accum_steps", "log_every"):
+        _require(train[name] >= 1, f"train.{name}", f"is {train[name]}; need >= 1")
+    _require(
+        train.batch_size % train.grad_accum_steps == 0,
+        "train.grad_accum_steps",
+        f"{train.grad_accum_steps} does not divide train.batch_size={train.batch_size}",
+    )
+    _require(
+        train.seq_len <= model.max_seq_len,
+        "train.seq_len",
+        f"{train.seq_len} exceeds model.max_seq_len={model.max_seq_len}",
+    )
+    _require(train.z_loss >= 0, "train.z_loss", f"is {train.z_loss}; need >= 0")
+    _choice(config, "train", "nonfinite", NONFINITE_ACTIONS)
+
+    optim = config.optim
+    _require(optim.peak_lr > 0, "optim.peak_lr", f"is {optim.peak_lr}; need > 0")
+    _require(optim.init_lr >= 0, "optim.init_lr", f"is {optim.init_lr}; need >= 0")
+    _require(
+        0 <= optim.final_lr_ratio <= 1,
+        "optim.final_lr_ratio",
+        f"is {optim.final_lr_ratio}; need 0 <= ratio <= 1",
+    )
+    _require(optim.warmup_steps >= 0, "optim.warmup_steps", f"is {optim.warmup_steps}; need >= 0")
+    _choice(config, "optim", "schedule", LR_SCHEDULES)
+    for name in ("b1", "b2"):
+        _require(0 <= optim[name] < 1, f"optim.{name}", f"is {optim[name]}; need 0 <= b < 1")
+    _require(optim.eps > 0, "optim.eps", f"is {optim.eps}; need > 0")
+    _require(optim.weight_decay >= 0, "optim.weight_decay", f"is {optim.weight_decay}; need >= 0")
+    _require(optim.clip_norm >= 0, "optim.clip_norm", f"is {optim.clip_norm}; need >= 0")
+
+    checkpoint = config.checkpoint
+    _require(
+        checkpoint.every_steps >= 1,
+        "checkpoint.every_steps",
+        f"is {checkpoint.every_steps}; need >= 1",
+    )
+    _require(
+        checkpoint.max_to_keep >= 1,
+        "checkpoint.max_to_keep",
+        f"is {checkpoint.max_to_keep}; need >= 1",
+    )
+    _require(
+        checkpoint.keep_every >= 0, "checkpoint.keep_every", f"is {checkpoint.keep_every}; need >= 0"
+    )
+
+    mesh = config.mesh
+    sizes = [mesh[name] for name in ("data", "fsdp", "tensor", "expert")]
+    for name, size in zip(("data", "fsdp", "tensor", "expert"), sizes):
+        _require(size == -1 or size >= 1, f"mesh.{name}", f"is {size}; need -1 or >= 1")
+    _require(
+        sizes.count(-1) <= 1,
+        "mesh",
+        "more than one axis is -1; at most one axis may take the devices left over",
+    )
+    return config

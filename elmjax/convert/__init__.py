@@ -1,0 +1,1 @@
+"""Weight conversion between elmjax parameters and other formats (Hugging Face, MLX)."""

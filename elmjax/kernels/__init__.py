@@ -1,0 +1,1 @@
+"""Attention kernels: a plain-JAX reference and a Pallas flash-attention kernel."""

@@ -1,0 +1,5 @@
+"""The decoder and its parts; `Transformer` is the model a config builds."""
+
+from elmjax.model.transformer import Transformer, build_model
+
+__all__ = ["Transformer", "build_model"]

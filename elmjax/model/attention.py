@@ -1,0 +1,116 @@
+"""Multi-head attention with a fused q|k|v projection, QK-norm, RoPE or ALiBi, and GQA."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from elmjax.kernels import reference
+from elmjax.model.linear import Linear
+from elmjax.model.norms import make_norm
+from elmjax.model.positions import alibi_slopes, apply_rope
+from elmjax.sharding import constrain
+
+
+def dot_product_attention(
+    query,
+    key,
+    value,
+    *,
+    impl: str = "xla",
+    segment_ids=None,
+    causal: bool = True,
+    alibi_slopes=None,
+    scale: float | None = None,
+):
+    """The one attention entry point of the model; `impl` picks the implementation.
+
+    Shapes as in `elmjax.kernels.reference.attention`: query [batch, seq, q_heads, head_dim],
+    key/value [batch, seq, kv_heads, head_dim]. `impl` is `model.attention_impl`:
+    `xla` (plain JAX), `pallas` (flash-attention kernel), `cudnn`
+    (`jax.nn.dot_product_attention`), `auto` (pallas on GPU/TPU, xla on CPU).
+    """
+    if impl == "auto":
+        impl = "xla" if jax.default_backend() == "cpu" else "pallas"
+    if impl == "xla":
+        return reference.attention(
+            query, key, value, segment_ids=segment_ids, causal=causal,
+            alibi_slopes=alibi_slopes, scale=scale,
+        )
+    raise ValueError(f"attention impl {impl!r} is not available; allowed here: xla, auto")
+
+
+class Attention(nnx.Module):
+    """One layer's attention: `out_proj(attend(rope(norm(q)), rope(norm(k)), v))`.
+
+    The fused `qkv_proj` output is viewed as [batch, seq, q_heads + 2 * kv_heads, head_dim]
+    and split along heads in the order [q | k | v] (SPEC §1).
+    """
+
+    def __init__(self, model_config, num_query_heads: int, num_kv_heads: int, *, init, rngs):
+        cfg = model_config
+        self.num_query_heads = num_query_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.qk_norm = cfg.qk_norm
+        self.position_encoding = cfg.position_encoding
+        self.impl = cfg.attention_impl
+        self.scale = cfg.attention_scale if cfg.attention_scale is not None else cfg.head_dim**-0.5
+        compute_dtype, param_dtype = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
+        common = dict(use_bias=cfg.use_bias, compute_dtype=compute_dtype, param_dtype=param_dtype, rngs=rngs)
+        qkv_features = (num_query_heads + 2 * num_kv_heads) * cfg.head_dim
+        self.qkv_proj = Linear(
+            cfg.model_dim, qkv_features, std=init.linear_std(cfg.model_dim),
+            logical_axes=("embed", "heads"), **common,
+        )
+        self.out_proj = Linear(
+            num_query_heads * cfg.head_dim, cfg.model_dim, std=init.output_projection_std(),
+            logical_axes=("heads", "embed"), **common,
+        )
+        norm_args = (cfg.norm_type,)
+        if cfg.qk_norm == "per_head":  # one weight of size head_dim, shared by the heads
+            self.q_norm = make_norm(*norm_args, cfg.head_dim, cfg.norm_eps, False, param_dtype)
+            self.k_norm = make_norm(*norm_args, cfg.head_dim, cfg.norm_eps, False, param_dtype)
+        elif cfg.qk_norm == "full":  # over the whole projected q and k (OLMoE)
+            self.q_norm = make_norm(*norm_args, num_query_heads * cfg.head_dim, cfg.norm_eps, False, param_dtype)
+            self.k_norm = make_norm(*norm_args, num_kv_heads * cfg.head_dim, cfg.norm_eps, False, param_dtype)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def project(self, x, rope):
+        """q [batch, seq, q_heads, head_dim] and k, v [batch, seq, kv_heads, head_dim]."""
+        batch, seq, _ = x.shape
+        qkv = self.qkv_proj(x).reshape(
+            batch, seq, self.num_query_heads + 2 * self.num_kv_heads, self.head_dim
+        )
+        query = qkv[:, :, : self.num_query_heads]
+        key = qkv[:, :, self.num_query_heads : self.num_query_heads + self.num_kv_heads]
+        value = qkv[:, :, self.num_query_heads + self.num_kv_heads :]
+        if self.qk_norm == "per_head":
+            query, key = self.q_norm(query), self.k_norm(key)
+        elif self.qk_norm == "full":
+            query = self.q_norm(query.reshape(batch, seq, -1)).reshape(query.shape)
+            key = self.k_norm(key.reshape(batch, seq, -1)).reshape(key.shape)
+        if self.position_encoding == "rope":
+            cos, sin = rope
+            query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
+        query = constrain(query, ("batch", "seq", "q_heads", "head_dim"))
+        key = constrain(key, ("batch", "seq", "kv_heads", "head_dim"))
+        value = constrain(value, ("batch", "seq", "kv_heads", "head_dim"))
+        return query, key, value
+
+    def alibi(self):
+        """Per-head ALiBi slopes [q_heads], or None when the model uses RoPE."""
+        return alibi_slopes(self.num_query_heads) if self.position_encoding == "alibi" else None
+
+    def __call__(self, x, *, rope, segment_ids=None):
+        """x [batch, seq, model_dim] -> [batch, seq, model_dim]."""
+        query, key, value = self.project(x, rope)
+        out = dot_product_attention(
+            query, key, value, impl=self.impl, segment_ids=segment_ids, causal=True,
+            alibi_slopes=self.alibi(), scale=self.scale,
+        )  # [batch, seq, q_heads, head_dim]
+        out = checkpoint_name(out, "attention_out")  # kept by remat_policy=save_attention_out
+        batch, seq = x.shape[:2]
+        return self.out_proj(out.reshape(batch, seq, self.num_query_heads * self.head_dim))

@@ -1,0 +1,44 @@
+"""A bias-optional dense layer whose kernel is stored [in, out] with logical axis names."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from elmjax.model.init import normal, param
+
+
+class Linear(nnx.Module):
+    """`y = x @ kernel (+ bias)`; the matmul runs in `compute_dtype` with float32 accumulation."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        std: float,
+        logical_axes: tuple,
+        use_bias: bool,
+        compute_dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+    ):
+        self.compute_dtype = compute_dtype
+        self.kernel = param(
+            normal(rngs.params(), (in_features, out_features), std, param_dtype), logical_axes
+        )
+        self.bias = (
+            param(jnp.zeros((out_features,), param_dtype), (logical_axes[1],)) if use_bias else None
+        )
+
+    def __call__(self, x):
+        kernel = self.kernel[...].astype(self.compute_dtype)
+        y = jax.lax.dot_general(
+            x.astype(self.compute_dtype),
+            kernel,
+            (((x.ndim - 1,), (0,)), ((), ())),
+            preferred_element_type=jnp.float32,
+        ).astype(self.compute_dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.compute_dtype)
+        return y
