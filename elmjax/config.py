@@ -50,6 +50,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_attention_out")
 NONFINITE_ACTIONS = ("skip", "abort")
 LR_SCHEDULES = ("cosine", "linear", "constant")
+DATA_FORMATS = ("auto", "text", "jsonl", "parquet", "token_store")
+TEXT_UNITS = ("file", "line")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -85,13 +87,14 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.data = data = ml_collections.ConfigDict()
     data.source = "embedded"  # "embedded" (installed corpus) or a comma-separated list of globs
-    data.format = "text"  # text | jsonl | parquet | token_store
+    data.format = "auto"  # auto (from the extension) | text | jsonl | parquet | token_store
     data.text_field = "text"  # field of a JSONL record or Parquet column holding the text
+    data.text_unit = "file"  # a text file's documents: "file" (whole file) or "line"
     data.mixture_weights = ""  # comma-separated weights, one per source; empty = equal
     data.tokenizer = ""  # SentencePiece .model or tokenizer.json; empty = trained on the corpus
     data.add_bos = True  # prepend BOS to each document
     data.add_eos = True  # append EOS to each document
-    data.pad_id = 0  # token id written into padding positions (never in the loss)
+    data.pad_id = -1  # token id in padding positions (never in the loss); -1 = tokenizer's
     data.seed = 0  # shuffle seed
     data.num_workers = 0  # grain worker processes; 0 = in-process
     data.prefetch = 2  # batches prefetched per worker
@@ -279,6 +282,42 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(optim.eps > 0, "optim.eps", f"is {optim.eps}; need > 0")
     _require(optim.weight_decay >= 0, "optim.weight_decay", f"is {optim.weight_decay}; need >= 0")
     _require(optim.clip_norm >= 0, "optim.clip_norm", f"is {optim.clip_norm}; need >= 0")
+
+    data = config.data
+    _require(
+        isinstance(data.source, str) and data.source.strip() != "",
+        "data.source",
+        f"is {data.source!r}; give `embedded`, `embedded:shakespeare`, `seqio:NAME` or paths/globs",
+    )
+    _choice(config, "data", "format", DATA_FORMATS)
+    _choice(config, "data", "text_unit", TEXT_UNITS)
+    _require(data.text_field != "", "data.text_field", "is empty; name the JSONL field / Parquet column")
+    if str(data.mixture_weights).strip():
+        entries = [e for e in data.source.split(",") if e.strip()]
+        try:
+            weights = [float(w) for w in str(data.mixture_weights).split(",")]
+        except ValueError:
+            weights = []
+        _require(
+            len(weights) == len(entries) and all(w > 0 for w in weights),
+            "data.mixture_weights",
+            f"is {data.mixture_weights!r}; need {len(entries)} positive comma-separated "
+            "numbers, one per data.source entry (or empty for equal weights)",
+        )
+    _require(data.pad_id >= -1, "data.pad_id", f"is {data.pad_id}; need a token id >= 0, or -1")
+    _require(
+        data.pad_id < model.vocab_size,
+        "data.pad_id",
+        f"is {data.pad_id}; must be below model.vocab_size={model.vocab_size}",
+    )
+    _require(0 <= data.seed < 2**32, "data.seed", f"is {data.seed}; need 0 <= seed < 2**32")
+    _require(data.num_workers >= 0, "data.num_workers", f"is {data.num_workers}; need >= 0")
+    _require(data.prefetch >= 1, "data.prefetch", f"is {data.prefetch}; need >= 1")
+    _require(
+        0 <= data.eval_fraction < 1,
+        "data.eval_fraction",
+        f"is {data.eval_fraction}; need 0 <= fraction < 1",
+    )
 
     checkpoint = config.checkpoint
     _require(

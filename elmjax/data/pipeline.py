@@ -1,0 +1,252 @@
+"""The training and evaluation input pipelines, on grain's dataset API.
+
+Per source:  documents (split train/eval by a hash of each document's key)
+  -> this JAX process's shard (`ds[process_index::process_count]`)
+  -> shuffle documents with the seed, a new order each epoch, repeat forever (train only)
+  -> tokenise (or read the token store), add BOS/EOS per document
+  -> pack into rows of seq_len + 1 tokens with grain's ConcatThenSplit packing: documents
+     are concatenated and cut at row boundaries, so a long document is split over rows and
+     no token is dropped; each row carries segment ids (1.. per document piece) and positions.
+Then sources are mixed by weight (rows, i.e. tokens, in proportion), batched, turned into the
+model's inputs/targets, and optionally prefetched by worker processes.
+
+The iterators are grain DatasetIterators: `get_state()` is a small dict (document indices and
+packing offsets, no data) and `set_state()` resumes exactly; the training loop saves it with
+`grain.checkpoint.CheckpointSave`. Determinism holds for a fixed seed, process count and
+`data.num_workers` (worker processes each pack their own slice of the documents).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import grain
+import numpy as np
+from grain.experimental import ConcatThenSplitIterDataset
+
+from elmjax.data import sources as sources_lib
+from elmjax.data.tokenizer import Tokenizer, load_tokenizer
+
+ROW_FEATURE = "tokens"
+
+
+def mixture_weights(data, num_sources: int) -> list[float]:
+    """`data.mixture_weights` parsed: one positive weight per source (empty = equal)."""
+    text = str(data.mixture_weights).strip()
+    if not text:
+        return [1.0] * num_sources
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError as error:
+        raise ValueError(
+            f"config field `data.mixture_weights`: {text!r} is not comma-separated numbers"
+        ) from error
+    if len(weights) != num_sources or any(not w > 0 for w in weights):
+        raise ValueError(
+            f"config field `data.mixture_weights`: {text!r} must hold {num_sources} positive "
+            f"weights, one per entry of data.source"
+        )
+    return weights
+
+
+def is_eval_document(key: str, eval_fraction: float) -> bool:
+    """Deterministic held-out membership from a hash of the document's key."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < eval_fraction
+
+
+def split_indices(source: sources_lib.DocumentSource, eval_fraction: float, split: str) -> np.ndarray:
+    """Indices of `source`'s documents in `split` ("train" or "eval")."""
+    if eval_fraction <= 0:
+        held_out = np.zeros(len(source), bool)
+    else:
+        held_out = np.array([is_eval_document(source.key(i), eval_fraction) for i in range(len(source))])
+        if not held_out.any() and len(source) > 1:
+            held_out[0] = True  # a tiny source still gets a non-empty held-out set
+    indices = np.flatnonzero(held_out if split == "eval" else ~held_out)
+    return indices
+
+
+@dataclasses.dataclass
+class _Documents:
+    """grain random-access source: the documents of one split of one source."""
+
+    source: sources_lib.DocumentSource
+    indices: np.ndarray
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        return self.source[int(self.indices[index])]
+
+
+@dataclasses.dataclass
+class _ToTokens:
+    """Document (text or token array) -> {"tokens": int32 [n]} with BOS/EOS as configured."""
+
+    tokenizer: Tokenizer | None
+    bos_id: int | None
+    eos_id: int | None
+
+    def __call__(self, document):
+        if isinstance(document, str):
+            ids = self.tokenizer.encode(document)
+        else:
+            ids = document
+        prefix = [self.bos_id] if self.bos_id is not None else []
+        suffix = [self.eos_id] if self.eos_id is not None else []
+        tokens = np.concatenate(
+            [np.asarray(prefix, np.int32), np.asarray(ids, np.int32), np.asarray(suffix, np.int32)]
+        )
+        return {ROW_FEATURE: tokens}
+
+
+@dataclasses.dataclass
+class _ToModelInputs:
+    """Packed rows [batch, seq+1] -> the CONTRACTS.md dict of [batch, seq] arrays."""
+
+    pad_id: int
+    batch_size: int  # rows in a full batch; a short final eval batch is padded to it
+
+    def __call__(self, rows):
+        tokens = rows[ROW_FEATURE]
+        segments = rows[f"{ROW_FEATURE}_segment_ids"]
+        positions = rows[f"{ROW_FEATURE}_positions"]
+        missing = self.batch_size - tokens.shape[0]
+        if missing > 0:  # padding rows: segment 0, masked out of the loss
+            pad = lambda a: np.concatenate([a, np.zeros((missing, a.shape[1]), a.dtype)])
+            tokens, segments, positions = pad(tokens), pad(segments), pad(positions)
+        tokens = np.where(segments > 0, tokens, self.pad_id).astype(np.int32)
+        same_document = (segments[:, 1:] == segments[:, :-1]) & (segments[:, :-1] > 0)
+        return {
+            "inputs": tokens[:, :-1],
+            "targets": tokens[:, 1:],
+            "segment_ids": segments[:, :-1].astype(np.int32),
+            "positions": positions[:, :-1].astype(np.int32),
+            "loss_mask": same_document.astype(np.float32),
+        }
+
+
+def _process_shard(process_index, process_count) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+    return process_index, process_count
+
+
+def local_batch_size(config, process_count: int) -> int:
+    batch = config.train.batch_size
+    if batch % process_count:
+        raise ValueError(
+            f"config field `train.batch_size`: {batch} is not divisible by the "
+            f"{process_count} JAX processes; each process loads batch_size // process_count rows"
+        )
+    return batch // process_count
+
+
+def pad_id_for(config, tokenizer: Tokenizer | None) -> int:
+    if config.data.pad_id >= 0:
+        return config.data.pad_id
+    return tokenizer.pad_id if tokenizer is not None else 0
+
+
+def _special_ids(config, tokenizer, source) -> tuple[int | None, int | None]:
+    """BOS/EOS ids to add per document (token stores record their tokenizer's ids)."""
+    ids = getattr(source, "special_ids", None) or (tokenizer.bos_id, tokenizer.eos_id)
+    bos, eos = ids
+    for field, wanted, value in (("add_bos", config.data.add_bos, bos), ("add_eos", config.data.add_eos, eos)):
+        if wanted and (value is None or value < 0):
+            raise ValueError(
+                f"config field `data.{field}`: is True but the tokenizer has no such token; "
+                f"set data.{field}=False"
+            )
+    return (bos if config.data.add_bos else None), (eos if config.data.add_eos else None)
+
+
+def build_rows(
+    config,
+    split: str,
+    *,
+    process_index: int,
+    process_count: int,
+    num_epochs: int | None,
+    tokenizer: Tokenizer | None = None,
+    opened: list | None = None,
+) -> grain.IterDataset:
+    """The mixed stream of packed rows {"tokens", "tokens_segment_ids", "tokens_positions"},
+    each [seq_len + 1], before batching. `num_epochs=None` repeats forever (shuffled anew)."""
+    data = config.data
+    specs = sources_lib.parse_source_list(data)
+    weights = mixture_weights(data, len(specs))
+    tokenizer = tokenizer or load_tokenizer(config)
+    row_length = config.train.seq_len + 1
+    streams = []
+    for number, spec in enumerate(specs):
+        source = sources_lib.open_source(spec, data)
+        if opened is not None:
+            opened.append(source)
+        bos, eos = _special_ids(config, tokenizer, source)
+        to_tokens = _ToTokens(tokenizer, bos, eos)
+        if spec.kind == "seqio":
+            docs = source.iter_dataset(split, process_index, process_count, num_epochs)
+            docs = docs.map(to_tokens)
+        else:
+            indices = split_indices(source, data.eval_fraction, split)
+            if len(indices) < process_count:
+                raise ValueError(
+                    f"data source {source.name!r} has {len(indices)} {split} documents, fewer "
+                    f"than the {process_count} processes reading it; add data or lower "
+                    "data.eval_fraction"
+                )
+            docs = grain.MapDataset.source(_Documents(source, indices))
+            docs = docs[process_index::process_count]
+            if split == "train":
+                # Seeded per source; repeat() re-seeds every epoch, so each epoch differs.
+                docs = docs.shuffle(seed=(data.seed * 1_000_003 + number) % 2**32)
+            if num_epochs != 1:
+                docs = docs.repeat(num_epochs)
+            docs = docs.map(to_tokens).to_iter_dataset()
+        streams.append(ConcatThenSplitIterDataset(docs, length_struct={ROW_FEATURE: row_length}))
+    if len(streams) == 1:
+        return streams[0]
+    return grain.IterDataset.mix(streams, weights)
+
+
+def _batched(config, split, process_index, process_count, num_epochs, drop_remainder):
+    process_index, process_count = _process_shard(process_index, process_count)
+    batch = local_batch_size(config, process_count)
+    tokenizer = load_tokenizer(config)
+    rows = build_rows(
+        config,
+        split,
+        process_index=process_index,
+        process_count=process_count,
+        num_epochs=num_epochs,
+        tokenizer=tokenizer,
+    )
+    ds = rows.batch(batch, drop_remainder=drop_remainder)
+    ds = ds.map(_ToModelInputs(pad_id_for(config, tokenizer), batch))
+    if config.data.num_workers > 0:
+        ds = ds.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=config.data.num_workers, per_worker_buffer_size=config.data.prefetch
+            )
+        )
+    return ds
+
+
+def make_train_iterator(config, *, process_index=None, process_count=None):
+    """Endless iterator of this process's share of each step's batch (CONTRACTS.md format):
+    inputs/targets/segment_ids/positions int32 and loss_mask float32, all [local_batch, seq]."""
+    return iter(_batched(config, "train", process_index, process_count, None, True))
+
+
+def make_eval_iterator(config, *, process_index=None, process_count=None):
+    """One deterministic pass over the held-out documents, same format; the last batch is
+    padded with rows whose loss_mask is 0."""
+    return iter(_batched(config, "eval", process_index, process_count, 1, False))

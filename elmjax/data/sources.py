@@ -1,0 +1,329 @@
+"""Document sources: random-access lists of documents (text, or tokens for a token store).
+
+`config.data.source` is a comma-separated list; each entry is
+  - `embedded` (both embedded corpora), `embedded:shakespeare` or `embedded:kjv`;
+  - `seqio:<registered Task or Mixture>` (optional extra, see elmjax/data/seqio.py);
+  - a path or glob, local or remote (`gs://...`, via fsspec): text, JSONL (field
+    `data.text_field`) or Parquet (column `data.text_field`) files, or a token store
+    directory written by tools/prepare_data.py. `data.format = "auto"` picks the format
+    from the extension (.txt/.md, .jsonl/.json, .parquet; a directory is a token store).
+
+Every file source is indexed when opened: a missing file or an empty glob fails at once with
+the path; empty documents are left out of the index and undecodable bytes are replaced
+(U+FFFD). Both are counted in `source.stats` and logged, never silently dropped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+
+import numpy as np
+
+logger = logging.getLogger("elmjax.data")
+
+FORMATS = ("auto", "text", "jsonl", "parquet", "token_store")
+TEXT_UNITS = ("file", "line")
+_EXTENSIONS = {
+    ".txt": "text", ".md": "text", ".text": "text",
+    ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
+    ".parquet": "parquet",
+}  # fmt: skip
+
+
+@dataclasses.dataclass
+class SourceStats:
+    """What a source held, and what was skipped or repaired while indexing it."""
+
+    documents: int = 0  # documents in the index (non-empty)
+    empty_skipped: int = 0  # empty / whitespace-only documents left out
+    undecodable_documents: int = 0  # documents with bytes that are not UTF-8
+    replaced_bytes: int = 0  # U+FFFD characters written in place of undecodable bytes
+    missing_field: int = 0  # JSONL records without data.text_field (skipped)
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    """One entry of `data.source`, resolved."""
+
+    kind: str  # "embedded", "seqio", "text", "jsonl", "parquet", "token_store"
+    location: str  # glob/path/name as written
+    corpora: tuple[str, ...] = ()  # embedded corpora (kind "embedded")
+
+
+def parse_source_list(data) -> list[SourceSpec]:
+    """`config.data.source` -> one SourceSpec per comma-separated entry."""
+    from elmjax.data.corpus import EMBEDDED_CORPORA
+
+    entries = [e.strip() for e in str(data.source).split(",") if e.strip()]
+    if not entries:
+        raise ValueError("config field `data.source`: is empty; give `embedded` or paths/globs")
+    specs = []
+    for entry in entries:
+        if entry == "embedded" or entry.startswith("embedded:"):
+            names = EMBEDDED_CORPORA if entry == "embedded" else (entry.split(":", 1)[1],)
+            for name in names:
+                if name not in EMBEDDED_CORPORA:
+                    raise ValueError(
+                        f"config field `data.source`: unknown embedded corpus {name!r}; "
+                        f"available: {', '.join(EMBEDDED_CORPORA)}"
+                    )
+            specs.append(SourceSpec("embedded", entry, tuple(names)))
+        elif entry.startswith("seqio:"):
+            specs.append(SourceSpec("seqio", entry.split(":", 1)[1]))
+        else:
+            kind = data.format
+            if kind == "auto":
+                kind = _infer_format(entry)
+            specs.append(SourceSpec(kind, entry))
+    return specs
+
+
+def _infer_format(entry: str) -> str:
+    stem = entry.rstrip("/").rsplit("/", 1)[-1]
+    for extension, kind in _EXTENSIONS.items():
+        if stem.endswith(extension) or stem.endswith(extension + "*"):
+            return kind
+    if "." not in stem and "*" not in stem:
+        return "token_store"
+    raise ValueError(
+        f"config field `data.format`: is 'auto' but the format of {entry!r} cannot be told "
+        f"from its extension (known: {', '.join(sorted(_EXTENSIONS))}); set data.format to "
+        f"one of {', '.join(FORMATS[1:])}"
+    )
+
+
+def expand_glob(pattern: str) -> list[str]:
+    """Files matching `pattern` (local or remote), sorted; fails with the pattern if none."""
+    import fsspec
+
+    fs, _, paths = fsspec.get_fs_token_paths(pattern)
+    paths = sorted(p for p in paths if not fs.isdir(p))
+    if not paths:
+        raise FileNotFoundError(
+            f"data source {pattern!r} matches no file; check the path/glob in `data.source`"
+        )
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return [p if protocol == "file" else f"{protocol}://{p}" for p in paths]
+
+
+def _decode(raw: bytes, stats: SourceStats | None) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+        if stats is not None:
+            stats.undecodable_documents += 1
+            # Strictly decodable text may hold U+FFFD itself; count only what we added.
+            original = raw.count("\ufffd".encode())
+            stats.replaced_bytes += text.count("\ufffd") - original
+        return text
+
+
+def _open(path: str):
+    import fsspec
+
+    return fsspec.open(path, "rb").open()
+
+
+class DocumentSource:
+    """A random-access list of documents. Subclasses set `name`, `stats`, `tokenized`."""
+
+    name: str
+    stats: SourceStats
+    tokenized = False  # True: documents are int token arrays (no BOS/EOS)
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int):
+        raise NotImplementedError
+
+    def key(self, index: int) -> str:
+        """A stable name of document `index` (decides its train/eval split)."""
+        return f"{self.name}#{index}"
+
+    def log_stats(self) -> None:
+        logger.info("data source %s: %s", self.name, self.stats.as_dict())
+        if self.stats.empty_skipped or self.stats.undecodable_documents or self.stats.missing_field:
+            logger.warning("data source %s skipped/repaired documents: %s", self.name, self.stats.as_dict())
+
+
+class EmbeddedSource(DocumentSource):
+    """The embedded public-domain corpora (elmjax/data/corpus.py), in memory."""
+
+    def __init__(self, corpora):
+        from elmjax.data.corpus import embedded_documents
+
+        self.name = "embedded:" + "+".join(corpora)
+        self._docs = [doc for name in corpora for doc in embedded_documents(name)]
+        self.stats = SourceStats(documents=len(self._docs))
+
+    def __len__(self):
+        return len(self._docs)
+
+    def __getitem__(self, index):
+        return self._docs[index][1]
+
+    def key(self, index):
+        return self._docs[index][0]
+
+
+class _OffsetIndexedSource(DocumentSource):
+    """Documents = byte ranges of files (one per file, or one per line / JSONL record)."""
+
+    def __init__(self, pattern: str, per_line: bool, field: str | None = None):
+        self.name = pattern
+        self._paths = expand_glob(pattern)
+        self._field = field
+        self.stats = SourceStats()
+        files, starts, ends = [], [], []
+        for file_index, path in enumerate(self._paths):
+            with _open(path) as f:
+                data = f.read()
+            ranges = _line_ranges(data) if per_line else [(0, len(data))]
+            for start, end in ranges:
+                if self._text(data[start:end], self.stats) is None:
+                    continue
+                files.append(file_index), starts.append(start), ends.append(end)
+        self._file = np.asarray(files, np.int32)
+        self._start = np.asarray(starts, np.int64)
+        self._end = np.asarray(ends, np.int64)
+        self.stats.documents = len(self._file)
+        self.log_stats()
+
+    def _text(self, raw: bytes, stats: SourceStats | None) -> str | None:
+        """The document's text, or None when it is empty (counted)."""
+        text = _decode(raw, stats)
+        if self._field is not None:
+            record = json.loads(text) if text.strip() else {}
+            if self._field not in record:
+                if stats is not None and text.strip():
+                    stats.missing_field += 1
+                    return None
+                text = ""
+            else:
+                text = str(record[self._field])
+        if not text.strip():
+            if stats is not None:
+                stats.empty_skipped += 1
+            return None
+        return text
+
+    def __len__(self):
+        return len(self._file)
+
+    def __getitem__(self, index):
+        start, end = int(self._start[index]), int(self._end[index])
+        with _open(self._paths[self._file[index]]) as f:
+            f.seek(start)
+            raw = f.read(end - start)
+        return self._text(raw, None) or ""
+
+    def key(self, index):
+        return f"{self._paths[self._file[index]]}@{self._start[index]}"
+
+
+def _line_ranges(data: bytes) -> list[tuple[int, int]]:
+    ranges, start = [], 0
+    while start < len(data):
+        end = data.find(b"\n", start)
+        end = len(data) if end < 0 else end
+        ranges.append((start, end))
+        start = end + 1
+    return ranges
+
+
+class TextSource(_OffsetIndexedSource):
+    """Text files: a document per file (`data.text_unit="file"`) or per line."""
+
+    def __init__(self, pattern: str, unit: str = "file"):
+        super().__init__(pattern, per_line=(unit == "line"))
+
+
+class JsonlSource(_OffsetIndexedSource):
+    """JSON-lines files; each record's `field` is a document."""
+
+    def __init__(self, pattern: str, field: str):
+        super().__init__(pattern, per_line=True, field=field)
+
+
+class ParquetSource(DocumentSource):
+    """Parquet files; each row's `column` is a document."""
+
+    def __init__(self, pattern: str, column: str):
+        import pyarrow.parquet as pq
+
+        self.name = pattern
+        self._paths = expand_glob(pattern)
+        self._column = column
+        self.stats = SourceStats()
+        rows = []  # (file, row group, row)
+        for file_index, path in enumerate(self._paths):
+            with _open(path) as f:
+                parquet = pq.ParquetFile(f)
+                if column not in parquet.schema_arrow.names:
+                    raise ValueError(
+                        f"config field `data.text_field`: Parquet file {path!r} has no column "
+                        f"{column!r}; its columns are {parquet.schema_arrow.names}"
+                    )
+                for group in range(parquet.num_row_groups):
+                    values = parquet.read_row_group(group, columns=[column]).column(0)
+                    for row, value in enumerate(values.to_pylist()):
+                        if self._as_text(value, self.stats) is not None:
+                            rows.append((file_index, group, row))
+        self._rows = np.asarray(rows, np.int64).reshape(-1, 3)
+        self.stats.documents = len(self._rows)
+        self.log_stats()
+
+    @staticmethod
+    def _as_text(value, stats: SourceStats | None) -> str | None:
+        text = _decode(value, stats) if isinstance(value, bytes) else ("" if value is None else str(value))
+        if not text.strip():
+            if stats is not None:
+                stats.empty_skipped += 1
+            return None
+        return text
+
+    @functools.lru_cache(maxsize=4)
+    def _row_group(self, file_index: int, group: int) -> list:
+        import pyarrow.parquet as pq
+
+        with _open(self._paths[file_index]) as f:
+            return pq.ParquetFile(f).read_row_group(group, columns=[self._column]).column(0).to_pylist()
+
+    def __len__(self):
+        return len(self._rows)
+
+    def __getitem__(self, index):
+        file_index, group, row = (int(v) for v in self._rows[index])
+        return self._as_text(self._row_group(file_index, group)[row], None) or ""
+
+    def key(self, index):
+        file_index, group, row = (int(v) for v in self._rows[index])
+        return f"{self._paths[file_index]}@{group}:{row}"
+
+
+def open_source(spec: SourceSpec, data) -> DocumentSource:
+    """The DocumentSource for one `data.source` entry."""
+    if spec.kind == "embedded":
+        return EmbeddedSource(spec.corpora)
+    if spec.kind == "text":
+        return TextSource(spec.location, data.text_unit)
+    if spec.kind == "jsonl":
+        return JsonlSource(spec.location, data.text_field)
+    if spec.kind == "parquet":
+        return ParquetSource(spec.location, data.text_field)
+    if spec.kind == "token_store":
+        from elmjax.data.token_store import TokenStoreSource
+
+        return TokenStoreSource(spec.location)
+    if spec.kind == "seqio":
+        from elmjax.data.seqio import SeqioSource
+
+        return SeqioSource(spec.location)
+    raise ValueError(f"config field `data.format`: is {spec.kind!r}; allowed: {', '.join(FORMATS)}")

@@ -1,0 +1,267 @@
+"""Tokenizers: SentencePiece `.model` files and Hugging Face `tokenizer.json` behind one API.
+
+`load_tokenizer(config)` opens `config.data.tokenizer`, or, when that is empty and the source
+is the embedded corpus, trains a SentencePiece BPE of `config.model.vocab_size` pieces on it
+on first use and caches it under $ELMJAX_CACHE (default ~/.cache/elmjax), keyed by the
+corpus text and the training settings so any change retrains.
+
+Encoding never adds BOS/EOS: the pipeline adds them per document as `config.data` says.
+`save_hf_files(out_dir)` writes files `transformers.AutoTokenizer` and mlx-lm load offline.
+"""
+from __future__ import annotations
+
+import abc
+import hashlib
+import io
+import json
+import os
+import pathlib
+import tempfile
+from typing import Iterable, Sequence
+
+import sentencepiece as spm
+import tokenizers
+
+# Changing any of these changes the cache key, so cached tokenizers are retrained.
+_SPM_SETTINGS = dict(
+    model_type="bpe",
+    normalization_rule_name="identity",  # LLaMA-style: no NFKC, so HF's converter is exact
+    remove_extra_whitespaces=False,  # keep text round-trippable
+    byte_fallback=True,  # no <unk> for unseen characters: they become byte pieces
+    split_digits=True,
+    character_coverage=0.9999,
+    unk_id=0,
+    bos_id=1,
+    eos_id=2,
+    pad_id=3,
+    max_sentence_length=1 << 15,
+    input_sentence_size=4_000_000,
+    shuffle_input_sentence=True,
+    seed_sentencepiece_size=1_000_000,
+    num_threads=2,
+    minloglevel=2,
+)
+
+
+class Tokenizer(abc.ABC):
+    """Text <-> token ids. Pickles by value, so grain worker processes get a copy."""
+
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int  # the pad token's id, or 0 when the vocabulary has none
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without BOS/EOS."""
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """`encode` of each text (implementations may use several threads)."""
+        return [self.encode(text) for text in texts]
+
+    @abc.abstractmethod
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of token ids; special tokens are dropped."""
+
+    @abc.abstractmethod
+    def save_hf_files(self, out_dir) -> list[str]:
+        """Writes tokenizer files Hugging Face / mlx-lm load; returns the file names."""
+
+    @property
+    @abc.abstractmethod
+    def fingerprint(self) -> str:
+        """A short hash of the tokenizer's definition (checked against token stores)."""
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model (e.g. LLaMA's tokenizer.model, as OpenELM uses)."""
+
+    def __init__(self, model_proto: bytes, name: str = "tokenizer.model"):
+        self._proto = model_proto
+        self.name = name
+        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.vocab_size = self._sp.get_piece_size()
+        self.bos_id = self._sp.bos_id()
+        self.eos_id = self._sp.eos_id()
+        self.pad_id = max(self._sp.pad_id(), 0)
+
+    @classmethod
+    def from_file(cls, path) -> "SentencePieceTokenizer":
+        path = pathlib.Path(path)
+        return cls(path.read_bytes(), name=str(path))
+
+    def __getstate__(self):
+        return {"proto": self._proto, "name": self.name}
+
+    def __setstate__(self, state):
+        self.__init__(state["proto"], state["name"])
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._sp.encode(list(texts))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self._proto).hexdigest()[:16]
+
+    def id_to_piece(self, index: int) -> str:
+        return self._sp.id_to_piece(index)
+
+    def save_hf_files(self, out_dir) -> list[str]:
+        from elmjax.data import hf_export  # local: only export needs it
+
+        return hf_export.save_sentencepiece(self, self._proto, out_dir)
+
+
+class HuggingFaceTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json` (GPT-2/NeoX BPE, LLaMA-3, ...).
+
+    BOS/EOS/pad come from a `tokenizer_config.json` next to the file when there is one,
+    else from the usual special-token names.
+    """
+
+    _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>", "<|endoftext|>")
+    _EOS_NAMES = ("</s>", "<|end_of_text|>", "<eos>", "<|endoftext|>")
+    _PAD_NAMES = ("<pad>", "<|padding|>", "[PAD]")
+
+    def __init__(self, json_text: str, special: dict | None = None, name: str = "tokenizer.json"):
+        self._json = json_text
+        self.name = name
+        self._tok = tokenizers.Tokenizer.from_str(json_text)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        special = dict(special or {})
+        self._special = special
+        self.bos_id = self._find("bos", special, self._BOS_NAMES)
+        self.eos_id = self._find("eos", special, self._EOS_NAMES)
+        pad = self._find("pad", special, self._PAD_NAMES)
+        self.pad_id = 0 if pad is None else pad
+
+    def _find(self, kind: str, special: dict, names: Sequence[str]) -> int | None:
+        token = special.get(f"{kind}_token")
+        if isinstance(token, dict):  # tokenizer_config.json may hold AddedToken dicts
+            token = token.get("content")
+        for name in ([token] if token else []) + list(names):
+            index = self._tok.token_to_id(name)
+            if index is not None:
+                return index
+        return None
+
+    @classmethod
+    def from_file(cls, path) -> "HuggingFaceTokenizer":
+        path = pathlib.Path(path)
+        config_path = path.parent / "tokenizer_config.json"
+        special = json.loads(config_path.read_text()) if config_path.exists() else {}
+        return cls(path.read_text(encoding="utf-8"), special, name=str(path))
+
+    def __getstate__(self):
+        return {"json": self._json, "special": self._special, "name": self.name}
+
+    def __setstate__(self, state):
+        self.__init__(state["json"], state["special"], state["name"])
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self._json.encode()).hexdigest()[:16]
+
+    def save_hf_files(self, out_dir) -> list[str]:
+        from elmjax.data import hf_export
+
+        return hf_export.save_tokenizer_json(self, self._json, out_dir)
+
+
+def open_tokenizer(path) -> Tokenizer:
+    """A tokenizer from a SentencePiece `.model` file or a HF `tokenizer.json` (or its dir)."""
+    path = pathlib.Path(os.path.expanduser(str(path)))
+    if path.is_dir():
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if (path / name).exists():
+                path = path / name
+                break
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"tokenizer file {str(path)!r} does not exist; give a SentencePiece .model file, "
+            "a tokenizer.json, or a directory holding one (config field `data.tokenizer`)"
+        )
+    if path.suffix == ".json":
+        return HuggingFaceTokenizer.from_file(path)
+    return SentencePieceTokenizer.from_file(path)
+
+
+def _training_sentences(texts: Iterable[str]) -> Iterable[str]:
+    """Paragraphs (blank-line separated, newlines kept) so the vocabulary learns '\\n'."""
+    for text in texts:
+        for paragraph in text.split("\n\n"):
+            paragraph = paragraph.strip("\n")
+            if paragraph.strip():
+                yield paragraph[: _SPM_SETTINGS["max_sentence_length"] // 4]
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> bytes:
+    """Trains a SentencePiece BPE with LLaMA's special ids (unk 0, bos 1, eos 2; pad 3)."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_training_sentences(texts)),
+        model_writer=model,
+        vocab_size=vocab_size,
+        **_SPM_SETTINGS,
+    )
+    return model.getvalue()
+
+
+def cache_dir() -> pathlib.Path:
+    """$ELMJAX_CACHE, or ~/.cache/elmjax."""
+    return pathlib.Path(os.environ.get("ELMJAX_CACHE") or "~/.cache/elmjax").expanduser()
+
+
+def embedded_tokenizer(vocab_size: int, corpora: Sequence[str]) -> SentencePieceTokenizer:
+    """The SentencePiece BPE trained on the embedded corpora, from the cache or trained now."""
+    from elmjax.data.corpus import embedded_documents, embedded_fingerprint
+
+    corpora = tuple(sorted(corpora))
+    settings = json.dumps(_SPM_SETTINGS, sort_keys=True) + spm.__version__
+    key = hashlib.sha256(
+        f"{embedded_fingerprint(corpora)}|{vocab_size}|{settings}".encode()
+    ).hexdigest()[:16]
+    path = cache_dir() / "tokenizers" / f"{'+'.join(corpora)}-bpe{vocab_size}-{key}.model"
+    if not path.exists():
+        texts = (text for name in corpora for _, text in embedded_documents(name))
+        proto = train_sentencepiece(texts, vocab_size)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Write then rename: concurrent first uses never read a half-written file.
+        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
+            tmp.write(proto)
+        os.replace(tmp.name, path)
+    return SentencePieceTokenizer.from_file(path)
+
+
+def load_tokenizer(config) -> Tokenizer:
+    """The tokenizer a run uses: `config.data.tokenizer`, or the embedded corpus's own."""
+    from elmjax.data.sources import parse_source_list
+
+    if config.data.tokenizer:
+        return open_tokenizer(config.data.tokenizer)
+    specs = parse_source_list(config.data)
+    corpora = sorted({name for spec in specs if spec.kind == "embedded" for name in spec.corpora})
+    if len(corpora) == 0 or any(spec.kind != "embedded" for spec in specs):
+        raise ValueError(
+            "config field `data.tokenizer`: is empty, which trains a tokenizer only for the "
+            f"embedded corpus, but data.source is {config.data.source!r}; train one with "
+            "`python tools/train_tokenizer.py` and set data.tokenizer to its .model file"
+        )
+    # The embedded tokenizer is always trained on both corpora, so a mixture of one of them
+    # uses the same vocabulary as the default.
+    return embedded_tokenizer(config.model.vocab_size, ("kjv", "shakespeare"))
