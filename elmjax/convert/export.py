@@ -1,0 +1,145 @@
+"""Export an elmjax model to Apple's Hugging Face OpenELM layout (`torch`) or mlx-lm's (`mlx`).
+
+Both targets are a directory with config.json, generation_config.json, safetensors weights
+(sharded with model.safetensors.index.json above `max_shard_bytes`) and tokenizer files. The
+weights are produced one tensor at a time from the parameters (transposed to [out, in], cast,
+optionally quantized for MLX) so peak memory stays near one copy of the model.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+
+from elmjax.convert import hf, mlx
+from elmjax.convert.outdir import atomic_output_dir, check_output_dir
+from elmjax.convert.safetensors_io import DEFAULT_MAX_SHARD_BYTES, source_from_array, write_sharded
+from elmjax.scaling import schedule_from_config
+
+TARGETS = ("torch", "mlx")
+EXPORT_DTYPES = {
+    "float32": np.dtype(np.float32),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+}
+
+
+def check_export_args(target: str, dtype: str, quantize: int | None, group_size: int) -> None:
+    """Raises ValueError naming the bad argument; called before anything is read or written."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown export target {target!r}; --to must be one of {', '.join(TARGETS)}")
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; --dtype must be one of {', '.join(EXPORT_DTYPES)}")
+    if quantize is not None:
+        if target != "mlx":
+            raise ValueError("--quantize applies to --to mlx only (the torch layout is unquantized)")
+        mlx.check_quantization(quantize, group_size)
+
+
+def real_vocab_rows(model_vocab: int, tokenizer_vocab: int | None) -> int:
+    """Rows of the embedding to export: the tokenizer's vocabulary when the model's is padded."""
+    if tokenizer_vocab is None:
+        return model_vocab
+    if tokenizer_vocab > model_vocab:
+        raise ValueError(
+            f"the tokenizer has {tokenizer_vocab} tokens but the model only {model_vocab} embedding "
+            "rows; the checkpoint and tokenizer do not belong together"
+        )
+    return tokenizer_vocab
+
+
+def export_params(
+    out: str | os.PathLike,
+    model_config,
+    params,
+    *,
+    target: str,
+    dtype: str = "float32",
+    quantize: int | None = None,
+    group_size: int = 64,
+    tokenizer=None,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> list[str]:
+    """Writes `params` (an `nnx.State` of `nnx.Param`, or a model) as a `target` directory.
+
+    `tokenizer`: an `elmjax.data.tokenizer.Tokenizer` (or None to write no tokenizer files);
+    its vocabulary size decides how many embedding rows are exported and its BOS/EOS ids go
+    into config.json and generation_config.json. Returns the names of the files written.
+    """
+    check_export_args(target, dtype, quantize, group_size)
+    check_output_dir(out, overwrite)
+    if not model_config.tie_embeddings:
+        raise ValueError("the OpenELM layout has tied embeddings; this model has a separate lm_head")
+    schedule = schedule_from_config(model_config)
+    vocab_rows = real_vocab_rows(model_config.vocab_size, tokenizer.vocab_size if tokenizer else None)
+    tensors = hf.to_hf_state_dict(params, model_config.num_layers, vocab_rows=vocab_rows)
+
+    config = hf.hf_config(model_config, schedule, torch_dtype=dtype, vocab_size=vocab_rows)
+    generation_config = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
+    if tokenizer is not None:
+        config["bos_token_id"] = generation_config["bos_token_id"] = int(tokenizer.bos_id)
+        config["eos_token_id"] = generation_config["eos_token_id"] = int(tokenizer.eos_id)
+    np_dtype = EXPORT_DTYPES[dtype]
+    if target == "mlx":
+        config = mlx.mlx_config(config, quantize, group_size)
+        sources = mlx.mlx_sources(tensors, np_dtype, quantize, group_size)
+        metadata = {"format": "mlx"}
+    else:
+        sources = [source_from_array(name, array, np_dtype) for name, array in tensors.items()]
+        metadata = {"format": "pt"}
+
+    with atomic_output_dir(out, overwrite) as tmp:
+        files = write_sharded(tmp, sources, max_shard_bytes=max_shard_bytes, metadata=metadata)
+        _write_json(tmp / "config.json", config)
+        _write_json(tmp / "generation_config.json", generation_config)
+        files += ["config.json", "generation_config.json"]
+        if tokenizer is not None:
+            before = set(os.listdir(tmp))
+            tokenizer.save_hf_files(str(tmp))
+            files += sorted(set(os.listdir(tmp)) - before)
+    return files
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    target: str,
+    dtype: str = "float32",
+    step: int | None = None,
+    quantize: int | None = None,
+    group_size: int = 64,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    with_tokenizer: bool = True,
+) -> list[str]:
+    """`export_params` for a checkpoint: a workdir (newest complete step) or a step directory.
+
+    Only the parameters are read (no optimizer state); the tokenizer comes from the
+    checkpoint's config (`elmjax.data.tokenizer.load_tokenizer`).
+    """
+    from elmjax.checkpoint import restore_params  # the training helper's reader
+
+    check_export_args(target, dtype, quantize, group_size)
+    check_output_dir(out, overwrite)
+    if not os.path.exists(checkpoint):
+        raise FileNotFoundError(f"no checkpoint at {checkpoint}: the path does not exist")
+    config, params = restore_params(str(checkpoint), step=step)
+    tokenizer = None
+    if with_tokenizer:
+        from elmjax.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(config)
+    return export_params(
+        out, config.model, params, target=target, dtype=dtype, quantize=quantize,
+        group_size=group_size, tokenizer=tokenizer, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+    )
+
+
+def _write_json(path, value) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2)
+        f.write("\n")
