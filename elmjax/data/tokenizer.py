@@ -255,6 +255,16 @@ def load_tokenizer(config) -> Tokenizer:
     if config.data.tokenizer:
         return open_tokenizer(config.data.tokenizer)
     specs = parse_source_list(config.data)
+    if specs and all(spec.kind == "token_store" for spec in specs):
+        from elmjax.data.token_store import load_store_tokenizer
+
+        tokenizers_ = [load_store_tokenizer(spec.location) for spec in specs]
+        if len({t.fingerprint for t in tokenizers_}) > 1:
+            raise ValueError(
+                "config field `data.source`: the token stores were made with different "
+                "tokenizers; mix only stores written with the same one"
+            )
+        return tokenizers_[0]
     corpora = sorted({name for spec in specs if spec.kind == "embedded" for name in spec.corpora})
     if len(corpora) == 0 or any(spec.kind != "embedded" for spec in specs):
         raise ValueError(
