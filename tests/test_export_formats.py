@@ -6,39 +6,33 @@ mlx-lm's `openelm` model and mlx-lm's own quantizer.
 import json
 from pathlib import Path
 
-import jax.numpy as jnp
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model, quantize_model
 from safetensors.torch import load_file
 
-from elmjax.config import openelm_config, validate
 from elmjax.convert.export import export_params
-from elmjax.convert.hf import from_hf_state_dict, load_flat_params
+from elmjax.convert.hf import from_hf_state_dict
+from elmjax.convert.hf_import import params_from_flat
 from elmjax.convert.torch_openelm import OpenELMForCausalLM
-from elmjax.model.transformer import build_model
 from elmjax.scaling import schedule_from_config
+from tests.export_support import logits as elmjax_logits
+from tests.export_support import random_params, tiny_config
 
 VOCAB = 384
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    """A 3-layer layer-wise scaled model (heads 4/4/8... differ per layer) and its logits."""
-    config = openelm_config(
-        num_layers=3, model_dim=128, head_dim=32, peak_lr=1e-3, ffn_dim_divisor=64,
-        vocab_size=VOCAB, max_seq_len=64,
-    )
-    config.train.seq_len = 64
-    validate(config)
-    model = build_model(config.model, seed=0)
+    """A 3-layer layer-wise scaled model (query heads 4, 4, 8) with random weights, and its
+    elmjax logits for a random batch."""
+    config = tiny_config(vocab_size=VOCAB)
+    params = random_params(config.model, seed=0)
     tokens = np.random.default_rng(0).integers(0, VOCAB, size=(2, 24)).astype(np.int32)
-    logits = np.asarray(model(jnp.asarray(tokens)))
-    return config.model, nnx.state(model, nnx.Param), tokens, logits
+    return config.model, params, tokens, elmjax_logits(config.model, params, tokens)
 
 
 @pytest.fixture(scope="module")
@@ -152,9 +146,8 @@ def dequantized_elmjax_logits(model_config, quantized_dir, tokens):
                 group_size=quantization["group_size"], bits=quantization["bits"],
             )
         hf_tensors[name] = np.array(value)
-    model = build_model(model_config, seed=1)
-    load_flat_params(model, from_hf_state_dict(hf_tensors, model_config.num_layers))
-    return np.asarray(model(jnp.asarray(tokens)))
+    params = params_from_flat(model_config, from_hf_state_dict(hf_tensors, model_config.num_layers))
+    return elmjax_logits(model_config, params, tokens)
 
 
 @pytest.mark.parametrize("bits,group_size,max_relative_rms", [(4, 32, 0.6), (8, 64, 0.05)])

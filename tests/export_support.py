@@ -1,0 +1,54 @@
+"""Shared helpers of the export/import/averaging tests: tiny configs and fast random models.
+
+`build_model` initialises op by op (seconds per model on this CPU), so tests fill the
+abstract model's parameters with numpy draws instead and run one jitted forward.
+"""
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from elmjax.config import openelm_config, validate
+from elmjax.model.transformer import abstract_model
+
+
+def tiny_config(num_layers=3, model_dim=128, head_dim=32, ffn_dim_divisor=64, vocab_size=384, max_seq_len=64):
+    """A validated full config of a small layer-wise scaled OpenELM (heads differ per layer)."""
+    config = openelm_config(
+        num_layers=num_layers, model_dim=model_dim, head_dim=head_dim, peak_lr=1e-3,
+        ffn_dim_divisor=ffn_dim_divisor, vocab_size=vocab_size, max_seq_len=max_seq_len,
+    )
+    config.train.seq_len = max_seq_len
+    return validate(config)
+
+
+def random_params(model_config, seed=0) -> nnx.State:
+    """float32 parameters shaped like `nnx.state(model, nnx.Param)`: kernels [in, out] ~
+    N(0, in^-1/2), embedding ~ N(0, d^-1/2), norm weights 1 + N(0, 0.1) (not all ones, so a
+    swapped norm shows up in the logits)."""
+    rng = np.random.default_rng(seed)
+    abstract = nnx.state(abstract_model(model_config), nnx.Param)
+
+    def draw(path, variable):
+        name = "/".join(str(p) for p in path)
+        shape = variable.shape
+        if name.endswith("kernel"):
+            value = rng.normal(0.0, shape[0] ** -0.5, shape)
+        elif name == "token_embeddings":
+            value = rng.normal(0.0, shape[1] ** -0.5, shape)
+        else:
+            value = 1.0 + rng.normal(0.0, 0.1, shape)
+        return path, variable.replace(value=value.astype(np.float32))
+
+    return nnx.from_flat_state([draw(path, v) for path, v in nnx.to_flat_state(abstract)])
+
+
+@nnx.jit
+def _forward(model, tokens):
+    return model(tokens)
+
+
+def logits(model_config, params, tokens) -> np.ndarray:
+    """elmjax's float32 logits [batch, seq, vocab] for `params` (jitted forward)."""
+    graphdef, _ = nnx.split(abstract_model(model_config))
+    model = nnx.merge(graphdef, params)
+    return np.asarray(_forward(model, jnp.asarray(tokens, dtype=jnp.int32)))
