@@ -110,6 +110,8 @@ def base_config() -> ml_collections.ConfigDict:
     train.log_every = 10  # steps between metrics lines
     train.nonfinite = "skip"  # one of NONFINITE_ACTIONS
     train.sample_at_end = True  # print a short generated sample when training ends
+    train.workdir = ""  # where the run writes; "" = runs/<config file name>; --workdir overrides
+    train.init_from = ""  # workdir or step dir whose params start a fresh run (new optimizer)
 
     config.optim = optim = ml_collections.ConfigDict()
     optim.peak_lr = 5.3e-3  # learning rate after warmup
@@ -266,6 +268,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     )
     _require(train.z_loss >= 0, "train.z_loss", f"is {train.z_loss}; need >= 0")
     _choice(config, "train", "nonfinite", NONFINITE_ACTIONS)
+    _require(
+        isinstance(train.workdir, str), "train.workdir", f"is {train.workdir!r}; need a path string"
+    )
+    _require(
+        isinstance(train.init_from, str),
+        "train.init_from",
+        f"is {train.init_from!r}; need a checkpoint path string or \"\"",
+    )
 
     optim = config.optim
     _require(optim.peak_lr > 0, "optim.peak_lr", f"is {optim.peak_lr}; need > 0")

@@ -10,7 +10,7 @@ import contextlib
 import threading
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 _active = threading.local()
 
@@ -54,3 +54,113 @@ def constrain(x, logical_axes):
         return x
     mesh, rules = active
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(logical_axes, rules)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Meshes and parameter placement (the train step's side of the rules table).
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+
+def resolve_mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
+    """Axis sizes for `num_devices` devices; the one axis set to -1 takes what is left.
+
+    Raises ValueError naming the `mesh.*` fields when the sizes cannot cover the devices.
+    """
+    sizes = {name: int(mesh_config[name]) for name in MESH_AXES}
+    fixed = 1
+    for name, size in sizes.items():
+        if size != -1:
+            fixed *= size
+    free = [name for name, size in sizes.items() if size == -1]
+    if free:
+        if num_devices % fixed:
+            raise ValueError(
+                f"mesh: the fixed axis sizes multiply to {fixed}, which does not divide the "
+                f"{num_devices} devices; change config.mesh.{{{','.join(MESH_AXES)}}}"
+            )
+        sizes[free[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ValueError(
+            f"mesh: axis sizes {sizes} multiply to {fixed} but there are {num_devices} devices; "
+            "make them multiply to the device count, or set one axis to -1"
+        )
+    return sizes
+
+
+def make_mesh(mesh_config, devices=None) -> Mesh:
+    """A `Mesh` with axes (data, fsdp, tensor, expert), all `AxisType.Auto`.
+
+    Sizes come from `config.mesh` (-1 = the devices left over). `devices` defaults to every
+    device of every process, so the same call works on one host and across processes.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = resolve_mesh_shape(mesh_config, len(devices))
+    shape = tuple(sizes[name] for name in MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def fit_spec_to_shape(spec: PartitionSpec, shape, mesh: Mesh) -> PartitionSpec:
+    """`spec` with every dimension whose size its mesh axes do not divide left replicated.
+
+    E.g. 3 kv heads on a tensor axis of 2 stay whole on every device instead of failing.
+    """
+    fitted = []
+    for index, size in enumerate(shape):
+        axes = spec[index] if index < len(spec) else None
+        if axes is None:
+            fitted.append(None)
+            continue
+        names = (axes,) if isinstance(axes, str) else tuple(axes)
+        ways = 1
+        for name in names:
+            ways *= mesh.shape[name]
+        fitted.append(axes if size % ways == 0 else None)
+    return PartitionSpec(*fitted)
+
+
+def logical_axes_of(param_state):
+    """Pure dict (like `State.to_pure_dict()`) of each parameter's logical axis names."""
+    from flax import nnx
+
+    flat = {}
+    for path, variable in nnx.to_flat_state(param_state):
+        names = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
+        flat[path] = tuple(names)
+    return _unflatten(flat)
+
+
+def param_shardings(param_state, mesh: Mesh, rules):
+    """Pure dict of `NamedSharding`s for an (abstract) `nnx.State` of parameters.
+
+    Logical names map through `rules` (`logical_to_spec`); a dimension the mesh cannot split
+    evenly is replicated (`fit_spec_to_shape`).
+    """
+    from flax import nnx
+
+    flat = {}
+    for path, variable in nnx.to_flat_state(param_state):
+        names = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
+        spec = fit_spec_to_shape(logical_to_spec(names, rules), variable.shape, mesh)
+        flat[path] = NamedSharding(mesh, spec)
+    return _unflatten(flat)
+
+
+def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
+    """Sharding of a [batch, seq] input: batch by the `batch` rule, seq by the `seq` rule."""
+    return NamedSharding(mesh, logical_to_spec(("batch", "seq"), rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A fully replicated sharding on `mesh` (scalars, step counters)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def _unflatten(flat: dict) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree

@@ -1,0 +1,263 @@
+"""Checkpoints: train state, data-iterator state and the resolved config in one step dir.
+
+Layout (notes/CONTRACTS.md):
+  WORKDIR/checkpoints/<step>/state   train state pytree (orbax, OCDBT)
+  WORKDIR/checkpoints/<step>/data    grain iterator state, one JSON file per process
+  WORKDIR/checkpoints/<step>/config  the resolved config (JSON)
+A params-only checkpoint (`save_params_checkpoint`) has `state` = {"params": ...} and no
+`data` item; training from it starts a fresh optimizer.
+
+Orbax writes each step into a temporary directory and renames it when every item is written,
+so a save that dies halfway never replaces the last good step. A finished step whose files
+are damaged is skipped on restore with a warning (and moved aside), and the one before it is
+used.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from grain import checkpoint as grain_checkpoint
+
+log = logging.getLogger("elmjax.checkpoint")
+
+CHECKPOINTS = "checkpoints"
+_STEP_MARKER = "_CHECKPOINT_METADATA"  # orbax writes it when a step is finalised
+
+
+class CheckpointError(RuntimeError):
+    """A workdir or checkpoint cannot be used; the message says why and what to do."""
+
+
+def checkpoint_dir(workdir) -> Path:
+    return Path(workdir) / CHECKPOINTS
+
+
+def prepare_workdir(workdir) -> Path:
+    """Creates `workdir` if needed; raises CheckpointError if it is not a writable directory."""
+    path = Path(workdir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"workdir {path} exists but is not a directory; pass another --workdir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CheckpointError(f"cannot create workdir {path}: {error}; pass a writable --workdir") from None
+    if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        raise CheckpointError(f"workdir {path} is not readable and writable; fix its permissions or pass another --workdir")
+    return path
+
+
+def _is_complete(step_dir: Path) -> bool:
+    state = step_dir / "state"
+    return (step_dir / _STEP_MARKER).is_file() and (state / "_METADATA").is_file() and (step_dir / "config").is_dir()
+
+
+def complete_steps(path) -> list[int]:
+    """Finalised steps under a workdir (or its checkpoints dir), oldest first."""
+    root = Path(path)
+    if (root / CHECKPOINTS).is_dir():
+        root = root / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    steps = [int(p.name) for p in root.iterdir() if p.name.isdigit() and _is_complete(p)]
+    return sorted(steps)
+
+
+def latest_complete_step(path) -> int | None:
+    """The newest finalised step under a workdir, or None if it has none."""
+    steps = complete_steps(path)
+    return steps[-1] if steps else None
+
+
+def is_train_checkpoint(step_dir: Path) -> bool:
+    """True for a full training checkpoint (has optimizer + data state), False for params-only."""
+    return (Path(step_dir) / "data").is_dir()
+
+
+def config_to_dict(config) -> dict:
+    return json.loads(config.to_json())
+
+
+def config_from_dict(data: dict) -> ml_collections.ConfigDict:
+    """A ConfigDict from saved JSON, laid over `base_config()` so tuples and placeholders
+    keep their types; fields unknown to this version are kept as saved."""
+    from elmjax.config import base_config
+
+    def merge(node, values):
+        for key, value in values.items():
+            if key in node and isinstance(node[key], ml_collections.ConfigDict) and isinstance(value, dict):
+                merge(node[key], value)
+            elif key in node and isinstance(node[key], tuple) and isinstance(value, list):
+                node[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+            else:
+                with node.unlocked():
+                    node[key] = value
+
+    config = base_config()
+    merge(config, data)
+    return config
+
+
+def make_manager(workdir, checkpoint_config) -> ocp.CheckpointManager:
+    """The orbax manager for `WORKDIR/checkpoints` with `config.checkpoint`'s policies."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=int(checkpoint_config.max_to_keep),
+        keep_period=int(checkpoint_config.keep_every) or None,
+        enable_async_checkpointing=bool(checkpoint_config.async_save),
+        create=True,
+    )
+    return ocp.CheckpointManager(checkpoint_dir(workdir).absolute(), options=options)
+
+
+def save(manager, step: int, state, data_iterator, config, *, force: bool = False) -> bool:
+    """Starts saving `step` (in the background when async); returns whether a save began.
+
+    The data-iterator state is captured before returning, so training may go on at once.
+    """
+    items = {
+        "state": ocp.args.StandardSave(state),
+        "config": ocp.args.JsonSave(config_to_dict(config)),
+    }
+    if data_iterator is not None:
+        items["data"] = grain_checkpoint.CheckpointSave(data_iterator)
+    return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def _set_aside(step_dir: Path) -> None:
+    """Renames a damaged step so the manager neither restores nor overwrites it."""
+    if jax.process_index() == 0 and step_dir.exists():
+        step_dir.rename(step_dir.with_name(f"{step_dir.name}.damaged-{int(time.time())}"))
+
+
+def restore_train_state(workdir, abstract_state, data_iterator):
+    """Restores the newest complete checkpoint under `workdir` onto `abstract_state`'s
+    shardings (any mesh) and `data_iterator`.
+
+    Returns (step, state, kind): kind is "train" (full resume), "params" (a params-only
+    checkpoint: state holds fresh-optimizer fields as None) or None when there is nothing to
+    restore. Damaged newer steps are skipped with a warning.
+    """
+    root = checkpoint_dir(workdir)
+    for step in reversed(complete_steps(root)):
+        step_dir = root / str(step)
+        try:
+            if is_train_checkpoint(step_dir):
+                items = {
+                    "state": ocp.args.StandardRestore(abstract_state),
+                    "data": grain_checkpoint.CheckpointRestore(data_iterator),
+                }
+                restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
+                    step_dir.absolute(), args=ocp.args.Composite(**items)
+                )
+                return step, restored["state"], "train"
+            params = _restore_params_onto(step_dir, abstract_state["params"])
+            return step, {"params": params}, "params"
+        except Exception as error:  # a damaged step: fall back to the one before it
+            log.warning("checkpoint %s is unreadable (%s: %s); skipping it", step_dir, type(error).__name__, error)
+            _set_aside(step_dir)
+    return None, None, None
+
+
+def _restore_params_onto(step_dir: Path, abstract_params):
+    target = {"params": abstract_params}
+    args = ocp.args.PyTreeRestore(
+        item=target,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True,
+    )
+    return ocp.PyTreeCheckpointer().restore((step_dir / "state").absolute(), args=args)["params"]
+
+
+def _int_keys(tree):
+    """Orbax stores dict keys as strings; layer indices go back to ints (`to_pure_dict`)."""
+    if isinstance(tree, dict):
+        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def _resolve_step_dir(path, step):
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist; pass a training workdir or a step directory")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise CheckpointError(f"checkpoint path {path} is not readable; fix its permissions")
+    if path.name.isdigit() and (path / "state").is_dir():
+        return path
+    steps = complete_steps(path)
+    if not steps:
+        raise CheckpointError(f"no complete checkpoint under {path}; train first or pass a step directory")
+    chosen = steps[-1] if step is None else step
+    if chosen not in steps:
+        raise CheckpointError(f"step {step} is not a complete checkpoint under {path}; complete steps: {steps}")
+    return checkpoint_dir(path) / str(chosen) if (path / CHECKPOINTS).is_dir() else path / str(chosen)
+
+
+def read_config(step_dir) -> ml_collections.ConfigDict:
+    """The resolved config saved with a step."""
+    metadata_file = Path(step_dir) / "config" / "metadata"
+    return config_from_dict(json.loads(metadata_file.read_text()))
+
+
+def restore_params(path, step=None):
+    """(config, params) of a checkpoint: `path` is a workdir or a step directory.
+
+    Reads only the parameters (no optimizer state); params is a pure dict in the
+    `nnx.State.to_pure_dict()` layout, as numpy arrays.
+    """
+    step_dir = _resolve_step_dir(path, step)
+    metadata = ocp.PyTreeCheckpointer().metadata((step_dir / "state").absolute()).item_metadata
+    tree = metadata.tree if hasattr(metadata, "tree") else metadata
+    target = {"params": jax.tree.map(lambda m: np.zeros((), m.dtype), tree["params"], is_leaf=lambda x: hasattr(x, "shape"))}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    restored = ocp.PyTreeCheckpointer().restore(
+        (step_dir / "state").absolute(),
+        args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
+    )
+    log.info("restored parameters from %s", step_dir)
+    return read_config(step_dir), _int_keys(restored["params"])
+
+
+def load_model(path, step=None):
+    """(config, model): the checkpoint's parameters in a model built from its saved config."""
+    from flax import nnx
+
+    from elmjax.model.transformer import abstract_model
+
+    config, params = restore_params(path, step)
+    graphdef, state = nnx.split(abstract_model(config.model))
+    nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, params))
+    return config, nnx.merge(graphdef, state)
+
+
+def save_params_checkpoint(workdir, config, params, step: int = 0) -> Path:
+    """Writes a params-only checkpoint of `params` (pure dict or nnx.State) at `step`.
+
+    Training on this workdir then fine-tunes from these parameters with a fresh optimizer.
+    """
+    from flax import nnx
+
+    if isinstance(params, nnx.State):
+        params = params.to_pure_dict()
+    prepare_workdir(workdir)
+    manager = ocp.CheckpointManager(
+        checkpoint_dir(workdir).absolute(),
+        options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True),
+    )
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"params": params}),
+            config=ocp.args.JsonSave(config_to_dict(config)),
+        ),
+        force=True,
+    )
+    manager.wait_until_finished()
+    manager.close()
+    return checkpoint_dir(workdir) / str(step)

@@ -1,0 +1,141 @@
+"""Training FLOPs, MFU and throughput, and the metrics writers (JSONL + TensorBoard).
+
+FLOPs per token follow shared/SPEC.md §4, summed layer by layer because OpenELM's layers
+differ in width:
+  6 * (non-embedding matmul weights of the layer) + 6 * seq_len * q_heads_i * head_dim
+plus, by default, 6 * vocab * model_dim for the output-logit matmul (tied or not). Norm
+weights are left out (they do no matmul). `flops_per_token(..., include_output_head=False)`
+gives the bare SPEC §4 count.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from elmjax.scaling import schedule_from_config
+
+# Dense peak FLOP/s per device for the compute dtypes used in training (bf16 where listed).
+_KNOWN_PEAKS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+def layer_flops_per_token(model_config, seq_len: int) -> list[float]:
+    """Training FLOPs per token of each transformer layer (weights + causal attention)."""
+    d, hd = model_config.model_dim, model_config.head_dim
+    per_layer = []
+    for spec in schedule_from_config(model_config):
+        q, kv, inner = spec.num_query_heads, spec.num_kv_heads, spec.ffn_dim
+        matmul_weights = d * (q + 2 * kv) * hd + q * hd * d + d * 2 * inner + inner * d
+        attention = 6 * seq_len * q * hd  # causal: half of 12 * s * d_attn
+        per_layer.append(6.0 * matmul_weights + attention)
+    return per_layer
+
+
+def flops_per_token(model_config, seq_len: int, *, include_output_head: bool = True) -> float:
+    """Training (forward + backward) FLOPs per token; see the module docstring."""
+    total = sum(layer_flops_per_token(model_config, seq_len))
+    if include_output_head:
+        total += 6.0 * model_config.vocab_size * model_config.model_dim
+    return total
+
+
+_measured_cpu_peak: float | None = None
+
+
+def measure_matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
+    """FLOP/s of the best of `repeats` square `size` matmuls on the default device."""
+    a = jnp.ones((size, size), dtype)
+    b = jnp.ones((size, size), dtype)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, b).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best
+
+
+def device_peak_flops(device=None) -> tuple[float | None, str]:
+    """(peak FLOP/s of one device, where the number came from). On CPU it is measured once
+    per process with a float32 matmul (all host devices share the same cores, so it is the
+    whole host's peak); unknown accelerators give (None, reason)."""
+    global _measured_cpu_peak
+    device = device or jax.devices()[0]
+    if device.platform == "cpu":
+        if _measured_cpu_peak is None:
+            _measured_cpu_peak = measure_matmul_peak()
+        return _measured_cpu_peak, "measured float32 2048^3 matmul on this host"
+    for name, peak in _KNOWN_PEAKS.items():
+        if device.device_kind.startswith(name):
+            return peak, f"datasheet peak of {name}"
+    return None, f"no known peak for {device.device_kind!r}; MFU not reported"
+
+
+def mfu(tokens_per_sec: float, flops_per_tok: float, peak_flops: float | None, num_devices: int) -> float | None:
+    """Model FLOPs utilisation: achieved training FLOP/s over the devices' peak."""
+    if not peak_flops:
+        return None
+    return tokens_per_sec * flops_per_tok / (peak_flops * num_devices)
+
+
+class MetricsWriter:
+    """Appends metrics to WORKDIR/metrics.jsonl and WORKDIR/tensorboard/ (process 0 only)."""
+
+    def __init__(self, workdir, enabled: bool = True):
+        self.enabled = enabled
+        self._jsonl = None
+        self._tensorboard = None
+        if enabled:
+            workdir = Path(workdir)
+            self._jsonl = open(workdir / "metrics.jsonl", "a", buffering=1)
+            from tensorboardX import SummaryWriter
+
+            self._tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        """One JSON line `{"step": step, **metrics}` and one scalar per numeric metric."""
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and value is not None:
+                self._tensorboard.add_scalar(key, value, int(step))
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tensorboard.close()
+
+
+def _plain(value):
+    if isinstance(value, (np.generic, jax.Array)):
+        value = np.asarray(value).item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them readable
+    return value
+
+
+def console_line(step: int, total_steps: int, metrics: dict) -> str:
+    """`step 120/600 | loss 5.4321 | lr 2.9e-03 | gnorm 0.81 | 5,432 tok/s | mfu 41.2% | 0.38 s/step`."""
+    parts = [f"step {step}/{total_steps}", f"loss {metrics['loss']:.4f}", f"lr {metrics['lr']:.2e}",
+             f"gnorm {metrics['grad_norm']:.3g}", f"{metrics['tokens_per_sec']:,.0f} tok/s"]
+    if metrics.get("mfu") is not None:
+        parts.append(f"mfu {100 * metrics['mfu']:.1f}%")
+    parts.append(f"{metrics['step_time']:.3f} s/step")
+    return " | ".join(parts)

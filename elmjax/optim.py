@@ -1,0 +1,63 @@
+"""The optimizer: AdamW with OpenELM's schedule, weight-decay mask and gradient clipping.
+
+Recipe (shared/SPEC.md §1): AdamW (b1 0.9, b2 0.95, eps 1e-8), weight decay 0.1 on 2-D
+weights only (norm weights get none, the embedding is decayed), global-norm clip 1.0, linear
+warmup from `init_lr` to `peak_lr`, then cosine (or linear) decay to
+`final_lr_ratio * peak_lr` at the last step.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
+    """Step -> learning rate for `config.optim` over `total_steps` optimizer steps.
+
+    Warmup is linear from `init_lr` at step 0 to `peak_lr` at step `warmup_steps`; the decay
+    then reaches `final_lr_ratio * peak_lr` at `total_steps` and stays there.
+    """
+    peak = float(optim_config.peak_lr)
+    final = peak * float(optim_config.final_lr_ratio)
+    warmup = int(optim_config.warmup_steps)
+    decay_steps = max(int(total_steps) - warmup, 1)
+    if optim_config.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=final / peak)
+    elif optim_config.schedule == "linear":
+        decay = optax.linear_schedule(peak, final, decay_steps)
+    elif optim_config.schedule == "constant":
+        decay = optax.constant_schedule(peak)
+    else:
+        raise ValueError(
+            f"config field `optim.schedule`: is {optim_config.schedule!r}; "
+            "allowed: cosine, linear, constant"
+        )
+    if warmup == 0:
+        return decay
+    ramp = optax.linear_schedule(float(optim_config.init_lr), peak, warmup)
+    return optax.join_schedules([ramp, decay], boundaries=[warmup])
+
+
+def weight_decay_mask(params):
+    """True for parameters that get weight decay: the 2-D weights (linear kernels, embedding).
+
+    Norm weights and biases (1-D) are not decayed.
+    """
+    return jax.tree.map(lambda p: jnp.ndim(p) == 2, params)
+
+
+def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformation:
+    """AdamW + clipping for `config.optim`; the schedule spans `total_steps` steps."""
+    schedule = learning_rate_schedule(optim_config, total_steps)
+    adamw = optax.adamw(
+        schedule,
+        b1=float(optim_config.b1),
+        b2=float(optim_config.b2),
+        eps=float(optim_config.eps),
+        weight_decay=float(optim_config.weight_decay),
+        mask=weight_decay_mask,
+    )
+    if optim_config.clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(float(optim_config.clip_norm)), adamw)
+    return adamw

@@ -1,0 +1,208 @@
+"""The train state, the loss, and one jit-compiled optimizer step.
+
+The train state is a plain dict pytree, so optax, orbax and `jax.jit` see only arrays:
+  params           pure dict of float32 parameters (`nnx.State.to_pure_dict()` layout)
+  opt_state        optax state of `make_optimizer`
+  step             int32 scalar: optimizer steps taken
+  nonfinite_steps  int32 scalar: steps whose update was skipped for a non-finite loss/grad
+
+A batch is a dict of [global_batch, seq] arrays with the keys of the data contract
+(inputs, targets, segment_ids, positions, loss_mask).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from elmjax import sharding as shd
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+def init_train_state(params, optimizer) -> dict:
+    """A fresh train state around `params` (pure dict)."""
+    return {
+        "params": params,
+        "opt_state": optimizer.init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "nonfinite_steps": jnp.zeros((), jnp.int32),
+    }
+
+
+def token_losses(logits, targets, z_loss_weight: float):
+    """Per-token cross-entropy and z-loss, both float32 [batch, seq].
+
+    logits [batch, seq, vocab] float32; targets [batch, seq] int. z-loss is
+    `z_loss_weight * logsumexp(logits)^2` (SPEC §1).
+    """
+    logits = logits.astype(jnp.float32)
+    log_normalizer = jax.nn.logsumexp(logits, axis=-1)  # [batch, seq]
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return log_normalizer - target_logit, z_loss_weight * jnp.square(log_normalizer)
+
+
+def summed_loss(params, graphdef, batch, z_loss_weight: float):
+    """Sums over `loss_mask` tokens: (ce + z, (ce, z)); the caller divides by the token count."""
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+    ce, z = token_losses(logits, batch["targets"], z_loss_weight)
+    mask = batch["loss_mask"].astype(jnp.float32)
+    ce_sum, z_sum = jnp.sum(ce * mask), jnp.sum(z * mask)
+    return ce_sum + z_sum, (ce_sum, z_sum)
+
+
+def _micro_batches(batch, accum_steps: int):
+    """[batch, seq] -> [accum, batch/accum, seq]; micro-batch k takes rows k, k+accum, ...
+
+    Interleaving keeps every device's rows spread over all micro-batches, so a batch sharded
+    over the data axes needs no communication to split.
+    """
+    def split(x):
+        rows = x.shape[0] // accum_steps
+        return jnp.swapaxes(x.reshape(rows, accum_steps, *x.shape[1:]), 0, 1)
+
+    return {key: split(value) for key, value in batch.items()}
+
+
+def loss_and_grads(params, graphdef, batch, *, z_loss_weight: float, accum_steps: int):
+    """Mean loss over the batch's loss tokens and its gradient, accumulated in micro-batches.
+
+    Every micro-batch's summed loss is divided by the whole batch's token count, so the
+    result equals the one-shot mean whatever `accum_steps` is.
+    Returns (loss, ce, z, grads), losses float32 scalars.
+    """
+    tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+    grad_fn = jax.grad(summed_loss, has_aux=True)
+
+    def micro_step(carry, micro):
+        grad_sum, ce_sum, z_sum = carry
+        grads, (ce, z) = grad_fn(params, graphdef, micro, z_loss_weight)
+        grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+        return (grad_sum, ce_sum + ce, z_sum + z), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    if accum_steps == 1:
+        (grads, ce, z), _ = micro_step((zeros, 0.0, 0.0), batch)
+    else:
+        (grads, ce, z), _ = jax.lax.scan(
+            micro_step, (zeros, jnp.float32(0), jnp.float32(0)), _micro_batches(batch, accum_steps)
+        )
+    grads = jax.tree.map(lambda g: g / tokens, grads)
+    ce, z = ce / tokens, z / tokens
+    return ce + z, ce, z, grads
+
+
+def train_step(state, batch, *, graphdef, optimizer, schedule, z_loss_weight, accum_steps):
+    """One optimizer step. Returns (new_state, metrics dict of float32/int32 scalars).
+
+    A non-finite loss or gradient norm leaves params and optimizer state unchanged (the
+    host decides whether to abort); `nonfinite_steps` counts such steps.
+    """
+    params = state["params"]
+    loss, ce, z, grads = loss_and_grads(
+        params, graphdef, batch, z_loss_weight=z_loss_weight, accum_steps=accum_steps
+    )
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = optimizer.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+    new_state = {
+        "params": keep(new_params, params),
+        "opt_state": keep(new_opt_state, state["opt_state"]),
+        "step": state["step"] + 1,
+        "nonfinite_steps": state["nonfinite_steps"] + (~finite).astype(jnp.int32),
+    }
+    metrics = {
+        "loss": loss,
+        "ce_loss": ce,
+        "z_loss": z,
+        "grad_norm": grad_norm,
+        "lr": jnp.asarray(schedule(state["step"]), jnp.float32),
+        "finite": finite,
+        "tokens": jnp.sum(batch["loss_mask"]),
+    }
+    return new_state, metrics
+
+
+def eval_step(params, batch, *, graphdef):
+    """Summed cross-entropy and token count over `loss_mask` (no z-loss): for perplexity."""
+    _, (ce_sum, _) = summed_loss(params, graphdef, batch, 0.0)
+    return ce_sum, jnp.sum(batch["loss_mask"].astype(jnp.float32))
+
+
+def state_shardings(abstract_state, param_shardings, mesh):
+    """Shardings for the train state: optimizer moments follow their parameter, the rest
+    (counters, step) is replicated."""
+    replicated = shd.replicated(mesh)
+    opt_shardings = _opt_state_shardings(abstract_state, param_shardings, replicated)
+    return {
+        "params": param_shardings,
+        "opt_state": opt_shardings,
+        "step": replicated,
+        "nonfinite_steps": replicated,
+    }
+
+
+def _opt_state_shardings(abstract_state, param_shardings, replicated):
+    """Each optimizer-state leaf whose tree path ends with a parameter's path (and has its
+    shape) gets that parameter's sharding; every other leaf is replicated."""
+    param_paths = {
+        path: (leaf.shape, sharding)
+        for (path, leaf), sharding in zip(
+            jax.tree_util.tree_leaves_with_path(abstract_state["params"]),
+            jax.tree.leaves(param_shardings),
+        )
+    }
+
+    def pick(path, leaf):
+        for start in range(len(path)):
+            match = param_paths.get(tuple(path[start:]))
+            if match is not None and match[0] == leaf.shape:
+                return match[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_state["opt_state"])
+
+
+def make_jit_train_step(config, graphdef, optimizer, schedule, shardings, batch_sharding, mesh):
+    """`jax.jit` of `train_step` with explicit in/out shardings and the state donated."""
+    step = functools.partial(
+        train_step,
+        graphdef=graphdef,
+        optimizer=optimizer,
+        schedule=schedule,
+        z_loss_weight=float(config.train.z_loss),
+        accum_steps=int(config.train.grad_accum_steps),
+    )
+    rules = tuple(config.mesh.rules)
+
+    def run(state, batch):
+        with shd.use_rules(mesh, rules):
+            return step(state, batch)
+
+    batch_shardings = {key: batch_sharding for key in BATCH_KEYS}
+    return jax.jit(
+        run,
+        in_shardings=(shardings, batch_shardings),
+        out_shardings=(shardings, shd.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def make_jit_eval_step(config, graphdef, param_shardings, batch_sharding, mesh):
+    """`jax.jit` of `eval_step` under the same shardings as training."""
+    rules = tuple(config.mesh.rules)
+
+    def run(params, batch):
+        with shd.use_rules(mesh, rules):
+            return eval_step(params, batch, graphdef=graphdef)
+
+    batch_shardings = {key: batch_sharding for key in BATCH_KEYS}
+    return jax.jit(
+        run, in_shardings=(param_shardings, batch_shardings), out_shardings=shd.replicated(mesh)
+    )
