@@ -28,7 +28,20 @@ _BLOCK_PARAMS = (
 )
 
 
+def _flatten_pure_dict(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten_pure_dict(value, name + "/"))
+        else:
+            flat[name] = np.asarray(value)
+    return flat
+
+
 def _flat_params(model_or_state) -> dict[str, np.ndarray]:
+    if isinstance(model_or_state, dict):  # a pure dict (`State.to_pure_dict()`, restore_params)
+        return _flatten_pure_dict(model_or_state)
     state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)
     flat = {}
     for path, leaf in nnx.to_flat_state(state):

@@ -146,3 +146,42 @@ def load_hf_dir(hf_dir: str | os.PathLike):
     except KeyError as missing:
         raise ValueError(f"{hf_dir} lacks the tensor {missing}") from None
     return config, params_from_flat(config.model, flat)
+
+
+def _tokenizer_file(hf_dir) -> str | None:
+    """The HF directory's tokenizer, preferring SentencePiece's own model file."""
+    for name in ("tokenizer.model", "tokenizer.json"):
+        if os.path.exists(os.path.join(hf_dir, name)):
+            return name
+    return None
+
+
+def import_hf_dir(hf_dir: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False, step: int = 0):
+    """Writes an HF OpenELM directory as an elmjax params-only checkpoint workdir at `out`.
+
+    The tokenizer files (tokenizer.model / tokenizer.json and their configs) are copied to
+    `out/tokenizer/` and `config.data.tokenizer` points there, so training (fine-tuning),
+    evaluation and export of `out` use the model's own vocabulary. Written to a temporary
+    directory first: a failure leaves nothing at `out`. Returns the resolved config.
+    """
+    import shutil
+    from pathlib import Path
+
+    from elmjax.checkpoint import save_params_checkpoint
+    from elmjax.convert.outdir import atomic_output_dir, check_output_dir
+
+    check_output_dir(out, overwrite)
+    if not os.path.isdir(hf_dir):
+        raise FileNotFoundError(f"--hf {hf_dir} is not a directory; expected a Hugging Face OpenELM directory")
+    config, params = load_hf_dir(hf_dir)
+    tokenizer_name = _tokenizer_file(hf_dir)
+    final_tokenizer_dir = Path(out).absolute() / "tokenizer"
+    with atomic_output_dir(out, overwrite) as tmp:
+        if tokenizer_name is not None:
+            (tmp / "tokenizer").mkdir()
+            for name in os.listdir(hf_dir):
+                if name.startswith(("tokenizer", "special_tokens_map")):
+                    shutil.copy2(os.path.join(hf_dir, name), tmp / "tokenizer" / name)
+            config.data.tokenizer = str(final_tokenizer_dir / tokenizer_name)
+        save_params_checkpoint(tmp, config, params, step=step)
+    return config

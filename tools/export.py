@@ -1,0 +1,54 @@
+"""Export an elmjax checkpoint to Hugging Face / PyTorch (`--to torch`) or mlx-lm (`--to mlx`).
+
+    python tools/export.py --checkpoint WORKDIR_OR_STEP_DIR --to {torch,mlx} --out DIR
+        [--dtype {float32,bfloat16,float16}] [--step N]
+        [--quantize {4,8} --group-size {32,64,128}] [--max-shard-gb 2] [--overwrite]
+
+The output is written to a temporary directory and renamed when complete, so a failed
+export leaves nothing behind; an existing --out is refused unless --overwrite.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="a training workdir (newest complete step) or a step directory")
+    parser.add_argument("--to", required=True, dest="target", help="torch (Hugging Face layout) or mlx (mlx-lm layout)")
+    parser.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    parser.add_argument("--step", type=int, default=None, help="export this step of a workdir instead of the newest")
+    parser.add_argument("--quantize", type=int, default=None, help="mlx only: 4 or 8 bits (mlx-lm affine quantization)")
+    parser.add_argument("--group-size", type=int, default=64, help="quantization group size: 32, 64 (default) or 128")
+    parser.add_argument("--max-shard-gb", type=float, default=2.0, help="shard model.safetensors above this size (GiB)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from elmjax.checkpoint import CheckpointError
+    from elmjax.convert.export import export_checkpoint
+
+    start = time.perf_counter()
+    try:
+        files = export_checkpoint(
+            args.checkpoint, args.out, target=args.target, dtype=args.dtype, step=args.step,
+            quantize=args.quantize, group_size=args.group_size, overwrite=args.overwrite,
+            max_shard_bytes=int(args.max_shard_gb * 1024**3),
+        )
+    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as error:
+        print(f"export failed: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} ({', '.join(files)}) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
