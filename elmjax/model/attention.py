@@ -28,8 +28,10 @@ def dot_product_attention(
 
     Shapes as in `elmjax.kernels.reference.attention`: query [batch, seq, q_heads, head_dim],
     key/value [batch, seq, kv_heads, head_dim]. `impl` is `model.attention_impl`:
-    `xla` (plain JAX), `pallas` (flash-attention kernel), `cudnn`
-    (`jax.nn.dot_product_attention`), `auto` (pallas on GPU/TPU, xla on CPU).
+    `xla` (plain JAX, materialises seq x seq logits), `pallas` (the flash-attention kernel;
+    interpreted on CPU), `cudnn` (`jax.nn.dot_product_attention` on a CUDA GPU: no segment
+    ids, no ALiBi, 16-bit inputs), `auto` (pallas on GPU/TPU, xla on CPU). A combination an
+    implementation cannot run raises ValueError; nothing falls back silently.
     """
     if impl == "auto":
         impl = "xla" if jax.default_backend() == "cpu" else "pallas"
@@ -38,7 +40,35 @@ def dot_product_attention(
             query, key, value, segment_ids=segment_ids, causal=causal,
             alibi_slopes=alibi_slopes, scale=scale,
         )
-    raise ValueError(f"attention impl {impl!r} is not available; allowed here: xla, auto")
+    if impl == "pallas":
+        from elmjax.kernels.flash_attention import flash_attention
+
+        return flash_attention(
+            query, key, value, segment_ids=segment_ids, causal=causal,
+            alibi_slopes=alibi_slopes, scale=scale,
+        )
+    if impl == "cudnn":
+        problems = []
+        if jax.default_backend() != "gpu":
+            problems.append(f"it needs a CUDA GPU (default backend is {jax.default_backend()!r})")
+        if query.dtype not in (jnp.bfloat16, jnp.float16):
+            problems.append(f"it needs bfloat16/float16 inputs (got {query.dtype})")
+        if segment_ids is not None:
+            problems.append("it has no segment ids (packed documents)")
+        if alibi_slopes is not None:
+            problems.append("it has no ALiBi")
+        if problems:
+            raise ValueError(
+                "model.attention_impl='cudnn' cannot run this attention: "
+                + "; ".join(problems) + ". Use attention_impl='pallas' or 'xla'."
+            )
+        return jax.nn.dot_product_attention(
+            query, key, value, scale=scale, is_causal=causal, implementation="cudnn"
+        )
+    raise ValueError(
+        f"model.attention_impl={impl!r} is not an attention implementation; "
+        "allowed: auto, xla, pallas, cudnn"
+    )
 
 
 class Attention(nnx.Module):
