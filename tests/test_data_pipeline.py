@@ -239,3 +239,11 @@ def test_worker_processes_give_deterministic_resumable_batches(store):
     second.set_state(state)
     assert_same_batches(take(second, 4), expected)
     second.close()
+
+
+def test_a_finite_pass_over_two_sources_reads_both_completely(tokenizer, tmp_path):
+    a = constant_store(str(tmp_path / "a"), [10] * 3, 100, tokenizer)
+    b = constant_store(str(tmp_path / "b"), [40] * 9, 200, tokenizer)
+    config = small_config(f"{a},{b}", mixture_weights="1,1", eval_fraction=0.0)
+    seen = document_tokens(rows_of_one_epoch(config))
+    assert seen == {**{100 + i: 10 for i in range(3)}, **{200 + i: 40 for i in range(9)}}

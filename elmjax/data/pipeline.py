@@ -25,6 +25,7 @@ import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset
 
 from elmjax.data import sources as sources_lib
+from elmjax.data.sources import logger
 from elmjax.data.tokenizer import Tokenizer, load_tokenizer
 
 ROW_FEATURE = "tokens"
@@ -178,8 +179,12 @@ def build_rows(
     tokenizer: Tokenizer | None = None,
     opened: list | None = None,
 ) -> grain.IterDataset:
-    """The mixed stream of packed rows {"tokens", "tokens_segment_ids", "tokens_positions"},
-    each [seq_len + 1], before batching. `num_epochs=None` repeats forever (shuffled anew)."""
+    """The stream of packed rows {"tokens", "tokens_segment_ids", "tokens_positions"}, each
+    [seq_len + 1], before batching. `num_epochs=None` repeats forever (shuffled anew each
+    epoch) and mixes sources by `data.mixture_weights`; a finite pass (`num_epochs` set)
+    reads every file/store source's documents once, one source after another (a weighted
+    mix would stop at the first exhausted source). `opened` collects the opened sources (their
+    `.stats`)."""
     data = config.data
     specs = sources_lib.parse_source_list(data)
     weights = mixture_weights(data, len(specs))
@@ -190,7 +195,9 @@ def build_rows(
             f"has {tokenizer.vocab_size} tokens; raise model.vocab_size to at least that"
         )
     row_length = config.train.seq_len + 1
-    streams = []
+    pack = lambda docs: ConcatThenSplitIterDataset(docs, length_struct={ROW_FEATURE: row_length})
+    finite = num_epochs is not None
+    streams, document_lists = [], []
     for number, spec in enumerate(specs):
         source = sources_lib.open_source(spec, data)
         if opened is not None:
@@ -199,27 +206,41 @@ def build_rows(
         to_tokens = _ToTokens(tokenizer, bos, eos)
         if spec.kind == "seqio":
             docs = source.iter_dataset(split, process_index, process_count, num_epochs)
-            docs = docs.map(to_tokens)
-        else:
-            indices = split_indices(source, data.eval_fraction, split)
-            if len(indices) < process_count:
-                raise ValueError(
-                    f"data source {source.name!r} has {len(indices)} {split} documents, fewer "
-                    f"than the {process_count} processes reading it; add data or lower "
-                    "data.eval_fraction"
-                )
-            docs = grain.MapDataset.source(_Documents(source, indices))
-            docs = docs[process_index::process_count]
-            if split == "train":
-                # Seeded per source; repeat() re-seeds every epoch, so each epoch differs.
-                docs = docs.shuffle(seed=(data.seed * 1_000_003 + number) % 2**32)
-            if num_epochs != 1:
-                docs = docs.repeat(num_epochs)
-            docs = docs.map(to_tokens).to_iter_dataset()
-        streams.append(ConcatThenSplitIterDataset(docs, length_struct={ROW_FEATURE: row_length}))
+            streams.append(pack(docs.map(to_tokens)))
+            continue
+        indices = split_indices(source, data.eval_fraction, split)
+        if len(indices) < process_count:
+            raise ValueError(
+                f"data source {source.name!r} has {len(indices)} {split} documents, fewer "
+                f"than the {process_count} processes reading it; add data or lower "
+                "data.eval_fraction"
+            )
+        _log_split(source, split, indices, row_length)
+        docs = grain.MapDataset.source(_Documents(source, indices))
+        docs = docs[process_index::process_count]
+        if split == "train":
+            # Seeded per source; repeat() re-seeds every epoch, so each epoch differs.
+            docs = docs.shuffle(seed=(data.seed * 1_000_003 + number) % 2**32)
+        if num_epochs != 1:
+            docs = docs.repeat(num_epochs)
+        document_lists.append(docs.map(to_tokens))
+    if finite and document_lists:
+        document_lists = [grain.MapDataset.concatenate(document_lists)]
+    # (A finite pass that includes seqio streams is still a weighted mix; see docstring.)
+    streams = [pack(docs.to_iter_dataset()) for docs in document_lists] + streams
     if len(streams) == 1:
         return streams[0]
     return grain.IterDataset.mix(streams, weights)
+
+
+def _log_split(source, split: str, indices: np.ndarray, row_length: int) -> None:
+    """One log line per source: documents in the split, skipped/repaired counts, and (for
+    token stores, whose lengths are known) how many documents span several rows."""
+    message = f"{source.name} [{split}]: {len(indices)} documents; {source.stats.as_dict()}"
+    if hasattr(source, "document_lengths"):
+        long = int(np.sum(source.document_lengths()[indices] + 2 > row_length))
+        message += f"; {long} longer than a row of {row_length} tokens (split over rows)"
+    logger.info(message)
 
 
 def _batched(config, split, process_index, process_count, num_epochs, drop_remainder):

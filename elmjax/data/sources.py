@@ -183,13 +183,9 @@ class _OffsetIndexedSource(DocumentSource):
         self.stats = SourceStats()
         files, starts, ends = [], [], []
         for file_index, path in enumerate(self._paths):
-            with _open(path) as f:
-                data = f.read()
-            ranges = _line_ranges(data) if per_line else [(0, len(data))]
-            for start, end in ranges:
-                if self._text(data[start:end], self.stats) is None:
-                    continue
-                files.append(file_index), starts.append(start), ends.append(end)
+            for start, raw in _records(path, per_line):
+                if self._text(raw, self.stats) is not None:
+                    files.append(file_index), starts.append(start), ends.append(start + len(raw))
         self._file = np.asarray(files, np.int32)
         self._start = np.asarray(starts, np.int64)
         self._end = np.asarray(ends, np.int64)
@@ -228,14 +224,16 @@ class _OffsetIndexedSource(DocumentSource):
         return f"{self._paths[self._file[index]]}@{self._start[index]}"
 
 
-def _line_ranges(data: bytes) -> list[tuple[int, int]]:
-    ranges, start = [], 0
-    while start < len(data):
-        end = data.find(b"\n", start)
-        end = len(data) if end < 0 else end
-        ranges.append((start, end))
-        start = end + 1
-    return ranges
+def _records(path: str, per_line: bool):
+    """(byte offset, bytes) of each line of a file (streamed), or of the whole file."""
+    with _open(path) as f:
+        if not per_line:
+            yield 0, f.read()
+            return
+        offset = 0
+        for line in f:
+            yield offset, line.rstrip(b"\n")
+            offset += len(line)
 
 
 class TextSource(_OffsetIndexedSource):
