@@ -52,3 +52,23 @@ def logits(model_config, params, tokens) -> np.ndarray:
     graphdef, _ = nnx.split(abstract_model(model_config))
     model = nnx.merge(graphdef, params)
     return np.asarray(_forward(model, jnp.asarray(tokens, dtype=jnp.int32)))
+
+
+def model_logits(model, tokens) -> np.ndarray:
+    """Jitted float32 logits of an nnx model (e.g. from `elmjax.checkpoint.load_model`)."""
+    return np.asarray(_forward(model, jnp.asarray(tokens, dtype=jnp.int32)))
+
+
+def train_tiny(workdir, steps=6, every=2, vocab_size=512):
+    """Trains a 2-layer model for `steps` steps on the embedded corpus with the real trainer,
+    checkpointing every `every` steps; returns its config."""
+    from elmjax.train import train
+
+    config = tiny_config(num_layers=2, model_dim=64, head_dim=16, ffn_dim_divisor=32, vocab_size=vocab_size, max_seq_len=32)
+    config.train.steps, config.train.batch_size, config.train.seq_len = steps, 8, 32
+    config.train.log_every, config.train.sample_at_end = every, False
+    config.optim.warmup_steps = 2
+    config.checkpoint.every_steps, config.checkpoint.async_save = every, False
+    config.eval.every_steps = 0
+    train(validate(config), workdir, log=lambda *_: None)
+    return config

@@ -121,8 +121,14 @@ def mlx_sources(hf_tensors: dict, dtype, bits: int | None = None, group_size: in
 
 
 def mlx_config(hf_config: dict, bits: int | None = None, group_size: int = 64) -> dict:
-    """config.json for mlx-lm: the HF config, plus mlx-lm's quantization entry when quantized."""
+    """config.json for mlx-lm: the HF config, plus mlx-lm's quantization entry when quantized.
+
+    `auto_map` (which points transformers at Apple's remote modeling code) is dropped: the
+    MLX directory does not ship that code, and with the key present transformers 5 asks
+    interactively whether to run it when mlx-lm loads the tokenizer.
+    """
     config = copy.deepcopy(hf_config)
+    config.pop("auto_map", None)
     if bits is not None:
         quantization = {"group_size": group_size, "bits": bits, "mode": QUANTIZATION_MODE}
         config["quantization"] = quantization
