@@ -1,0 +1,7 @@
+"""Data: tokenizers, document sources, the embedded corpus, and the grain input pipeline.
+
+Public entry points (imported from their modules, so `import elmjax.data` stays cheap):
+  elmjax.data.pipeline.make_train_iterator / make_eval_iterator  -- packed batches
+  elmjax.data.tokenizer.load_tokenizer                            -- the run's tokenizer
+  elmjax.data.token_store.TokenStoreWriter / TokenStoreSource     -- pre-tokenised stores
+"""
