@@ -1,14 +1,18 @@
 """Hugging Face OpenELM directory -> elmjax config and parameters."""
 import json
+import os
 
 import numpy as np
 import pytest
 from flax import nnx
 
+from elmjax.checkpoint import complete_steps, restore_params, save_params_checkpoint
 from elmjax.config import openelm_config
-from elmjax.convert.export import export_params
+from elmjax.convert.export import export_checkpoint, export_params
 from elmjax.convert.hf_import import HFConfigError, config_from_hf, load_hf_dir
+from elmjax.data.tokenizer import load_tokenizer
 from tests.export_support import random_params, tiny_config
+from tools import import_hf as import_tool
 
 # Apple's OpenELM-270M config.json (the keys import reads; per-layer lists as published).
 OPENELM_270M_CONFIG = {
@@ -106,3 +110,42 @@ def test_a_directory_without_weights_is_a_clear_error(tmp_path):
     (tmp_path / "hf" / "config.json").write_text(json.dumps(OPENELM_270M_CONFIG))
     with pytest.raises(FileNotFoundError, match="neither model.safetensors nor model.safetensors.index.json"):
         load_hf_dir(tmp_path / "hf")
+
+
+# --- tools/import_hf.py -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_export(tmp_path_factory):
+    """An HF directory (with tokenizer files) exported from a params-only checkpoint."""
+    root = tmp_path_factory.mktemp("hf_export")
+    config = tiny_config(num_layers=2, model_dim=64, head_dim=16, ffn_dim_divisor=32, vocab_size=512)
+    params = random_params(config.model, seed=11)
+    save_params_checkpoint(root / "workdir", config, params, step=3)
+    export_checkpoint(root / "workdir", root / "hf", target="torch")
+    return root, config
+
+
+def test_import_tool_writes_a_checkpoint_with_the_same_params_and_tokenizer(hf_export, tmp_path, capsys):
+    root, config = hf_export
+    assert import_tool.main(["--hf", str(root / "hf"), "--out", str(tmp_path / "imported")]) == 0
+    imported_config, imported = restore_params(tmp_path / "imported")
+    _, original = restore_params(root / "workdir")
+    assert complete_steps(tmp_path / "imported") == [0]
+    np.testing.assert_array_equal(imported["token_embeddings"], original["token_embeddings"])
+    np.testing.assert_array_equal(
+        imported["layers"][1]["ffn"]["proj_1"]["kernel"], original["layers"][1]["ffn"]["proj_1"]["kernel"]
+    )
+    assert imported_config.data.tokenizer.startswith(str((tmp_path / "imported" / "tokenizer").absolute()))
+    text = "Thou shalt not"
+    assert load_tokenizer(imported_config).encode(text) == load_tokenizer(config).encode(text)
+
+
+def test_import_tool_refuses_an_existing_out_and_a_missing_hf_dir(hf_export, tmp_path, capsys):
+    root, _ = hf_export
+    (tmp_path / "out").mkdir()
+    assert import_tool.main(["--hf", str(root / "hf"), "--out", str(tmp_path / "out")]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert import_tool.main(["--hf", str(tmp_path / "nope"), "--out", str(tmp_path / "new")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(tmp_path / "out") == []
