@@ -148,3 +148,19 @@ def test_seqio_source_without_seqio_installed_says_how_to_install():
     spec = parse_source_list(data_config("seqio:c4_v220_span_corruption"))[0]
     with pytest.raises(ImportError, match=r"elmjax\[seqio\]"):
         open_source(spec, data_config("seqio:x"))
+
+
+def test_remote_globs_go_through_fsspec():
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/elmjax_remote/a.jsonl", b'{"text": "one"}\n{"text": "two"}\n')
+    fs.pipe("/elmjax_remote/b.jsonl", b'{"text": "three"}\n')
+    source = JsonlSource("memory://elmjax_remote/*.jsonl", "text")
+    assert [source[i] for i in range(len(source))] == ["one", "two", "three"]
+
+
+def test_malformed_jsonl_fails_at_start_with_path_and_offset(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": broken\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl: the record at byte 15 is not valid JSON"):
+        JsonlSource(str(tmp_path / "bad.jsonl"), "text")

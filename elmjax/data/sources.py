@@ -184,7 +184,14 @@ class _OffsetIndexedSource(DocumentSource):
         files, starts, ends = [], [], []
         for file_index, path in enumerate(self._paths):
             for start, raw in _records(path, per_line):
-                if self._text(raw, self.stats) is not None:
+                try:
+                    text = self._text(raw, self.stats)
+                except json.JSONDecodeError as error:
+                    raise ValueError(
+                        f"{path}: the record at byte {start} is not valid JSON ({error.msg}); "
+                        "JSONL needs one JSON object per line"
+                    ) from None
+                if text is not None:
                     files.append(file_index), starts.append(start), ends.append(start + len(raw))
         self._file = np.asarray(files, np.int32)
         self._start = np.asarray(starts, np.int64)
@@ -197,6 +204,8 @@ class _OffsetIndexedSource(DocumentSource):
         text = _decode(raw, stats)
         if self._field is not None:
             record = json.loads(text) if text.strip() else {}
+            if not isinstance(record, dict):
+                raise json.JSONDecodeError("not a JSON object", text, 0)
             if self._field not in record:
                 if stats is not None and text.strip():
                     stats.missing_field += 1
