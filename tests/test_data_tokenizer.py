@@ -128,3 +128,20 @@ def test_train_tokenizer_tool_writes_a_model_of_the_requested_size(tmp_path):
     assert main([f"--source={corpus}", "--text_unit=line", "--vocab_size=500",
                  f"--output={tmp_path / 'tok.model'}"]) == 0  # fmt: skip
     assert open_tokenizer(tmp_path / "tok.model").vocab_size == 500
+
+
+def test_hf_files_load_in_mlx_lm_with_its_sentencepiece_detokenizer(tokenizer, tmp_path):
+    tokenizer_utils = pytest.importorskip("mlx_lm.tokenizer_utils")
+    tokenizer.save_hf_files(tmp_path)
+    wrapper = tokenizer_utils.load(tmp_path)
+    assert type(wrapper._detokenizer).__name__ == "SPMStreamingDetokenizer"
+    assert wrapper.bos_token_id == 1 and 2 in wrapper.eos_token_ids
+    text = SAMPLES[0]
+    ids = wrapper.encode(text)
+    assert ids == [1, *tokenizer.encode(text)]
+    detokenizer = wrapper.detokenizer
+    detokenizer.reset()
+    for index in ids[1:]:
+        detokenizer.add_token(index)
+    detokenizer.finalize()
+    assert detokenizer.text == text
