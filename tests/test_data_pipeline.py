@@ -247,3 +247,14 @@ def test_a_finite_pass_over_two_sources_reads_both_completely(tokenizer, tmp_pat
     config = small_config(f"{a},{b}", mixture_weights="1,1", eval_fraction=0.0)
     seen = document_tokens(rows_of_one_epoch(config))
     assert seen == {**{100 + i: 10 for i in range(3)}, **{200 + i: 40 for i in range(9)}}
+
+
+def test_a_tokenizer_json_gives_the_same_batches_as_its_sentencepiece_model(tokenizer, tmp_path):
+    tokenizer.save_hf_files(tmp_path)
+    source = tmp_path / "docs.txt"
+    source.write_text("\n".join(f"Line {i}: to be, or not to be, that is the question." for i in range(30)))
+    batches = {}
+    for name, path in (("spm", tokenizer.name), ("json", str(tmp_path / "tokenizer.json"))):
+        config = small_config(str(source), tokenizer=path, text_unit="line")
+        batches[name] = take(pipeline.make_train_iterator(config, process_index=0, process_count=1), 3)
+    assert_same_batches(batches["spm"], batches["json"])
