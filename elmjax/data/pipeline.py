@@ -7,6 +7,8 @@ Per source:  documents (split train/eval by a hash of each document's key)
   -> pack into rows of seq_len + 1 tokens with grain's ConcatThenSplit packing: documents
      are concatenated and cut at row boundaries, so a long document is split over rows and
      no token is dropped; each row carries segment ids (1.. per document piece) and positions.
+     The piece of a split document that starts a row restarts its positions at 0: RoPE and
+     ALiBi see only relative positions within a segment, so attention is unchanged.
 Then sources are mixed by weight (rows, i.e. tokens, in proportion), batched, turned into the
 model's inputs/targets, and optionally prefetched by worker processes.
 
