@@ -244,7 +244,7 @@ def save_params_checkpoint(workdir, config, params, step: int = 0) -> Path:
     from flax import nnx
 
     if isinstance(params, nnx.State):
-        params = params.to_pure_dict()
+        params = nnx.to_pure_dict(params)
     prepare_workdir(workdir)
     manager = ocp.CheckpointManager(
         checkpoint_dir(workdir).absolute(),

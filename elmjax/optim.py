@@ -35,8 +35,18 @@ def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
         )
     if warmup == 0:
         return decay
-    ramp = optax.linear_schedule(float(optim_config.init_lr), peak, warmup)
-    return optax.join_schedules([ramp, decay], boundaries=[warmup])
+    return optax.join_schedules([_warmup(float(optim_config.init_lr), peak, warmup), decay], [warmup])
+
+
+def _warmup(init: float, peak: float, steps: int) -> optax.Schedule:
+    """`init + (peak - init) * step / steps`: exactly `init` at step 0 (optax's
+    linear_schedule loses init's low bits to float32 cancellation when init << peak)."""
+
+    def schedule(step):
+        fraction = jnp.clip(jnp.asarray(step, jnp.float32) / steps, 0.0, 1.0)
+        return init + (peak - init) * fraction
+
+    return schedule
 
 
 def weight_decay_mask(params):

@@ -76,14 +76,14 @@ def resolve_mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
     if free:
         if num_devices % fixed:
             raise ValueError(
-                f"mesh: the fixed axis sizes multiply to {fixed}, which does not divide the "
-                f"{num_devices} devices; change config.mesh.{{{','.join(MESH_AXES)}}}"
+                f"config.mesh: the fixed axis sizes {sizes} multiply to {fixed}, which does not "
+                f"divide the {num_devices} devices; change mesh.data/fsdp/tensor/expert"
             )
         sizes[free[0]] = num_devices // fixed
     elif fixed != num_devices:
         raise ValueError(
-            f"mesh: axis sizes {sizes} multiply to {fixed} but there are {num_devices} devices; "
-            "make them multiply to the device count, or set one axis to -1"
+            f"config.mesh: axis sizes {sizes} multiply to {fixed} but there are {num_devices} "
+            "devices; make mesh.data/fsdp/tensor/expert multiply to the device count, or set one to -1"
         )
     return sizes
 

@@ -43,6 +43,24 @@ def _init_distributed() -> None:
         jax.distributed.initialize()
 
 
+def _quiet_libraries() -> None:
+    """Orbax logs every save step at INFO through absl; keep the console to our lines."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+
+
+def _enable_compilation_cache() -> None:
+    """Persistent XLA cache, so re-running or resuming a run skips most of the compile.
+    ELMJAX_COMPILATION_CACHE sets the directory; an empty value turns it off."""
+    import jax
+
+    directory = os.environ.get("ELMJAX_COMPILATION_CACHE", str(Path.home() / ".cache" / "elmjax" / "xla"))
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", directory)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def _default_workdir(config) -> Path:
     if config.train.workdir:
         return Path(config.train.workdir)
@@ -199,6 +217,8 @@ def main(argv) -> None:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    _quiet_libraries()
+    _enable_compilation_cache()
     _init_distributed()
     if FLAGS.dry_run:
         from elmjax.train_setup import dry_run

@@ -41,7 +41,7 @@ def build_setup(config, devices=None) -> Setup:
     param_shardings = shd.param_shardings(param_state, mesh, config.mesh.rules)
     optimizer = optim.make_optimizer(config.optim, config.train.steps)
     schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
-    abstract = jax.eval_shape(lambda p: ts.init_train_state(p, optimizer), param_state.to_pure_dict())
+    abstract = jax.eval_shape(lambda p: ts.init_train_state(p, optimizer), nnx.to_pure_dict(param_state))
     state_shardings = ts.state_shardings(abstract, param_shardings, mesh)
     abstract = jax.tree.map(
         lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
@@ -60,7 +60,7 @@ def fresh_params(setup: Setup):
     config = setup.config
 
     def init():
-        return nnx.split(build_model(config.model, config.train.seed), nnx.Param)[1].to_pure_dict()
+        return nnx.to_pure_dict(nnx.split(build_model(config.model, config.train.seed), nnx.Param)[1])
 
     return jax.jit(init, out_shardings=setup.param_shardings)()
 

@@ -106,7 +106,7 @@ def train_step(state, batch, *, graphdef, optimizer, schedule, z_loss_weight, ac
     loss, ce, z, grads = loss_and_grads(
         params, graphdef, batch, z_loss_weight=z_loss_weight, accum_steps=accum_steps
     )
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = optimizer.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)

@@ -1,0 +1,81 @@
+"""The optimizer follows the paper's recipe: schedule, weight-decay mask, clipping, AdamW."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from elmjax.config import base_config
+from elmjax.optim import learning_rate_schedule, make_optimizer, weight_decay_mask
+
+
+def optim_config(**overrides):
+    optim = base_config().optim
+    optim.update(overrides)
+    return optim
+
+
+def test_warmup_is_linear_from_init_lr_to_peak():
+    schedule = learning_rate_schedule(optim_config(peak_lr=1e-3, init_lr=1e-6, warmup_steps=100), 1000)
+    assert float(schedule(0)) == pytest.approx(1e-6, rel=1e-4)  # float32 arithmetic
+    assert float(schedule(50)) == pytest.approx((1e-6 + 1e-3) / 2, rel=1e-5)
+    assert float(schedule(100)) == pytest.approx(1e-3, rel=1e-6)
+
+
+def test_cosine_decays_to_final_ratio_of_peak_at_last_step():
+    config = optim_config(peak_lr=1e-3, warmup_steps=100, final_lr_ratio=0.1, schedule="cosine")
+    schedule = learning_rate_schedule(config, 1000)
+    midpoint = 1e-4 + (1e-3 - 1e-4) * 0.5 * (1 + math.cos(math.pi * 0.5))
+    assert float(schedule(550)) == pytest.approx(midpoint, rel=1e-5)
+    assert float(schedule(1000)) == pytest.approx(1e-4, rel=1e-5)
+    assert float(schedule(5000)) == pytest.approx(1e-4, rel=1e-5)  # stays at the floor
+
+
+def test_linear_decay_reaches_final_ratio():
+    config = optim_config(peak_lr=2e-3, warmup_steps=0, final_lr_ratio=0.5, schedule="linear")
+    schedule = learning_rate_schedule(config, 100)
+    assert float(schedule(0)) == pytest.approx(2e-3)
+    assert float(schedule(50)) == pytest.approx(1.5e-3, rel=1e-5)
+    assert float(schedule(100)) == pytest.approx(1e-3, rel=1e-5)
+
+
+def test_paper_schedule_for_270m():
+    """SPEC §1: warmup from 1e-6 over 5000 steps, cosine to 0.1 x 5.3e-3 at 350k."""
+    schedule = learning_rate_schedule(base_config().optim, 350_000)
+    assert float(schedule(5000)) == pytest.approx(5.3e-3, rel=1e-6)
+    assert float(schedule(350_000)) == pytest.approx(5.3e-4, rel=1e-5)
+
+
+def test_weight_decay_mask_is_2d_weights_only():
+    params = {"token_embeddings": jnp.ones((8, 4)), "norm": {"weight": jnp.ones((4,))},
+              "layers": {0: {"attn": {"qkv_proj": {"kernel": jnp.ones((4, 12))}}}}}
+    mask = weight_decay_mask(params)
+    assert mask == {"token_embeddings": True, "norm": {"weight": False},
+                    "layers": {0: {"attn": {"qkv_proj": {"kernel": True}}}}}
+
+
+def test_adamw_decays_matrices_but_not_norms():
+    """With zero gradients Adam's update is 0, so only decoupled decay moves parameters:
+    p <- p - lr * wd * p for 2-D weights, unchanged for 1-D norm weights."""
+    config = optim_config(peak_lr=0.1, init_lr=0.1, warmup_steps=0, schedule="constant",
+                          weight_decay=0.5, clip_norm=0.0)
+    optimizer = make_optimizer(config, 10)
+    params = {"kernel": jnp.full((2, 3), 2.0), "weight": jnp.full((3,), 2.0)}
+    state = optimizer.init(params)
+    updates, _ = optimizer.update(jax.tree.map(jnp.zeros_like, params), state, params)
+    np.testing.assert_allclose(updates["kernel"], -0.1 * 0.5 * 2.0, rtol=1e-6)
+    np.testing.assert_array_equal(updates["weight"], 0.0)
+
+
+def test_gradients_are_clipped_to_global_norm_before_adam():
+    """b1 = b2 = 0 and eps = 1 make Adam's step -lr * g / (|g| + 1), which depends on the
+    gradient's scale, so the clip to global norm 1 shows in the update."""
+    config = optim_config(peak_lr=1.0, init_lr=1.0, warmup_steps=0, schedule="constant",
+                          weight_decay=0.0, clip_norm=1.0, b1=0.0, b2=0.0, eps=1.0)
+    optimizer = make_optimizer(config, 10)
+    params = {"a": jnp.zeros((2,)), "b": jnp.zeros((1,))}
+    grads = {"a": jnp.array([3.0, 0.0]), "b": jnp.array([4.0])}  # global norm 5 -> [0.6, 0], [0.8]
+    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    np.testing.assert_allclose(updates["a"], [-0.6 / 1.6, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(updates["b"], [-0.8 / 1.8], rtol=1e-6)

@@ -1,0 +1,95 @@
+"""The loss and the optimizer step: CE + z-loss over loss tokens, accumulation, non-finite."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from elmjax import optim
+from elmjax import train_step as ts
+from elmjax.model.transformer import build_model
+from tests.train_micro_config import get_config, synthetic_batch
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config = get_config()
+    model = build_model(config.model, 0)
+    graphdef, params = nnx.split(model, nnx.Param)
+    return config, model, graphdef, nnx.to_pure_dict(params)
+
+
+def reference_loss(logits, targets, mask, z_weight):
+    """numpy float64: mean over masked tokens of (-log_softmax[target] + z * lse^2)."""
+    logits = np.asarray(logits, np.float64)
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    ce = lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    return ((ce + z_weight * lse**2) * mask).sum() / mask.sum(), (ce * mask).sum() / mask.sum()
+
+
+def test_loss_is_mean_ce_plus_z_loss_over_loss_mask_tokens(setup):
+    config, model, graphdef, params = setup
+    batch = synthetic_batch(config)
+    batch["loss_mask"][:, -5:] = 0.0  # e.g. padding at the end of each row
+    logits = model(jnp.asarray(batch["inputs"]), segment_ids=jnp.asarray(batch["segment_ids"]),
+                   positions=jnp.asarray(batch["positions"]))
+    expected_total, expected_ce = reference_loss(logits, batch["targets"], batch["loss_mask"], 1e-4)
+    loss, ce, z, _ = ts.loss_and_grads(params, graphdef, batch, z_loss_weight=1e-4, accum_steps=1)
+    assert float(loss) == pytest.approx(expected_total, rel=1e-5)
+    assert float(ce) == pytest.approx(expected_ce, rel=1e-5)
+    assert float(z) > 0
+
+
+def test_masked_tokens_do_not_change_loss_or_gradients(setup):
+    config, _, graphdef, params = setup
+    batch = synthetic_batch(config)
+    batch["loss_mask"][:, :4] = 0.0
+    changed = {k: v.copy() for k, v in batch.items()}
+    changed["targets"][:, :4] = (changed["targets"][:, :4] + 7) % config.model.vocab_size
+    first = ts.loss_and_grads(params, graphdef, batch, z_loss_weight=1e-4, accum_steps=1)
+    second = ts.loss_and_grads(params, graphdef, changed, z_loss_weight=1e-4, accum_steps=1)
+    assert float(first[0]) == float(second[0])
+    jax.tree.map(np.testing.assert_array_equal, first[3], second[3])
+
+
+def test_gradient_accumulation_matches_one_big_batch(setup):
+    config, _, graphdef, params = setup
+    batch = synthetic_batch(config, documents_per_row=3)
+    batch["loss_mask"][::3, 10:] = 0.0  # uneven token counts across micro-batches
+    one = ts.loss_and_grads(params, graphdef, batch, z_loss_weight=1e-4, accum_steps=1)
+    four = ts.loss_and_grads(params, graphdef, batch, z_loss_weight=1e-4, accum_steps=4)
+    assert float(four[0]) == pytest.approx(float(one[0]), rel=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7), one[3], four[3])
+
+
+def _step(config, graphdef):
+    optimizer = optim.make_optimizer(config.optim, config.train.steps)
+    schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
+    step = jax.jit(lambda state, batch: ts.train_step(
+        state, batch, graphdef=graphdef, optimizer=optimizer, schedule=schedule,
+        z_loss_weight=1e-4, accum_steps=1))
+    return optimizer, step
+
+
+def test_train_step_updates_params_and_reports_metrics(setup):
+    config, _, graphdef, params = setup
+    optimizer, step = _step(config, graphdef)
+    state = ts.init_train_state(params, optimizer)
+    new_state, metrics = step(state, synthetic_batch(config))
+    assert int(new_state["step"]) == 1 and bool(metrics["finite"])
+    assert float(metrics["lr"]) == pytest.approx(config.optim.init_lr, rel=1e-4)
+    assert float(metrics["grad_norm"]) > 0
+    assert not np.array_equal(new_state["params"]["token_embeddings"], params["token_embeddings"])
+
+
+def test_nonfinite_loss_skips_the_update_and_is_counted(setup):
+    config, _, graphdef, params = setup
+    optimizer, step = _step(config, graphdef)
+    state = ts.init_train_state(params, optimizer)
+    batch = synthetic_batch(config)
+    batch["loss_mask"][0, 0] = np.nan
+    new_state, metrics = step(state, batch)
+    assert not bool(metrics["finite"])
+    assert int(new_state["nonfinite_steps"]) == 1 and int(new_state["step"]) == 1
+    jax.tree.map(np.testing.assert_array_equal, new_state["params"], params)
+    jax.tree.map(np.testing.assert_array_equal, new_state["opt_state"], state["opt_state"])
