@@ -258,3 +258,12 @@ def test_a_tokenizer_json_gives_the_same_batches_as_its_sentencepiece_model(toke
         config = small_config(str(source), tokenizer=path, text_unit="line")
         batches[name] = take(pipeline.make_train_iterator(config, process_index=0, process_count=1), 3)
     assert_same_batches(batches["spm"], batches["json"])
+
+
+def test_a_token_store_of_another_tokenizer_is_rejected(store, tmp_path):
+    from elmjax.data.tokenizer import embedded_tokenizer
+
+    other = embedded_tokenizer(1024, ("kjv", "shakespeare"))
+    config = small_config(store[0], tokenizer=other.name)
+    with pytest.raises(ValueError, match="was written with tokenizer"):
+        pipeline.make_train_iterator(config, process_index=0, process_count=1)

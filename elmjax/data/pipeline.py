@@ -204,6 +204,13 @@ def build_rows(
         source = sources_lib.open_source(spec, data)
         if opened is not None:
             opened.append(source)
+        stored_with = getattr(source, "meta", {}).get("tokenizer_fingerprint")
+        if stored_with is not None and stored_with != tokenizer.fingerprint:
+            raise ValueError(
+                f"config field `data.tokenizer`: token store {source.name!r} was written with "
+                f"tokenizer {stored_with}, not the run's ({tokenizer.fingerprint}); use the "
+                "store's tokenizer (leave data.tokenizer empty) or re-run tools/prepare_data.py"
+            )
         bos, eos = _special_ids(config, tokenizer, source)
         to_tokens = _ToTokens(tokenizer, bos, eos)
         if spec.kind == "seqio":
