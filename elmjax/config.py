@@ -240,18 +240,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             "model.attention_scale",
             f"is {model.attention_scale}; need > 0, or None for 1/sqrt(head_dim)",
         )
-    # Every layer must get at least one kv head: the smallest query width is
-    # make_divisible(d * min_alpha, head_dim * groups) >= head_dim * groups, so this always
-    # holds; what can fail is a group count that does not divide the query heads.
-    from elmjax.scaling import schedule_from_config  # local: scaling imports nothing from here
-
-    for index, layer in enumerate(schedule_from_config(model)):
-        _require(
-            layer.num_query_heads % model.num_gqa_groups == 0,
-            "model.num_gqa_groups",
-            f"{model.num_gqa_groups} does not divide layer {index}'s "
-            f"{layer.num_query_heads} query heads",
-        )
+    # No per-layer head check is needed: scaling.make_divisible rounds each layer's query
+    # width to a multiple of head_dim * num_gqa_groups, so the groups always divide the heads.
 
     train = config.train
     for name in ("steps", "batch_size", "seq_len", "grad_accum_steps", "log_every"):
@@ -354,3 +344,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         "more than one axis is -1; at most one axis may take the devices left over",
     )
     return config
+
+
+def validate_for_cli(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`validate` for command-line tools: a bad field prints one clear line and exits 2."""
+    import sys
+
+    try:
+        return validate(config)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

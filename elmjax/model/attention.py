@@ -7,6 +7,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from elmjax.kernels import reference
+from elmjax.model import kv_cache
 from elmjax.model.linear import Linear
 from elmjax.model.norms import make_norm
 from elmjax.model.positions import alibi_slopes, apply_rope
@@ -78,7 +79,7 @@ class Attention(nnx.Module):
     and split along heads in the order [q | k | v] (SPEC §1).
     """
 
-    def __init__(self, model_config, num_query_heads: int, num_kv_heads: int, *, init, rngs):
+    def __init__(self, model_config, num_query_heads: int, num_kv_heads: int, *, init):
         cfg = model_config
         self.num_query_heads = num_query_heads
         self.num_kv_heads = num_kv_heads
@@ -88,14 +89,14 @@ class Attention(nnx.Module):
         self.impl = cfg.attention_impl
         self.scale = cfg.attention_scale if cfg.attention_scale is not None else cfg.head_dim**-0.5
         compute_dtype, param_dtype = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
-        common = dict(use_bias=cfg.use_bias, compute_dtype=compute_dtype, param_dtype=param_dtype, rngs=rngs)
+        common = dict(use_bias=cfg.use_bias, compute_dtype=compute_dtype, param_dtype=param_dtype)
         qkv_features = (num_query_heads + 2 * num_kv_heads) * cfg.head_dim
         self.qkv_proj = Linear(
-            cfg.model_dim, qkv_features, std=init.linear_std(cfg.model_dim),
+            cfg.model_dim, qkv_features, init=init.linear(cfg.model_dim),
             logical_axes=("embed", "heads"), **common,
         )
         self.out_proj = Linear(
-            num_query_heads * cfg.head_dim, cfg.model_dim, std=init.output_projection_std(),
+            num_query_heads * cfg.head_dim, cfg.model_dim, init=init.output_projection(),
             logical_axes=("heads", "embed"), **common,
         )
         norm_args = (cfg.norm_type,)
@@ -134,13 +135,24 @@ class Attention(nnx.Module):
         """Per-head ALiBi slopes [q_heads], or None when the model uses RoPE."""
         return alibi_slopes(self.num_query_heads) if self.position_encoding == "alibi" else None
 
-    def __call__(self, x, *, rope, segment_ids=None):
-        """x [batch, seq, model_dim] -> [batch, seq, model_dim]."""
+    def __call__(self, x, *, rope, segment_ids=None, cache=None):
+        """x [batch, seq, model_dim] -> [batch, seq, model_dim].
+
+        With `cache=(LayerCache, CacheStep)` (decoding, model/kv_cache.py) the new keys and
+        values are written into the cache, queries also see the cached ones, and the result
+        is `(output, updated LayerCache)`.
+        """
         query, key, value = self.project(x, rope)
+        batch, seq = x.shape[:2]
+        if cache is not None:
+            layer_cache, step = cache
+            out, layer_cache = kv_cache.attend(
+                layer_cache, step, query, key, value, alibi_slopes=self.alibi(), scale=self.scale
+            )
+            return self.out_proj(out.reshape(batch, seq, self.num_query_heads * self.head_dim)), layer_cache
         out = dot_product_attention(
             query, key, value, impl=self.impl, segment_ids=segment_ids, causal=True,
             alibi_slopes=self.alibi(), scale=self.scale,
         )  # [batch, seq, q_heads, head_dim]
         out = checkpoint_name(out, "attention_out")  # kept by remat_policy=save_attention_out
-        batch, seq = x.shape[:2]
         return self.out_proj(out.reshape(batch, seq, self.num_query_heads * self.head_dim))

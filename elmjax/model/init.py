@@ -1,28 +1,75 @@
-"""Parameter creation with logical axis names, and the initialisation schemes.
+"""Parameter creation with logical axis names and initialisation rules, and their values.
 
-Every parameter carries logical axis names (`vocab, embed, heads, mlp, norm, ...`); the
-sharding rules in the config map them to mesh axes (elmjax/sharding.py). Creating a model
-needs no mesh: the train step places parameters by these names.
+Modules declare parameters abstractly: shape, dtype, logical axis names (`vocab, embed,
+heads, mlp, norm, ...`, mapped to mesh axes by the config's rules) and an init rule such as
+`("normal", std)`. `materialize` then draws every value on the host with numpy from
+(seed, parameter path). That makes the initial weights identical on every mesh shape,
+backend and process count, compiles nothing (XLA:CPU takes minutes to compile hundreds of
+threefry draws), and sends each device only its own shard.
 """
 from __future__ import annotations
 
+import zlib
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
-def param(value, logical_axes: tuple) -> nnx.Param:
-    """An `nnx.Param` annotated with `logical_axes` (one name, or None, per dimension)."""
-    return nnx.Param(value, sharding_names=tuple(logical_axes), eager_sharding=False)
+def param(shape, dtype, logical_axes: tuple, init: tuple) -> nnx.Param:
+    """A parameter placeholder of `shape`, annotated with `logical_axes` and its `init` rule.
+
+    `init` is `("normal", std)`, `("ones",)` or `("zeros",)`. The value is zeros until
+    `materialize` draws it; modules are built under `nnx.eval_shape`, so nothing is allocated.
+    """
+    if len(logical_axes) != len(shape):
+        raise ValueError(f"logical axes {logical_axes} do not match shape {shape}")
+    return nnx.Param(
+        jnp.zeros(shape, dtype), out_sharding=tuple(logical_axes), eager_sharding=False, init=tuple(init)
+    )
 
 
-def normal(key, shape, std: float, dtype=jnp.float32):
-    """Plain (untruncated) normal N(0, std^2)."""
-    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+def host_value(path: str, shape, dtype, init: tuple, seed: int) -> np.ndarray:
+    """The initial value of the parameter at `path`, drawn from (seed, path) on the host."""
+    kind = init[0]
+    if kind == "ones":
+        return np.ones(shape, dtype)
+    if kind == "zeros":
+        return np.zeros(shape, dtype)
+    if kind == "normal":  # plain, untruncated N(0, std^2)
+        rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
+        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(init[1])).astype(dtype)
+    raise ValueError(f"unknown init rule {init!r} for parameter {path}")
+
+
+def materialize(abstract_module: nnx.Module, seed: int, param_sharding=None) -> nnx.Module:
+    """Gives every parameter of an abstract module its initial value.
+
+    Args:
+      abstract_module: a module built under `nnx.eval_shape` with `param` placeholders.
+      seed: initialisation seed.
+      param_sharding: optional `fn(logical_axes) -> jax.sharding.Sharding`; each device then
+        receives only its shard (`jax.make_array_from_callback`), also across processes.
+    """
+    graphdef, state = nnx.split(abstract_module)
+    for path, variable in nnx.to_flat_state(state):
+        name = "/".join(str(p) for p in path)
+        metadata = variable.get_metadata()
+        if "init" not in metadata:
+            raise ValueError(f"parameter {name} has no init rule; create it with elmjax.model.init.param")
+        shape, dtype = variable.shape, np.dtype(variable.dtype)
+        value = host_value(name, shape, dtype, metadata["init"], seed)
+        if param_sharding is None:
+            variable.set_value(jnp.asarray(value))
+        else:
+            sharding = param_sharding(metadata["out_sharding"])
+            variable.set_value(jax.make_array_from_callback(shape, sharding, lambda index, v=value: v[index]))
+    return nnx.merge(graphdef, state)
 
 
 class OpenELMInit:
-    """OpenELM's from-scratch initialisation (SPEC §1).
+    """OpenELM's from-scratch initialisation (SPEC §1), as init rules.
 
     Linear weights ~ N(0, in_features^-0.5); embedding ~ N(0, d^-0.5); the residual-stream
     output projections (`out_proj`, `proj_2`) ~ N(0, d^-0.5 * (2 * num_layers)^-0.5).
@@ -32,14 +79,14 @@ class OpenELMInit:
         self.model_dim = model_dim
         self.num_layers = num_layers
 
-    def embedding_std(self) -> float:
-        return self.model_dim**-0.5
+    def embedding(self) -> tuple:
+        return ("normal", self.model_dim**-0.5)
 
-    def linear_std(self, in_features: int) -> float:
-        return in_features**-0.5
+    def linear(self, in_features: int) -> tuple:
+        return ("normal", in_features**-0.5)
 
-    def output_projection_std(self) -> float:
-        return self.model_dim**-0.5 * (2 * self.num_layers) ** -0.5
+    def output_projection(self) -> tuple:
+        return ("normal", self.model_dim**-0.5 * (2 * self.num_layers) ** -0.5)
 
 
 def make_init(scheme: str, model_dim: int, num_layers: int):

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from elmjax.model.init import normal, param
+from elmjax.model.init import param
 
 
 class Linear(nnx.Module):
@@ -16,20 +16,15 @@ class Linear(nnx.Module):
         in_features: int,
         out_features: int,
         *,
-        std: float,
+        init: tuple,
         logical_axes: tuple,
         use_bias: bool,
         compute_dtype,
         param_dtype,
-        rngs: nnx.Rngs,
     ):
         self.compute_dtype = compute_dtype
-        self.kernel = param(
-            normal(rngs.params(), (in_features, out_features), std, param_dtype), logical_axes
-        )
-        self.bias = (
-            param(jnp.zeros((out_features,), param_dtype), (logical_axes[1],)) if use_bias else None
-        )
+        self.kernel = param((in_features, out_features), param_dtype, logical_axes, init)  # [in, out]
+        self.bias = param((out_features,), param_dtype, (logical_axes[1],), ("zeros",)) if use_bias else None
 
     def __call__(self, x):
         kernel = self.kernel[...].astype(self.compute_dtype)

@@ -12,7 +12,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, eps: float, param_dtype=jnp.float32):
         self.eps = eps
-        self.weight = param(jnp.ones((dim,), param_dtype), ("norm",))
+        self.weight = param((dim,), param_dtype, ("norm",), ("ones",))
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
@@ -25,8 +25,8 @@ class LayerNorm(nnx.Module):
 
     def __init__(self, dim: int, eps: float, use_bias: bool = True, param_dtype=jnp.float32):
         self.eps = eps
-        self.weight = param(jnp.ones((dim,), param_dtype), ("norm",))
-        self.bias = param(jnp.zeros((dim,), param_dtype), ("norm",)) if use_bias else None
+        self.weight = param((dim,), param_dtype, ("norm",), ("ones",))
+        self.bias = param((dim,), param_dtype, ("norm",), ("zeros",)) if use_bias else None
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from elmjax.model.attention import Attention
-from elmjax.model.init import make_init, normal, param
+from elmjax.model.init import make_init, materialize, param
 from elmjax.model.linear import Linear
 from elmjax.model.mlp import SwiGLU
 from elmjax.model.norms import make_norm
@@ -25,18 +25,22 @@ REMAT_POLICIES = {
 class Block(nnx.Module):
     """`x += attn(attn_norm(x)); x += ffn(ffn_norm(x))`."""
 
-    def __init__(self, model_config, layer_spec, *, init, rngs):
+    def __init__(self, model_config, layer_spec, *, init):
         cfg = model_config
         param_dtype = jnp.dtype(cfg.param_dtype)
         self.attn_norm = make_norm(cfg.norm_type, cfg.model_dim, cfg.norm_eps, cfg.use_bias, param_dtype)
-        self.attn = Attention(cfg, layer_spec.num_query_heads, layer_spec.num_kv_heads, init=init, rngs=rngs)
+        self.attn = Attention(cfg, layer_spec.num_query_heads, layer_spec.num_kv_heads, init=init)
         self.ffn_norm = make_norm(cfg.norm_type, cfg.model_dim, cfg.norm_eps, cfg.use_bias, param_dtype)
         self.ffn = SwiGLU(
             cfg.model_dim, layer_spec.ffn_dim, init=init, use_bias=cfg.use_bias,
-            compute_dtype=jnp.dtype(cfg.compute_dtype), param_dtype=param_dtype, rngs=rngs,
+            compute_dtype=jnp.dtype(cfg.compute_dtype), param_dtype=param_dtype,
         )
 
-    def __call__(self, x, rope, segment_ids):
+    def __call__(self, x, rope, segment_ids, cache=None):
+        if cache is not None:  # decoding: returns (x, updated LayerCache); see model/kv_cache.py
+            attn_out, layer_cache = self.attn(self.attn_norm(x), rope=rope, cache=cache)
+            x = x + attn_out
+            return x + self.ffn(self.ffn_norm(x)), layer_cache
         x = x + self.attn(self.attn_norm(x), rope=rope, segment_ids=segment_ids)
         x = x + self.ffn(self.ffn_norm(x))
         return constrain(x, ("batch", "seq", "embed"))
@@ -46,9 +50,11 @@ class Transformer(nnx.Module):
     """A decoder-only language model built from a validated `config.model`.
 
     Layers have different shapes (layer-wise scaling), so they are a list, not a scan.
+    Construct it with `build_model` (initialised) or `abstract_model` (shapes only): the
+    constructor itself only declares parameters (elmjax/model/init.py).
     """
 
-    def __init__(self, model_config, *, rngs: nnx.Rngs):
+    def __init__(self, model_config):
         cfg = model_config
         self.schedule = tuple(schedule_from_config(cfg))
         self.model_dim = cfg.model_dim
@@ -64,18 +70,17 @@ class Transformer(nnx.Module):
         param_dtype = jnp.dtype(cfg.param_dtype)
         init = make_init(cfg.init_scheme, cfg.model_dim, cfg.num_layers)
 
-        self.token_embeddings = param(
-            normal(rngs.params(), (cfg.vocab_size, cfg.model_dim), init.embedding_std(), param_dtype),
-            ("vocab", "embed"),
+        self.token_embeddings = param(  # [vocab, model_dim]
+            (cfg.vocab_size, cfg.model_dim), param_dtype, ("vocab", "embed"), init.embedding()
         )
-        self.layers = nnx.List([Block(cfg, spec, init=init, rngs=rngs) for spec in self.schedule])
+        self.layers = nnx.List([Block(cfg, spec, init=init) for spec in self.schedule])
         self.norm = make_norm(cfg.norm_type, cfg.model_dim, cfg.norm_eps, cfg.use_bias, param_dtype)
         self.lm_head = None
         if not cfg.tie_embeddings:
             self.lm_head = Linear(
-                cfg.model_dim, cfg.vocab_size, std=init.linear_std(cfg.model_dim),
+                cfg.model_dim, cfg.vocab_size, init=init.linear(cfg.model_dim),
                 logical_axes=("embed", "vocab"), use_bias=False, compute_dtype=self.compute_dtype,
-                param_dtype=param_dtype, rngs=rngs,
+                param_dtype=param_dtype,
             )
 
     def embed(self, tokens):
@@ -102,7 +107,7 @@ class Transformer(nnx.Module):
             logits = logits * self.logit_scale
         return constrain(logits, ("batch", "seq", "vocab"))
 
-    def __call__(self, tokens, *, segment_ids=None, positions=None):
+    def __call__(self, tokens, *, segment_ids=None, positions=None, cache=None):
         """Logits for `tokens`.
 
         Args:
@@ -111,13 +116,25 @@ class Transformer(nnx.Module):
             attend only within their document. None: the row is one document.
           positions: [batch, seq] int position of each token within its document; default
             0..seq-1. Packed rows restart positions at each document.
+          cache: a `kv_cache.KVCache` (decoding, elmjax/generate.py). The tokens are written at
+            the cache's next slots and also attend to the cached ones; `segment_ids` then
+            marks padding (0) vs real tokens (1) and `positions` must be given per row.
         Returns:
-          [batch, seq, vocab_size] float32 logits.
+          [batch, seq, vocab_size] float32 logits; with a cache, (logits, updated KVCache).
         """
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         h = self.embed(tokens)
         rope = self.rope(positions)
+        if cache is not None:
+            if segment_ids is None:
+                segment_ids = jnp.ones(tokens.shape, jnp.int32)
+            step = cache.begin(segment_ids)
+            layer_caches = []
+            for block, layer_cache in zip(self.layers, cache.layers):
+                h, layer_cache = block(h, rope, None, cache=(layer_cache, step))
+                layer_caches.append(layer_cache)
+            return self.head(self.norm(h)), cache.advance(layer_caches, step, tokens.shape[1])
         for block in self.layers:
             if self.remat_policy == "none":
                 h = block(h, rope, segment_ids)
@@ -128,14 +145,20 @@ class Transformer(nnx.Module):
         return self.head(self.norm(h))
 
 
-def build_model(model_config, seed: int = 0) -> Transformer:
-    """A freshly initialised `Transformer` for `model_config` (parameters from `seed`)."""
-    return Transformer(model_config, rngs=nnx.Rngs(params=seed))
-
-
 def abstract_model(model_config) -> Transformer:
     """The model with `jax.ShapeDtypeStruct` parameters; nothing is allocated."""
-    return nnx.eval_shape(lambda: build_model(model_config))
+    return nnx.eval_shape(lambda: Transformer(model_config))
+
+
+def build_model(model_config, seed: int = 0, param_sharding=None) -> Transformer:
+    """A freshly initialised `Transformer` for `model_config`.
+
+    Args:
+      seed: initialisation seed; the same seed gives the same weights on any mesh.
+      param_sharding: optional `fn(logical_axes) -> jax.sharding.Sharding` placing each
+        parameter (see `elmjax.model.init.materialize`).
+    """
+    return materialize(abstract_model(model_config), seed, param_sharding)
 
 
 def count_params(model: nnx.Module) -> int:

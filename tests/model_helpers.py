@@ -1,0 +1,51 @@
+"""Shared builders for model tests: scaled-down OpenELM variants and an mlx-lm twin."""
+import numpy as np
+
+from elmjax.config import openelm_config, validate
+from elmjax.convert.hf import hf_config, to_hf_state_dict
+from elmjax.model.transformer import build_model
+from elmjax.scaling import schedule_from_config
+
+# (layers, model_dim, head_dim, ffn_dim_divisor) of each variant, and a shrink factor. Dividing
+# model_dim, head_dim and the divisor by the same factor keeps make_divisible's rounding
+# points, so the scaled model has exactly the variant's per-layer head counts.
+VARIANTS = {
+    "270m": (16, 1280, 64, 256, 4),
+    "450m": (20, 1536, 64, 256, 4),
+    "1_1b": (28, 2048, 64, 256, 4),
+    "3b": (36, 3072, 128, 256, 8),
+}
+
+
+def scaled_variant_config(variant: str, vocab_size: int = 512, **model_overrides):
+    """A small config with the variant's layer count and per-layer head schedule."""
+    layers, dim, head_dim, divisor, shrink = VARIANTS[variant]
+    config = openelm_config(
+        num_layers=layers, model_dim=dim // shrink, head_dim=head_dim // shrink, peak_lr=1e-3,
+        ffn_dim_divisor=divisor // shrink, vocab_size=vocab_size, **model_overrides,
+    )
+    return validate(config)
+
+
+def mlx_twin(model, model_config):
+    """mlx-lm's own `openelm` model holding the same weights as the elmjax `model`."""
+    import mlx.core as mx
+    from mlx_lm.models import openelm
+
+    args = openelm.ModelArgs.from_dict(hf_config(model_config, schedule_from_config(model_config)))
+    twin = openelm.Model(args)
+    weights = to_hf_state_dict(model, model_config.num_layers)
+    twin.load_weights([(name, mx.array(value)) for name, value in weights.items()], strict=True)
+    return twin
+
+
+def mlx_logits(twin, tokens) -> np.ndarray:
+    """float32 logits of mlx-lm for tokens [batch, seq]."""
+    import mlx.core as mx
+
+    return np.array(twin(mx.array(np.asarray(tokens, dtype=np.int32))).astype(mx.float32))
+
+
+def small_model(variant="270m", seed=0, **overrides):
+    config = scaled_variant_config(variant, **overrides)
+    return config, build_model(config.model, seed=seed)
