@@ -164,3 +164,20 @@ def test_malformed_jsonl_fails_at_start_with_path_and_offset(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": broken\n')
     with pytest.raises(ValueError, match=r"bad.jsonl: the record at byte 15 is not valid JSON"):
         JsonlSource(str(tmp_path / "bad.jsonl"), "text")
+
+
+def test_split_long_documents_are_counted_and_logged(tmp_path, caplog):
+    import logging
+
+    from elmjax.config import validate
+    from elmjax.data.tokenizer import embedded_tokenizer
+
+    (tmp_path / "d.txt").write_text("short\n" + " ".join(["long"] * 100) + "\nshort again\n")
+    config = base_config()
+    config.model.vocab_size = 4096
+    config.train.seq_len, config.train.batch_size = 16, 2
+    config.data.source, config.data.text_unit, config.data.eval_fraction = str(tmp_path / "d.txt"), "line", 0.0
+    config.data.tokenizer = embedded_tokenizer(1024, ("kjv", "shakespeare")).name
+    with caplog.at_level(logging.INFO, logger="elmjax.data"):
+        list(pipeline.build_rows(validate(config), "train", process_index=0, process_count=1, num_epochs=1))
+    assert "1 of " in caplog.text and "longer than a row of 17 tokens" in caplog.text

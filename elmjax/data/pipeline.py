@@ -91,12 +91,26 @@ class _ToTokens:
     tokenizer: Tokenizer | None
     bos_id: int | None
     eos_id: int | None
+    row_length: int
+    source_name: str
+    # Counts in this process (each worker process counts its own share).
+    documents: int = 0
+    split_documents: int = 0
 
     def __call__(self, document):
         if isinstance(document, str):
             ids = self.tokenizer.encode(document)
         else:
             ids = document
+        self.documents += 1
+        if len(ids) + (self.bos_id is not None) + (self.eos_id is not None) > self.row_length:
+            self.split_documents += 1
+            if self.split_documents & (self.split_documents - 1) == 0:  # 1, 2, 4, 8, ...
+                logger.info(
+                    "%s: %d of %d documents read so far are longer than a row of %d tokens "
+                    "(split over rows, not truncated)",
+                    self.source_name, self.split_documents, self.documents, self.row_length,
+                )
         prefix = [self.bos_id] if self.bos_id is not None else []
         suffix = [self.eos_id] if self.eos_id is not None else []
         tokens = np.concatenate(
@@ -212,7 +226,7 @@ def build_rows(
                 "store's tokenizer (leave data.tokenizer empty) or re-run tools/prepare_data.py"
             )
         bos, eos = _special_ids(config, tokenizer, source)
-        to_tokens = _ToTokens(tokenizer, bos, eos)
+        to_tokens = _ToTokens(tokenizer, bos, eos, row_length, source.name)
         if spec.kind == "seqio":
             docs = source.iter_dataset(split, process_index, process_count, num_epochs)
             streams.append(pack(docs.map(to_tokens)))
