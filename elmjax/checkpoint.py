@@ -95,7 +95,7 @@ def config_from_dict(data: dict) -> ml_collections.ConfigDict:
             if key in node and isinstance(node[key], ml_collections.ConfigDict) and isinstance(value, dict):
                 merge(node[key], value)
             elif key in node and isinstance(node[key], tuple) and isinstance(value, list):
-                node[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+                node[key] = _tuples(value)
             else:
                 with node.unlocked():
                     node[key] = value
@@ -103,6 +103,11 @@ def config_from_dict(data: dict) -> ml_collections.ConfigDict:
     config = base_config()
     merge(config, data)
     return config
+
+
+def _tuples(value):
+    """JSON lists back to the (nested) tuples the config schema uses."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def make_manager(workdir, checkpoint_config) -> ocp.CheckpointManager:

@@ -1,0 +1,139 @@
+"""Checkpoints: round trip onto another mesh, damaged/partial steps, policies, params-only."""
+import logging
+import shutil
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from elmjax import checkpoint as ckpt
+from elmjax import train_step as ts
+from elmjax.model.transformer import build_model
+from elmjax.train_setup import build_setup, fresh_params
+from tests.train_micro_config import get_config
+
+
+def micro(**mesh):
+    config = get_config()
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1  # data takes the rest
+    config.mesh.update(mesh)
+    config.checkpoint.async_save = True
+    return config
+
+
+def data_iterator(skip: int = 0):
+    """A real grain DatasetIterator (the data item of a checkpoint)."""
+    iterator = iter(grain.MapDataset.range(1000).shuffle(seed=1).to_iter_dataset())
+    for _ in range(skip):
+        next(iterator)
+    return iterator
+
+
+def state_for(setup):
+    init = jax.jit(lambda p: ts.init_train_state(p, setup.optimizer), out_shardings=setup.state_shardings)
+    state = init(fresh_params(setup))
+    return {**state, "step": jnp.asarray(7, jnp.int32)}
+
+
+def save_steps(workdir, config, steps, state, iterator):
+    manager = ckpt.make_manager(workdir, config.checkpoint)
+    for step in steps:
+        ckpt.save(manager, step, state, iterator, config, force=True)
+    manager.wait_until_finished()
+    manager.close()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Steps 1 and 2 saved from an 8-way FSDP mesh, the iterator 5 elements in."""
+    workdir = tmp_path_factory.mktemp("run")
+    config = micro(data=1, fsdp=8)
+    setup = build_setup(config)
+    state = state_for(setup)
+    iterator = data_iterator(skip=5)
+    save_steps(workdir, config, [1, 2], state, iterator)
+    return workdir, config, jax.device_get(state), next(iterator)
+
+
+def copy_run(saved, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(saved[0], workdir)
+    return workdir
+
+
+def test_restore_onto_a_different_mesh_gives_identical_state_and_data_position(saved, tmp_path):
+    workdir = copy_run(saved, tmp_path)
+    setup = build_setup(micro(data=2, tensor=4))
+    iterator = data_iterator()
+    step, state, kind = ckpt.restore_train_state(workdir, setup.abstract_state, iterator)
+    assert (step, kind) == (2, "train")
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), saved[2])
+    embeddings = state["params"]["token_embeddings"]
+    assert embeddings.sharding == setup.param_shardings["token_embeddings"]
+    assert next(iterator) == saved[3]  # the element after the saved position
+
+
+def test_damaged_latest_step_is_skipped_with_a_warning(saved, tmp_path, caplog):
+    workdir = copy_run(saved, tmp_path)
+    for data_file in (workdir / "checkpoints" / "2" / "state").rglob("d/*"):
+        data_file.write_bytes(b"truncated")
+    setup = build_setup(micro())
+    with caplog.at_level(logging.WARNING, logger="elmjax.checkpoint"):
+        step, _, kind = ckpt.restore_train_state(workdir, setup.abstract_state, data_iterator())
+    assert (step, kind) == (1, "train")
+    assert "checkpoints/2 is unreadable" in caplog.text
+    assert ckpt.complete_steps(workdir) == [1]  # moved aside, so a new step 2 can be saved
+
+
+def test_unfinished_saves_are_not_complete_steps(saved, tmp_path):
+    workdir = copy_run(saved, tmp_path)
+    root = workdir / "checkpoints"
+    (root / "3.orbax-checkpoint-tmp-1234").mkdir()  # a save killed before its rename
+    shutil.copytree(root / "2", root / "4")
+    (root / "4" / "_CHECKPOINT_METADATA").unlink()  # finalisation never happened
+    assert ckpt.complete_steps(workdir) == [1, 2]
+    assert ckpt.latest_complete_step(workdir) == 2
+
+
+def test_max_to_keep_and_keep_every(tmp_path):
+    config = micro()
+    config.checkpoint.max_to_keep, config.checkpoint.keep_every = 2, 3
+    setup = build_setup(config)
+    save_steps(tmp_path, config, range(1, 8), state_for(setup), data_iterator())
+    assert ckpt.complete_steps(tmp_path) == [3, 6, 7]
+
+
+def test_restore_params_reads_parameters_and_config_and_load_model_rebuilds_it(saved):
+    workdir, config, state, _ = saved
+    restored_config, params = ckpt.restore_params(workdir)
+    assert restored_config.model.to_dict() == config.model.to_dict()
+    assert restored_config.mesh.rules == tuple(config.mesh.rules)
+    jax.tree.map(np.testing.assert_array_equal, params, state["params"])
+    _, model = ckpt.load_model(workdir / "checkpoints" / "1")
+    tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8)
+    reference = nnx.merge(nnx.split(build_model(config.model))[0], state["params"])
+    np.testing.assert_array_equal(model(tokens), reference(tokens))
+
+
+def test_params_only_checkpoint_starts_a_fresh_optimizer(tmp_path):
+    config = micro()
+    params = nnx.to_pure_dict(nnx.split(build_model(config.model, seed=3), nnx.Param)[1])
+    ckpt.save_params_checkpoint(tmp_path, config, params, step=0)
+    setup = build_setup(config)
+    step, restored, kind = ckpt.restore_train_state(tmp_path, setup.abstract_state, data_iterator())
+    assert (step, kind) == (0, "params")
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored["params"]), params)
+
+
+def test_missing_or_unusable_paths_fail_with_clear_messages(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="does not exist"):
+        ckpt.restore_params(tmp_path / "nowhere")
+    with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint"):
+        ckpt.restore_params(tmp_path)
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(ckpt.CheckpointError, match="not a directory"):
+        ckpt.prepare_workdir(a_file)
