@@ -145,3 +145,10 @@ def test_hf_files_load_in_mlx_lm_with_its_sentencepiece_detokenizer(tokenizer, t
         detokenizer.add_token(index)
     detokenizer.finalize()
     assert detokenizer.text == text
+
+
+def test_training_is_deterministic_so_every_host_trains_the_same_tokenizer():
+    from elmjax.data.tokenizer import train_sentencepiece
+
+    texts = [t for _, t in embedded_documents("kjv")[:200]]
+    assert train_sentencepiece(texts, 800) == train_sentencepiece(texts, 800)
