@@ -1,0 +1,135 @@
+"""`python -m elmjax.train` end to end (subprocesses, real data): exact resume after SIGKILL,
+SIGTERM saves and exits, metrics files, dry run, and clear workdir errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "tests/train_micro_config.py"
+
+
+def env(tmp_cache, devices: int = 1, **extra):
+    variables = dict(os.environ)
+    variables.update(
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        PYTHONPATH=str(ROOT),
+        ELMJAX_COMPILATION_CACHE=str(tmp_cache),
+        JAX_PLATFORMS="cpu",
+    )
+    variables.update(extra)
+    return variables
+
+
+def train_command(workdir, *overrides):
+    return [sys.executable, "-m", "elmjax.train", f"--config={CONFIG}", f"--workdir={workdir}", *overrides]
+
+
+def run(command, environment, timeout=300):
+    return subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout)
+
+
+def metrics_by_step(workdir) -> dict:
+    """The last record logged for each step (a resumed run re-logs the steps after its
+    checkpoint)."""
+    records = {}
+    for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            records[record["step"]] = record
+    return records
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("xla_cache")
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, cache):
+    """8 steps in one go (checkpoint every 4)."""
+    workdir = tmp_path_factory.mktemp("straight")
+    result = run(train_command(workdir), env(cache))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, result
+
+
+def test_sigkill_after_checkpoint_then_rerun_resumes_bitwise(straight_run, tmp_path, cache):
+    workdir = tmp_path / "killed"
+    killed = run(train_command(workdir), env(cache, ELMJAX_TEST_SIGKILL_AFTER_CHECKPOINT="4"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert max(metrics_by_step(workdir)) == 5  # died after step 5, checkpoint 4 on disk
+    resumed = run(train_command(workdir), env(cache))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {workdir}/checkpoints/4 (step 4)" in resumed.stdout
+    straight, after = metrics_by_step(straight_run[0]), metrics_by_step(workdir)
+    assert sorted(after) == list(range(1, 9))
+    for step in range(5, 9):
+        assert after[step]["loss"] == straight[step]["loss"], step  # bitwise: same float32
+        assert after[step]["grad_norm"] == straight[step]["grad_norm"], step
+        assert after[step]["batch_crc32"] == straight[step]["batch_crc32"], step  # same data
+
+
+def test_metrics_jsonl_tensorboard_and_console(straight_run):
+    workdir, result = straight_run
+    records = metrics_by_step(workdir)
+    assert sorted(records) == list(range(1, 9))
+    for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "step_time"):
+        assert isinstance(records[8][key], float), key
+    assert records[8]["loss"] < records[1]["loss"]
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == 8
+    assert "step 8/8 | loss" in result.stdout
+    assert "measured float32" in result.stdout  # the CPU peak behind MFU, reported once
+
+
+def test_rerunning_a_finished_run_trains_nothing_more(straight_run, cache):
+    workdir, _ = straight_run
+    again = run(train_command(workdir), env(cache))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout and "step 9" not in again.stdout
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, cache):
+    workdir = tmp_path / "preempted"
+    process = subprocess.Popen(
+        train_command(workdir, "--config.train.steps=100000", "--config.checkpoint.every_steps=100000"),
+        cwd=ROOT, env=env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "received SIGTERM" in stdout
+    from elmjax.checkpoint import latest_complete_step
+
+    assert latest_complete_step(workdir) == max(metrics_by_step(workdir))
+
+
+def test_unusable_workdir_fails_with_a_clear_message(tmp_path, cache):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    result = run(train_command(not_a_dir), env(cache))
+    assert result.returncode == 2
+    assert f"workdir {not_a_dir} exists but is not a directory" in result.stderr
+
+
+def test_dry_run_reports_params_memory_and_compile_time_on_an_fsdp_mesh(tmp_path, cache):
+    result = run(
+        [sys.executable, "-m", "elmjax.train", f"--config={CONFIG}", "--dry_run",
+         "--config.mesh.data=1", "--config.mesh.fsdp=8"],
+        env(cache, devices=8),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "parameters: 108,928" in result.stdout
+    assert "per-device memory (XLA estimate)" in result.stdout
+    assert "compile time" in result.stdout
+    assert "'fsdp': 8" in result.stdout
