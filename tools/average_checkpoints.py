@@ -26,7 +26,7 @@ def main(argv=None) -> int:
 
     try:
         steps = average_checkpoints(args.workdir, args.out, last=args.last, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as error:
+    except (ValueError, OSError, CheckpointError) as error:
         print(f"averaging failed: {error}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: mean of steps {steps}")

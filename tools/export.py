@@ -43,7 +43,7 @@ def main(argv=None) -> int:
             quantize=args.quantize, group_size=args.group_size, overwrite=args.overwrite,
             max_shard_bytes=int(args.max_shard_gb * 1024**3),
         )
-    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as error:
+    except (ValueError, OSError, CheckpointError) as error:
         print(f"export failed: {error}", file=sys.stderr)
         return 2
     print(f"wrote {args.out} ({', '.join(files)}) in {time.perf_counter() - start:.1f} s")

@@ -27,7 +27,7 @@ def main(argv=None) -> int:
 
     try:
         config = import_hf_dir(args.hf, args.out, overwrite=args.overwrite)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, CheckpointError) as error:
+    except (ValueError, KeyError, OSError, CheckpointError) as error:
         print(f"import failed: {error}", file=sys.stderr)
         return 2
     model = config.model

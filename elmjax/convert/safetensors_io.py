@@ -60,7 +60,10 @@ class TensorSource:
 def source_from_array(name: str, array, dtype=None) -> TensorSource:
     """A `TensorSource` that casts `array` (any array-like, e.g. a transposed view) on demand."""
     dtype = np.dtype(dtype if dtype is not None else array.dtype)
-    return TensorSource(name, tuple(int(d) for d in array.shape), dtype, lambda: np.asarray(array).astype(dtype, order="C"))
+    # No copy when the array already has the dtype and C layout; transposed views get one.
+    return TensorSource(
+        name, tuple(int(d) for d in array.shape), dtype, lambda: np.ascontiguousarray(np.asarray(array), dtype=dtype)
+    )
 
 
 def write_safetensors(path: str | os.PathLike, sources: Sequence[TensorSource], metadata: dict | None = None) -> None:
