@@ -111,3 +111,46 @@ def test_unknown_impl_names_the_allowed_ones():
     q, k, v = small_qkv()
     with pytest.raises(ValueError, match="allowed: auto, xla, pallas, cudnn"):
         dot_product_attention(q, k, v, impl="flash")
+
+
+def test_pallas_under_sharding_rules_runs_per_shard():
+    """With a mesh (data 4 x tensor 2 of the 8 host devices) the kernel runs inside a
+    shard_map over batch and heads, and the result still equals the reference."""
+    from elmjax.config import base_config
+    from elmjax.model.positions import alibi_slopes
+    from elmjax.sharding import make_mesh, use_rules
+
+    mesh_config = base_config().mesh
+    mesh_config.tensor = 2
+    mesh, rules = make_mesh(mesh_config), mesh_config.rules
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.normal(size=(4, 24, 8, 16)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(4, 24, 2, 16)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(4, 24, 2, 16)), jnp.float32)
+    segment_ids = jnp.asarray(np.repeat([[1] * 9 + [2] * 15], 4, axis=0), jnp.int32)
+    slopes = alibi_slopes(8)
+
+    def sharded(q, k, v, segment_ids):
+        with use_rules(mesh, rules):
+            return dot_product_attention(
+                q, k, v, impl="pallas", segment_ids=segment_ids, alibi_slopes=slopes
+            )
+
+    jaxpr = jax.make_jaxpr(sharded)(q, k, v, segment_ids)
+    assert "shard_map" in {eqn.primitive.name for eqn in jaxpr.eqns}
+    got = jax.jit(sharded)(q, k, v, segment_ids)
+    want = attention(q, k, v, segment_ids=segment_ids, alibi_slopes=slopes)
+    np.testing.assert_allclose(got, want, atol=5e-5, rtol=5e-5)
+
+
+def test_pallas_refuses_rules_that_split_the_sequence():
+    from elmjax.config import base_config
+    from elmjax.sharding import make_mesh, use_rules
+
+    mesh_config = base_config().mesh
+    split_seq = {"batch": None, "seq": "data"}  # all 8 devices on the data axis
+    rules = tuple((name, split_seq.get(name, axes)) for name, axes in mesh_config.rules)
+    q, k, v = (x[:, :16] for x in small_qkv())
+    with use_rules(make_mesh(mesh_config), rules):
+        with pytest.raises(ValueError, match="needs whole sequences per device"):
+            dot_product_attention(q, k, v, impl="pallas")

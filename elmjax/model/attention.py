@@ -42,11 +42,23 @@ def dot_product_attention(
             alibi_slopes=alibi_slopes, scale=scale,
         )
     if impl == "pallas":
+        from elmjax import sharding
         from elmjax.kernels.flash_attention import flash_attention
+        from elmjax.kernels.flash_sharded import shard_mapped_attention
 
-        return flash_attention(
-            query, key, value, segment_ids=segment_ids, causal=causal,
-            alibi_slopes=alibi_slopes, scale=scale,
+        def attend(q, k, v, seg, slopes):
+            return flash_attention(
+                q, k, v, segment_ids=seg, causal=causal, alibi_slopes=slopes, scale=scale
+            )
+
+        # Under sharding rules (the train step) the kernel runs per shard: XLA cannot
+        # partition a Pallas call. `_active` is sharding.py's (mesh, rules) of `use_rules`.
+        active = getattr(sharding._active, "value", None)
+        if active is None:
+            return attend(query, key, value, segment_ids, alibi_slopes)
+        mesh, rules = active
+        return shard_mapped_attention(
+            attend, mesh, rules, query, key, value, segment_ids, alibi_slopes
         )
     if impl == "cudnn":
         problems = []
