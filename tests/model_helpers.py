@@ -49,3 +49,30 @@ def mlx_logits(twin, tokens) -> np.ndarray:
 def small_model(variant="270m", seed=0, **overrides):
     config = scaled_variant_config(variant, **overrides)
     return config, build_model(config.model, seed=seed)
+
+
+def forward(model, tokens, segment_ids=None, positions=None) -> np.ndarray:
+    """Jitted float32 logits (an eager call would compile every op separately)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if segment_ids is None:
+        segment_ids = jnp.ones_like(tokens)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    return np.asarray(
+        _jitted_forward(model, tokens, jnp.asarray(segment_ids, jnp.int32), jnp.asarray(positions, jnp.int32))
+    )
+
+
+def _call(model, tokens, segment_ids, positions):
+    return model(tokens, segment_ids=segment_ids, positions=positions)
+
+
+try:
+    from flax import nnx as _nnx
+
+    _jitted_forward = _nnx.jit(_call)
+except ImportError:  # pragma: no cover
+    _jitted_forward = _call

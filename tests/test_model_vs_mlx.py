@@ -1,12 +1,15 @@
-"""elmjax's OpenELM equals mlx-lm's `openelm` model (an implementation no one here wrote)."""
-import jax.numpy as jnp
+"""elmjax's OpenELM equals mlx-lm's `openelm` model (an implementation no one here wrote).
+
+Every batch here is [2, 30], so each variant compiles its forward once.
+"""
 import numpy as np
 import pytest
 
 from elmjax.scaling import schedule_from_config
-from model_helpers import VARIANTS, mlx_logits, mlx_twin, small_model
+from model_helpers import VARIANTS, forward, mlx_logits, mlx_twin, small_model
 
 TOLERANCE = 1e-4  # float32, absolute, on logits of magnitude ~1-5
+SEQ = 30
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -26,21 +29,20 @@ def test_scaled_variant_keeps_the_variant_head_schedule(twins):
 
 def test_logits_equal_mlx_lm(twins):
     _, _, model, twin = twins
-    tokens = np.random.default_rng(0).integers(0, 512, size=(2, 23))
-    ours = np.asarray(model(jnp.asarray(tokens)))
-    np.testing.assert_allclose(ours, mlx_logits(twin, tokens), atol=TOLERANCE, rtol=0)
+    tokens = np.random.default_rng(0).integers(0, 512, size=(2, SEQ))
+    np.testing.assert_allclose(forward(model, tokens), mlx_logits(twin, tokens), atol=TOLERANCE, rtol=0)
 
 
 def test_padded_batch_logits_equal_mlx_lm_on_unpadded_rows(twins):
     _, _, model, twin = twins
     rng = np.random.default_rng(1)
-    lengths = [19, 11]
-    tokens = np.zeros((2, 19), np.int32)
-    segment_ids = np.zeros((2, 19), np.int32)
+    lengths = [SEQ, 11]
+    tokens = np.zeros((2, SEQ), np.int32)
+    segment_ids = np.zeros((2, SEQ), np.int32)
     for row, length in enumerate(lengths):
         tokens[row, :length] = rng.integers(0, 512, size=length)
         segment_ids[row, :length] = 1  # 0 marks right padding
-    ours = np.asarray(model(jnp.asarray(tokens), segment_ids=jnp.asarray(segment_ids)))
+    ours = forward(model, tokens, segment_ids)
     for row, length in enumerate(lengths):
         expected = mlx_logits(twin, tokens[row : row + 1, :length])[0]
         np.testing.assert_allclose(ours[row, :length], expected, atol=TOLERANCE, rtol=0)
@@ -49,16 +51,21 @@ def test_padded_batch_logits_equal_mlx_lm_on_unpadded_rows(twins):
 def test_packed_row_logits_equal_mlx_lm_on_each_document(twins):
     _, _, model, twin = twins
     rng = np.random.default_rng(2)
-    documents = [rng.integers(0, 512, size=n) for n in (9, 14, 4)]
-    tokens = np.concatenate(documents + [np.zeros(3, np.int64)])[None]  # 3 padding tokens
-    segment_ids = np.concatenate([np.full(len(d), i + 1) for i, d in enumerate(documents)] + [np.zeros(3)])[None]
-    positions = np.concatenate([np.arange(len(d)) for d in documents] + [np.zeros(3)])[None]
-    ours = np.asarray(
-        model(jnp.asarray(tokens), segment_ids=jnp.asarray(segment_ids, jnp.int32),
-              positions=jnp.asarray(positions, jnp.int32))
-    )[0]
-    start = 0
-    for document in documents:
+    rows = [[9, 14, 4], [5, 25]]  # document lengths; row 0 ends in 3 padding tokens
+    tokens = np.zeros((2, SEQ), np.int32)
+    segment_ids = np.zeros((2, SEQ), np.int32)
+    positions = np.zeros((2, SEQ), np.int32)
+    documents = []
+    for row, lengths in enumerate(rows):
+        start = 0
+        for index, length in enumerate(lengths):
+            document = rng.integers(0, 512, size=length)
+            tokens[row, start : start + length] = document
+            segment_ids[row, start : start + length] = index + 1
+            positions[row, start : start + length] = np.arange(length)
+            documents.append((row, start, document))
+            start += length
+    ours = forward(model, tokens, segment_ids, positions)
+    for row, start, document in documents:
         expected = mlx_logits(twin, document[None])[0]
-        np.testing.assert_allclose(ours[start : start + len(document)], expected, atol=TOLERANCE, rtol=0)
-        start += len(document)
+        np.testing.assert_allclose(ours[row, start : start + len(document)], expected, atol=TOLERANCE, rtol=0)

@@ -75,13 +75,15 @@ class Transformer(nnx.Module):
         )
         self.layers = nnx.List([Block(cfg, spec, init=init) for spec in self.schedule])
         self.norm = make_norm(cfg.norm_type, cfg.model_dim, cfg.norm_eps, cfg.use_bias, param_dtype)
-        self.lm_head = None
-        if not cfg.tie_embeddings:
-            self.lm_head = Linear(
+        self.lm_head = (  # untied output projection [model_dim, vocab]; None when tied
+            None
+            if cfg.tie_embeddings
+            else Linear(
                 cfg.model_dim, cfg.vocab_size, init=init.linear(cfg.model_dim),
                 logical_axes=("embed", "vocab"), use_bias=False, compute_dtype=self.compute_dtype,
                 param_dtype=param_dtype,
             )
+        )
 
     def embed(self, tokens):
         """tokens [batch, seq] int -> [batch, seq, model_dim] in the compute dtype."""
