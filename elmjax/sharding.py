@@ -75,17 +75,23 @@ def resolve_mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
     free = [name for name, size in sizes.items() if size == -1]
     if free:
         if num_devices % fixed:
-            raise ValueError(
-                f"config.mesh: the fixed axis sizes {sizes} multiply to {fixed}, which does not "
+            raise _mesh_error(
+                f"the fixed axis sizes {sizes} multiply to {fixed}, which does not "
                 f"divide the {num_devices} devices; change mesh.data/fsdp/tensor/expert"
             )
         sizes[free[0]] = num_devices // fixed
     elif fixed != num_devices:
-        raise ValueError(
-            f"config.mesh: axis sizes {sizes} multiply to {fixed} but there are {num_devices} "
+        raise _mesh_error(
+            f"axis sizes {sizes} multiply to {fixed} but there are {num_devices} "
             "devices; make mesh.data/fsdp/tensor/expert multiply to the device count, or set one to -1"
         )
     return sizes
+
+
+def _mesh_error(message: str) -> ValueError:
+    from elmjax.config import ConfigError  # local: config imports nothing from here
+
+    return ConfigError("mesh", message)
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:

@@ -136,6 +136,8 @@ def train(config, workdir, log=print) -> dict:
     peak, peak_source = mt.device_peak_flops()
     if peak:
         log(f"peak {peak / 1e9:,.1f} GFLOP/s per device ({peak_source}); {flops_per_token / 1e6:.1f} MFLOPs/token")
+    # A CPU peak is measured for the whole host (its devices share the cores).
+    peak_units = jax.process_count() if jax.devices()[0].platform == "cpu" else jax.device_count()
     stop = _StopRequest()
     tokens_per_step = config.train.batch_size * config.train.seq_len
     seen_nonfinite, last = int(jax.device_get(state["nonfinite_steps"])), {}
@@ -153,7 +155,7 @@ def train(config, workdir, log=print) -> dict:
             last = {
                 "loss": metrics["loss"], "ce_loss": metrics["ce_loss"], "z_loss": metrics["z_loss"],
                 "lr": metrics["lr"], "grad_norm": metrics["grad_norm"], "tokens_per_sec": tokens_per_sec,
-                "mfu": mt.mfu(tokens_per_sec, flops_per_token, peak, jax.device_count()),
+                "mfu": mt.mfu(tokens_per_sec, flops_per_token, peak, peak_units),
                 "step_time": elapsed / interval_steps, "nonfinite_steps": nonfinite,
                 "batch_crc32": zlib.crc32(local["inputs"].tobytes()),
             }
@@ -223,7 +225,11 @@ def main(argv) -> None:
     if FLAGS.dry_run:
         from elmjax.train_setup import dry_run
 
-        dry_run(config)
+        try:
+            dry_run(config)
+        except ConfigError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
         return
     workdir = Path(FLAGS.workdir) if FLAGS.workdir else _default_workdir(config)
     if not FLAGS.workdir:
@@ -232,7 +238,7 @@ def main(argv) -> None:
 
     try:
         train(config, workdir)
-    except CheckpointError as error:
+    except (CheckpointError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

@@ -20,7 +20,6 @@ def get_config():
     config.optim.warmup_steps = 2
     config.checkpoint.every_steps = 4
     config.eval.every_steps = 0
-    config.mesh.data = 1
     return config
 
 

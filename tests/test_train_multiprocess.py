@@ -1,0 +1,42 @@
+"""Training across two JAX processes (jax.distributed on CPU with gloo collectives)."""
+import json
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from elmjax import checkpoint as ckpt
+from tests.test_train_resume import CONFIG, ROOT, env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_train_checkpoint_and_share_one_model(tmp_path):
+    workdir = tmp_path / "run"
+    port = free_port()
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "elmjax.train", f"--config={CONFIG}", f"--workdir={workdir}",
+             f"--coordinator=localhost:{port}", "--num_processes=2", f"--process_id={index}"],
+            cwd=ROOT, env=env(tmp_path / "cache", devices=2), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        )
+        for index in range(2)
+    ]
+    outputs = [process.communicate(timeout=400) for process in processes]
+    for process, (stdout, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr[-3000:]
+    assert "'data': 4" in outputs[0][0]  # one mesh over both processes' 2 devices each
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    data_files = sorted(p.name for p in (workdir / "checkpoints" / "8" / "data").glob("*.json"))
+    assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
+    config, params = ckpt.restore_params(workdir)
+    assert config.train.steps == 8 and params["token_embeddings"].shape == (512, 64)
