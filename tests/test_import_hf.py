@@ -159,3 +159,10 @@ def test_exported_config_json_of_the_270m_model_matches_apples_lists():
     exported = hf_config(model, schedule_from_config(model))
     for key, value in OPENELM_270M_CONFIG.items():
         assert exported[key] == value, key
+
+
+def test_a_quantized_mlx_directory_is_refused(tiny, tmp_path):
+    config, params = tiny
+    export_params(tmp_path / "q4", config.model, params, target="mlx", quantize=4, group_size=32)
+    with pytest.raises(HFConfigError, match="holds mlx-lm quantized weights"):
+        load_hf_dir(tmp_path / "q4")

@@ -120,7 +120,8 @@ def params_from_flat(model_config, flat: dict[str, np.ndarray]) -> nnx.State:
         value = flat[name]
         if tuple(value.shape) != tuple(variable.shape):
             raise ValueError(f"weight {name} has shape {tuple(value.shape)}; config.json implies {tuple(variable.shape)}")
-        leaves.append((path, variable.replace(value=np.asarray(value, dtype=variable.dtype))))
+        # A copy: `value` may be a read-only memory map of the safetensors file.
+        leaves.append((path, variable.replace(value=np.array(value, dtype=variable.dtype))))
         unused.discard(name)
     if unused:
         raise ValueError(f"weights not used by the model: {sorted(unused)[:5]}")
@@ -130,10 +131,13 @@ def params_from_flat(model_config, flat: dict[str, np.ndarray]) -> nnx.State:
 def load_hf_dir(hf_dir: str | os.PathLike):
     """(config, params) from an HF-format OpenELM directory; params as float32 `nnx.State`."""
     hf_cfg = read_hf_config(hf_dir)
+    if "quantization" in hf_cfg:
+        raise HFConfigError(
+            f"{hf_dir} holds mlx-lm quantized weights; import needs unquantized weights (an --to torch "
+            "export or Apple's release)"
+        )
     config = config_from_hf(hf_cfg)
     tensors = read_model_dir(hf_dir)
-    if "quantization" in hf_cfg:
-        raise HFConfigError(f"{hf_dir} holds mlx-lm quantized weights; import needs unquantized weights")
     num_layers = config.model.num_layers
     expected = 2 + 8 * num_layers  # embedding, final norm, 8 tensors per block
     if len(tensors) != expected:
