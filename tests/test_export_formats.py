@@ -193,3 +193,12 @@ def test_export_above_the_shard_threshold_writes_an_index(tiny, tmp_path):
     with torch.no_grad():
         np.testing.assert_allclose(model(torch.from_numpy(tokens).long()).numpy(), logits, atol=1e-4, rtol=0)
     np.testing.assert_allclose(mlx_logits(tmp_path / "sharded", tokens), logits, atol=1e-4, rtol=0)
+
+
+def test_a_non_openelm_architecture_is_refused_before_writing(tiny, tmp_path):
+    model_config, params, _, _ = tiny
+    btlm_like = model_config.copy_and_resolve_references()
+    btlm_like.position_encoding = "alibi"
+    with pytest.raises(ValueError, match="`model.position_encoding` is 'alibi'; the OpenELM"):
+        export_params(tmp_path / "out", btlm_like, params, target="torch")
+    assert not (tmp_path / "out").exists()

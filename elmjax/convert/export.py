@@ -38,6 +38,31 @@ def check_export_args(target: str, dtype: str, quantize: int | None, group_size:
         mlx.check_quantization(quantize, group_size)
 
 
+# config.model fields the OpenELM layout (and mlx-lm's openelm model) can express, with the
+# only value each may take; other architectures (OLMoE, BTLM) have no OpenELM export.
+_OPENELM_FIXED_FIELDS = {
+    "norm_type": "rms_norm",
+    "qk_norm": "per_head",
+    "position_encoding": "rope",
+    "ffn_type": "swiglu",
+    "use_bias": False,
+    "tie_embeddings": True,
+    "embedding_scale": 1.0,
+    "logit_scale": 1.0,
+    "attention_scale": None,
+}
+
+
+def check_openelm_architecture(model_config) -> None:
+    """Raises ValueError naming the first `config.model` field the OpenELM layout cannot hold."""
+    for field, required in _OPENELM_FIXED_FIELDS.items():
+        if model_config[field] != required:
+            raise ValueError(
+                f"config field `model.{field}` is {model_config[field]!r}; the OpenELM Hugging Face / "
+                f"mlx-lm layout needs {required!r}, so this model cannot be exported"
+            )
+
+
 def real_vocab_rows(model_vocab: int, tokenizer_vocab: int | None) -> int:
     """Rows of the embedding to export: the tokenizer's vocabulary when the model's is padded."""
     if tokenizer_vocab is None:
@@ -71,8 +96,7 @@ def export_params(
     """
     check_export_args(target, dtype, quantize, group_size)
     check_output_dir(out, overwrite)
-    if not model_config.tie_embeddings:
-        raise ValueError("the OpenELM layout has tied embeddings; this model has a separate lm_head")
+    check_openelm_architecture(model_config)
     schedule = schedule_from_config(model_config)
     vocab_rows = real_vocab_rows(model_config.vocab_size, tokenizer.vocab_size if tokenizer else None)
     tensors = hf.to_hf_state_dict(params, model_config.num_layers, vocab_rows=vocab_rows)
