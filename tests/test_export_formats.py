@@ -177,6 +177,19 @@ def test_half_precision_export_stores_rounded_weights(tiny, tmp_path, dtype, tor
     assert json.loads((tmp_path / dtype / "config.json").read_text())["torch_dtype"] == dtype
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_torch_openelm_runs_a_half_precision_export(tiny, tmp_path, dtype):
+    """Logits in the stored dtype stay within a few percent of the float32 model's."""
+    model_config, params, tokens, logits = tiny
+    export_params(tmp_path / dtype, model_config, params, target="torch", dtype=dtype)
+    model = OpenELMForCausalLM.from_pretrained(tmp_path / dtype)
+    assert model.transformer.token_embeddings.weight.dtype == getattr(torch, dtype)
+    with torch.no_grad():
+        half = model(torch.from_numpy(tokens).long()).numpy()
+    assert half.dtype == np.float32
+    assert np.sqrt(np.mean((half - logits) ** 2)) / np.std(logits) < 0.05
+
+
 def test_export_above_the_shard_threshold_writes_an_index(tiny, tmp_path):
     model_config, params, tokens, logits = tiny
     files = export_params(tmp_path / "sharded", model_config, params, target="torch", max_shard_bytes=100_000)
