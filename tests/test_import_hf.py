@@ -72,7 +72,9 @@ def test_a_non_openelm_config_is_refused():
 
 def test_elmjax_to_hf_to_elmjax_is_bit_exact_in_float32(tiny, tmp_path):
     config, params = tiny
-    export_params(tmp_path / "hf", config.model, params, target="torch")
+    # Sharded (many small files + index), so import's index reading is covered too.
+    export_params(tmp_path / "hf", config.model, params, target="torch", max_shard_bytes=50_000)
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
     imported_config, imported = load_hf_dir(tmp_path / "hf")
     original = dict(nnx.to_flat_state(params))
     restored = dict(nnx.to_flat_state(imported))
