@@ -180,3 +180,22 @@ def test_a_failure_while_writing_leaves_nothing_behind(tmp_path):
     with pytest.raises(OutputExistsError):
         with atomic_output_dir(tmp_path):
             pass
+
+
+def test_fine_tuning_starts_from_an_imported_export(trained, tmp_path):
+    """elmjax -> HF -> tools/import_hf.py -> one training step from those parameters."""
+    from elmjax.checkpoint import complete_steps
+    from elmjax.train import train
+    from tools import import_hf as import_tool
+
+    workdir = trained[0]
+    export_checkpoint(workdir, tmp_path / "hf", target="torch")
+    assert import_tool.main(["--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "finetune")]) == 0
+    config, _ = restore_params(tmp_path / "finetune")  # derived from config.json
+    config.train.steps, config.train.batch_size, config.train.seq_len = 1, 8, 32
+    config.optim.warmup_steps, config.eval.every_steps, config.train.sample_at_end = 1, 0, False
+    config.checkpoint.async_save = False
+    lines = []
+    metrics = train(config, tmp_path / "finetune", log=lines.append)
+    assert any("starting from the parameters of" in line and "fresh optimizer" in line for line in lines), lines
+    assert np.isfinite(metrics["loss"]) and complete_steps(tmp_path / "finetune") == [0, 1]
