@@ -14,7 +14,7 @@ import dataclasses
 import json
 import os
 import struct
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -188,7 +188,3 @@ def read_model_dir(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
         tensors.update(read_safetensors(path))
     return tensors
 
-
-def iter_sources(arrays: Iterable[tuple[str, np.ndarray]], dtype=None) -> list[TensorSource]:
-    """`TensorSource`s for (name, array) pairs, cast to `dtype` when given."""
-    return [source_from_array(name, array, dtype) for name, array in arrays]
