@@ -61,7 +61,7 @@ def materialize(abstract_module: nnx.Module, seed: int, param_sharding=None) -> 
         shape, dtype = variable.shape, np.dtype(variable.dtype)
         value = host_value(name, shape, dtype, metadata["init"], seed)
         if param_sharding is None:
-            variable.set_value(jnp.asarray(value))
+            variable.set_value(jax.device_put(value))
         else:
             sharding = param_sharding(metadata["out_sharding"])
             variable.set_value(jax.make_array_from_callback(shape, sharding, lambda index, v=value: v[index]))
