@@ -161,3 +161,30 @@ def test_alibi_model_cached_decoding_equals_full_recompute():
     prompts = PROMPTS[:2]
     expected = [greedy_by_full_recompute(model, p, 4) for p in prompts]
     assert gen.generate(model, prompts, max_new_tokens=4) == expected
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model, tmp_path_factory):
+    from elmjax.checkpoint import save_params_checkpoint
+
+    workdir = tmp_path_factory.mktemp("tiny_generate")
+    save_params_checkpoint(workdir, validate(get_config()), nnx.state(model, nnx.Param))
+    return workdir
+
+
+def test_cli_prints_each_prompt_with_its_greedy_continuation(checkpoint, model, capsys):
+    from elmjax.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(validate(get_config()))
+    code = gen.main(["--checkpoint", str(checkpoint), "--prompt", "And God said", "--prompt", "To be",
+                     "--max_new_tokens", str(NEW_TOKENS)])
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    expected = [p + gen.sample_text(model, tokenizer, p, NEW_TOKENS) for p in ("And God said", "To be")]
+    assert "\n".join(lines) == "\n".join(expected)
+
+
+def test_cli_refuses_a_prompt_longer_than_the_context(checkpoint, capsys):
+    code = gen.main(["--checkpoint", str(checkpoint), "--prompt", "word " * 400, "--max_new_tokens", "4"])
+    assert code == 2
+    assert "the model's context of 256 tokens" in capsys.readouterr().err
