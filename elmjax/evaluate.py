@@ -148,22 +148,33 @@ class ElmjaxLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy (or sampled, if the task asks) continuations cut at the task's stop strings."""
-        outputs = []
-        for context, kwargs in (req.args for req in requests):
+        """Greedy (or sampled, if the task asks) continuations cut at the task's stop strings.
+
+        Requests with the same generation settings are decoded together in batches.
+        """
+        groups: dict = {}
+        for index, (context, kwargs) in enumerate(req.args for req in requests):
             kwargs = dict(kwargs)
             until = kwargs.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.pop("max_gen_toks", self._max_gen_toks))
-            temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
-            prompt = self.tok_encode(context)[-(self._max_length - max_new) :]
-            new = gen.generate(self.model, [prompt], max_new_tokens=max_new, temperature=temperature,
-                               eos_id=self.tokenizer.eos_id, max_seq_len=self._max_length,
-                               pad_id=self.tokenizer.pad_id)[0]
-            text = self.tokenizer.decode(new)
-            for stop in until:
-                text = text.split(stop)[0]
-            outputs.append(text)
+            until = (until,) if isinstance(until, str) else tuple(until)
+            max_new = min(int(kwargs.pop("max_gen_toks", self._max_gen_toks)), self._max_length - 1)
+            sample = kwargs.pop("do_sample", False)
+            temperature = float(kwargs.pop("temperature", 0.0)) if sample else 0.0
+            groups.setdefault((until, max_new, temperature), []).append((index, context))
+        outputs: list = [None] * len(requests)
+        for (until, max_new, temperature), items in groups.items():
+            items.sort(key=lambda item: -len(item[1]))
+            for start in range(0, len(items), self._batch_size):
+                chunk = items[start : start + self._batch_size]
+                prompts = [self.tok_encode(context)[-(self._max_length - max_new) :] for _, context in chunk]
+                new = gen.generate(self.model, prompts, max_new_tokens=max_new, temperature=temperature,
+                                   eos_id=self.tokenizer.eos_id, max_seq_len=self._max_length,
+                                   pad_id=self.tokenizer.pad_id)
+                for (index, _), ids in zip(chunk, new):
+                    text = self.tokenizer.decode(ids)
+                    for stop in until:
+                        text = text.split(stop)[0]
+                    outputs[index] = text
         return outputs
 
 

@@ -98,7 +98,8 @@ def hellaswag_docs(dataset):
             "gold": int(doc["label"]),
         }
 
-    return dataset.map(one)
+    # In memory: a cache file would be written next to the data, inside site-packages.
+    return dataset.map(one, keep_in_memory=True, load_from_cache_file=False)
 
 
 # WinoGrande: the "partial evaluation" of lm-eval's stock task. Each choice fills the blank
