@@ -164,10 +164,18 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0, t
 def generate_text(model, tokenizer, prompts, *, max_new_tokens: int, max_seq_len=None,
                   **sampling) -> list[str]:
     """Decoded continuations of text `prompts` (each encoded with BOS first)."""
-    encoded = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
-    new = generate(model, encoded, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
-                   max_seq_len=max_seq_len, pad_id=tokenizer.pad_id, **sampling)
-    return [tokenizer.decode(ids) for ids in new]
+    encoded = [tokenizer.encode(p) for p in prompts]
+    new = generate(model, [[tokenizer.bos_id] + ids for ids in encoded], max_new_tokens=max_new_tokens,
+                   eos_id=tokenizer.eos_id, max_seq_len=max_seq_len, pad_id=tokenizer.pad_id, **sampling)
+    return [continuation_text(tokenizer, prompt, ids) for prompt, ids in zip(encoded, new)]
+
+
+def continuation_text(tokenizer, prompt_ids, new_ids) -> str:
+    """The text `new_ids` add after `prompt_ids`. Decoding the new ids alone would drop a
+    leading space (SentencePiece strips the first piece's "▁"), so decode both and cut."""
+    prompt_text = tokenizer.decode(prompt_ids)
+    whole = tokenizer.decode(list(prompt_ids) + list(new_ids))
+    return whole[len(prompt_text):] if whole.startswith(prompt_text) else tokenizer.decode(new_ids)
 
 
 def sample_text(model, tokenizer, prompt: str = "The", max_new_tokens: int = 32, *,

@@ -110,10 +110,13 @@ def test_rolling_loglikelihood_of_a_short_text_equals_its_loglikelihood_after_bo
 
 
 def test_generate_until_cuts_at_the_stop_string(elmjax_lm):
-    from elmjax.generate import generate_text
+    from elmjax.generate import generate
 
     context = "And the earth was"
-    free = generate_text(elmjax_lm.model, elmjax_lm.tokenizer, [context], max_new_tokens=12)[0]
+    tokenizer = elmjax_lm.tokenizer
+    new = generate(elmjax_lm.model, [elmjax_lm.tok_encode(context)], max_new_tokens=12,
+                   eos_id=tokenizer.eos_id)[0]
+    free = tokenizer.decode(new)  # lm-eval decodes the new tokens alone, as its HF model does
     stop = free[len(free) // 2 : len(free) // 2 + 2]
     (cut,) = elmjax_lm.generate_until(
         [Instance("generate_until", doc={}, arguments=(context, {"until": [stop], "max_gen_toks": 12}), idx=0)]

@@ -188,3 +188,12 @@ def test_cli_refuses_a_prompt_longer_than_the_context(checkpoint, capsys):
     code = gen.main(["--checkpoint", str(checkpoint), "--prompt", "word " * 400, "--max_new_tokens", "4"])
     assert code == 2
     assert "the model's context of 256 tokens" in capsys.readouterr().err
+
+
+def test_continuation_text_keeps_the_space_before_the_first_new_word():
+    from elmjax.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(validate(get_config()))
+    prompt, new = tokenizer.encode("In the"), tokenizer.encode("In the beginning")[len(tokenizer.encode("In the")):]
+    assert tokenizer.decode(new) == "beginning"  # why continuation_text exists
+    assert gen.continuation_text(tokenizer, prompt, new) == " beginning"
