@@ -11,26 +11,7 @@ import json
 import os
 
 import numpy as np
-
-
-def _flatten(tree: dict, prefix=()) -> dict[tuple, np.ndarray]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, prefix + (key,)))
-        else:
-            flat[prefix + (key,)] = value
-    return flat
-
-
-def _unflatten(flat: dict[tuple, np.ndarray]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
+from flax import traverse_util
 
 
 def select_steps(steps: list[int], last: int, workdir) -> list[int]:
@@ -60,7 +41,7 @@ def average_params(workdir, steps: list[int]):
         if model_section is not None and section != model_section:
             raise ValueError(f"step {step} has a different model config from step {steps[0]}; cannot average them")
         model_section, config = section, step_config
-        flat = _flatten(params)
+        flat = traverse_util.flatten_dict(params)
         if total and set(flat) != set(total):
             raise ValueError(f"step {step} has different parameters from step {steps[0]}")
         for path, value in flat.items():
@@ -72,7 +53,7 @@ def average_params(workdir, steps: list[int]):
                 dtypes[path] = value.dtype
         del params, flat
     mean = {path: (value / len(steps)).astype(dtypes[path]) for path, value in total.items()}
-    return config, _unflatten(mean)
+    return config, traverse_util.unflatten_dict(mean)
 
 
 def average_checkpoints(workdir, out, *, last: int = 5, overwrite: bool = False) -> list[int]:

@@ -84,20 +84,6 @@ def from_hf_state_dict(hf: dict[str, np.ndarray], num_layers: int) -> dict[str, 
     return out
 
 
-def load_flat_params(model: nnx.Module, flat: dict[str, np.ndarray]) -> None:
-    """Writes `flat` (from `from_hf_state_dict`) into `model`'s parameters, checking shapes."""
-    state = nnx.state(model, nnx.Param)
-    for path, leaf in nnx.to_flat_state(state):
-        name = "/".join(str(p) for p in path)
-        if name not in flat:
-            raise KeyError(f"missing weight for parameter {name}")
-        value = flat[name]
-        if tuple(value.shape) != tuple(leaf.shape):
-            raise ValueError(f"weight {name} has shape {tuple(value.shape)}; the model expects {tuple(leaf.shape)}")
-        leaf[...] = np.asarray(value, dtype=leaf.dtype)
-    nnx.update(model, state)
-
-
 def hf_config(model_config, schedule, torch_dtype: str = "float32", vocab_size: int | None = None) -> dict:
     """config.json of Apple's OpenELM release for this model (SPEC §1 keys)."""
     cfg = model_config
