@@ -42,8 +42,9 @@ def _score_rows(graphdef, state, inputs, targets, mask):
     """inputs/targets/mask [batch, length] -> (sum of target log-probs where mask [batch],
     all masked targets are the argmax [batch])."""
     logits = nnx.merge(graphdef, state)(inputs)  # [batch, length, vocab] float32
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    target_log_probs = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    # log_softmax at the targets only: no second [batch, length, vocab] array.
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    target_log_probs = target_logits - jax.nn.logsumexp(logits, axis=-1)  # [batch, length]
     greedy = jnp.argmax(logits, axis=-1) == targets
     return jnp.sum(target_log_probs * mask, axis=-1), jnp.all(greedy | (mask == 0), axis=-1)
 
