@@ -179,8 +179,10 @@ class ElmjaxLM(TemplateLM):
         return outputs
 
 
+@functools.lru_cache(maxsize=1)
 def task_manager():
-    """An lm-eval TaskManager that knows the project's offline task YAMLs."""
+    """An lm-eval TaskManager that knows the project's offline task YAMLs (indexing all of
+    lm-eval's task files takes seconds, so it is built once per process)."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=str(TASKS_DIR))
