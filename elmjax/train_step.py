@@ -45,13 +45,17 @@ def token_losses(logits, targets, z_loss_weight: float):
     return log_normalizer - target_logit, z_loss_weight * jnp.square(log_normalizer)
 
 
-def summed_loss(params, graphdef, batch, z_loss_weight: float):
-    """Sums over `loss_mask` tokens: (ce + z, (ce, z)); the caller divides by the token count."""
+def summed_loss(params, graphdef, batch, z_loss_weight: float, scale=1.0):
+    """`scale` * sums over `loss_mask` tokens: (ce + z, (ce, z)).
+
+    The train step passes scale = 1 / (the batch's loss tokens), so the gradient comes out
+    already averaged (no extra pass over the gradients to divide them).
+    """
     model = nnx.merge(graphdef, params)
     logits = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
     ce, z = token_losses(logits, batch["targets"], z_loss_weight)
     mask = batch["loss_mask"].astype(jnp.float32)
-    ce_sum, z_sum = jnp.sum(ce * mask), jnp.sum(z * mask)
+    ce_sum, z_sum = jnp.sum(ce * mask) * scale, jnp.sum(z * mask) * scale
     return ce_sum + z_sum, (ce_sum, z_sum)
 
 
@@ -75,24 +79,19 @@ def loss_and_grads(params, graphdef, batch, *, z_loss_weight: float, accum_steps
     result equals the one-shot mean whatever `accum_steps` is.
     Returns (loss, ce, z, grads), losses float32 scalars.
     """
-    tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+    inverse_tokens = 1.0 / jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
     grad_fn = jax.grad(summed_loss, has_aux=True)
+    if accum_steps == 1:
+        grads, (ce, z) = grad_fn(params, graphdef, batch, z_loss_weight, inverse_tokens)
+        return ce + z, ce, z, grads
 
     def micro_step(carry, micro):
         grad_sum, ce_sum, z_sum = carry
-        grads, (ce, z) = grad_fn(params, graphdef, micro, z_loss_weight)
-        grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-        return (grad_sum, ce_sum + ce, z_sum + z), None
+        grads, (ce, z) = grad_fn(params, graphdef, micro, z_loss_weight, inverse_tokens)
+        return (jax.tree.map(jnp.add, grad_sum, grads), ce_sum + ce, z_sum + z), None
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    if accum_steps == 1:
-        (grads, ce, z), _ = micro_step((zeros, 0.0, 0.0), batch)
-    else:
-        (grads, ce, z), _ = jax.lax.scan(
-            micro_step, (zeros, jnp.float32(0), jnp.float32(0)), _micro_batches(batch, accum_steps)
-        )
-    grads = jax.tree.map(lambda g: g / tokens, grads)
-    ce, z = ce / tokens, z / tokens
+    zeros = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0))
+    (grads, ce, z), _ = jax.lax.scan(micro_step, zeros, _micro_batches(batch, accum_steps))
     return ce + z, ce, z, grads
 
 
@@ -108,12 +107,18 @@ def train_step(state, batch, *, graphdef, optimizer, schedule, z_loss_weight, ac
     )
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = optimizer.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
-    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+
+    def update(params, opt_state):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    # A conditional (not a select) so a finite step costs no extra pass over the state.
+    new_params, new_opt_state = jax.lax.cond(
+        finite, update, lambda params, opt_state: (params, opt_state), params, state["opt_state"]
+    )
     new_state = {
-        "params": keep(new_params, params),
-        "opt_state": keep(new_opt_state, state["opt_state"]),
+        "params": new_params,
+        "opt_state": new_opt_state,
         "step": state["step"] + 1,
         "nonfinite_steps": state["nonfinite_steps"] + (~finite).astype(jnp.int32),
     }
