@@ -27,6 +27,45 @@ def attention_mask(q_len: int, kv_len: int, *, causal: bool, q_segment_ids=None,
     return mask
 
 
+def masked_attention(query, key, value, mask, *, q_index, kv_index, alibi_slopes=None, scale=None):
+    """Grouped-query softmax attention under an explicit mask: the core of both training
+    attention (`attention`) and cached decoding (elmjax/model/kv_cache.py).
+
+    Args:
+      query: [batch, q_len, num_query_heads, head_dim].
+      key, value: [batch, kv_len, num_kv_heads, head_dim]; num_kv_heads divides
+        num_query_heads, and query head j reads kv head j // (num_query_heads / num_kv_heads).
+        Keys are never repeated in memory: queries are grouped per kv head instead.
+      mask: bool [batch or 1, q_len, kv_len], True where a query may attend to a key.
+      q_index, kv_index: int [q_len], [kv_len] sequence indices, for ALiBi distances.
+      alibi_slopes: [num_query_heads] float32; adds -slope * (q_index - kv_index).
+      scale: logit scale; default 1/sqrt(head_dim).
+    Returns:
+      [batch, q_len, num_query_heads, head_dim] in the query's dtype.
+    """
+    batch, q_len, num_query_heads, head_dim = query.shape
+    num_kv_heads = key.shape[2]
+    if num_query_heads % num_kv_heads:
+        raise ValueError(
+            f"num_kv_heads={num_kv_heads} must divide num_query_heads={num_query_heads}"
+        )
+    groups = num_query_heads // num_kv_heads
+    if scale is None:
+        scale = head_dim**-0.5
+    grouped = query.reshape(batch, q_len, num_kv_heads, groups, head_dim)
+    # [batch, kv_heads, groups, q_len, kv_len]
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", grouped, key, preferred_element_type=jnp.float32)
+    logits = logits * scale
+    if alibi_slopes is not None:
+        distance = (q_index[:, None] - kv_index[None, :]).astype(jnp.float32)
+        slopes = alibi_slopes.astype(jnp.float32).reshape(num_kv_heads, groups)
+        logits = logits - slopes[None, :, :, None, None] * distance[None, None, None]
+    logits = jnp.where(mask[:, None, None], logits, MASK_VALUE)
+    weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, value, preferred_element_type=jnp.float32)
+    return out.reshape(batch, q_len, num_query_heads, head_dim).astype(query.dtype)
+
+
 def attention(
     query,
     key,
@@ -42,41 +81,22 @@ def attention(
 
     Args:
       query: [batch, q_len, num_query_heads, head_dim].
-      key, value: [batch, kv_len, num_kv_heads, head_dim]; num_kv_heads divides
-        num_query_heads, and query head j reads kv head j // (num_query_heads / num_kv_heads).
-        Keys are never repeated in memory: queries are grouped per kv head instead.
+      key, value: [batch, kv_len, num_kv_heads, head_dim] (see `masked_attention` for GQA).
       segment_ids: [batch, q_len] int document ids; a query attends only to keys of the same
         id (packed rows). `kv_segment_ids` [batch, kv_len] defaults to `segment_ids`.
-      causal: mask keys after the query.
+      causal: mask keys after the query (aligned to the end when q_len < kv_len).
       alibi_slopes: [num_query_heads] float32; adds -slope * (q_pos - k_pos) to the logits.
       scale: logit scale; default 1/sqrt(head_dim).
     Returns:
       [batch, q_len, num_query_heads, head_dim] in the query's dtype.
     """
-    batch, q_len, num_query_heads, head_dim = query.shape
-    kv_len, num_kv_heads = key.shape[1], key.shape[2]
-    if num_query_heads % num_kv_heads:
-        raise ValueError(
-            f"num_kv_heads={num_kv_heads} must divide num_query_heads={num_query_heads}"
-        )
-    groups = num_query_heads // num_kv_heads
-    if scale is None:
-        scale = head_dim**-0.5
-    grouped = query.reshape(batch, q_len, num_kv_heads, groups, head_dim)
-    # [batch, kv_heads, groups, q_len, kv_len]
-    logits = jnp.einsum("bqhgd,bkhd->bhgqk", grouped, key, preferred_element_type=jnp.float32)
-    logits = logits * scale
-    if alibi_slopes is not None:
-        q_pos = jnp.arange(q_len) + (kv_len - q_len)
-        distance = (q_pos[:, None] - jnp.arange(kv_len)[None, :]).astype(jnp.float32)
-        slopes = alibi_slopes.astype(jnp.float32).reshape(num_kv_heads, groups)
-        logits = logits - slopes[None, :, :, None, None] * distance[None, None, None]
+    q_len, kv_len = query.shape[1], key.shape[1]
     if segment_ids is not None and kv_segment_ids is None:
         kv_segment_ids = segment_ids
     mask = attention_mask(
         q_len, kv_len, causal=causal, q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids
     )
-    logits = jnp.where(mask[:, None, None], logits, MASK_VALUE)
-    weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, value, preferred_element_type=jnp.float32)
-    return out.reshape(batch, q_len, num_query_heads, head_dim).astype(query.dtype)
+    return masked_attention(
+        query, key, value, mask, q_index=jnp.arange(q_len) + (kv_len - q_len),
+        kv_index=jnp.arange(kv_len), alibi_slopes=alibi_slopes, scale=scale,
+    )

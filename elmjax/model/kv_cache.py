@@ -14,7 +14,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from elmjax.kernels.reference import MASK_VALUE
+from elmjax.kernels import reference
 
 
 @jax.tree_util.register_dataclass
@@ -95,26 +95,15 @@ def attend(layer: LayerCache, step: CacheStep, query, key, value, *, alibi_slope
     start = (0, step.index, 0, 0)
     keys = jax.lax.dynamic_update_slice(layer.key, key.astype(layer.key.dtype), start)
     values = jax.lax.dynamic_update_slice(layer.value, value.astype(layer.value.dtype), start)
-    batch, q_len, num_query_heads, head_dim = query.shape
-    max_len, num_kv_heads = keys.shape[1], keys.shape[2]
-    groups = num_query_heads // num_kv_heads
-    grouped = query.reshape(batch, q_len, num_kv_heads, groups, head_dim)
-    # [batch, kv_heads, groups, q_len, max_len]
-    logits = jnp.einsum("bqhgd,bkhd->bhgqk", grouped, keys.astype(query.dtype),
-                        preferred_element_type=jnp.float32) * scale
-    q_slot = step.index + jnp.arange(q_len)  # [q_len]
-    kv_slot = jnp.arange(max_len)  # [max_len]
-    if alibi_slopes is not None:
-        # Slot distance equals position distance within a row (padding only shifts both).
-        distance = (q_slot[:, None] - kv_slot[None, :]).astype(jnp.float32)
-        slopes = alibi_slopes.astype(jnp.float32).reshape(num_kv_heads, groups)
-        logits = logits - slopes[None, :, :, None, None] * distance[None, None, None]
+    q_slot = step.index + jnp.arange(query.shape[1])  # [q_len]
+    kv_slot = jnp.arange(keys.shape[1])  # [max_len]
+    # Slot distance equals position distance within a row (padding only shifts both), so the
+    # slots serve as ALiBi indices.
     visible = (kv_slot[None, None, :] <= q_slot[None, :, None]) & (
         step.kv_segment_ids[:, None, :] != 0
     )  # [batch, q_len, max_len]
-    logits = jnp.where(visible[:, None, None], logits, MASK_VALUE)
-    weights = jax.nn.softmax(logits, axis=-1).astype(query.dtype)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, values.astype(query.dtype),
-                     preferred_element_type=jnp.float32)
-    out = out.reshape(batch, q_len, num_query_heads, head_dim).astype(query.dtype)
+    out = reference.masked_attention(
+        query, keys.astype(query.dtype), values.astype(query.dtype), visible,
+        q_index=q_slot, kv_index=kv_slot, alibi_slopes=alibi_slopes, scale=scale,
+    )
     return out, LayerCache(keys, values)
