@@ -241,6 +241,9 @@ def main(argv) -> None:
     except (CheckpointError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except FloatingPointError as error:  # train.nonfinite=abort
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

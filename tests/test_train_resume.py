@@ -133,3 +133,18 @@ def test_dry_run_reports_params_memory_and_compile_time_on_an_fsdp_mesh(tmp_path
     assert "per-device memory (XLA estimate)" in result.stdout
     assert "compile time" in result.stdout
     assert "'fsdp': 8" in result.stdout
+
+
+def test_nonfinite_abort_stops_with_a_message_and_skip_keeps_going(tmp_path, cache):
+    """An absurd learning rate blows the parameters up after the first update, so every
+    later step is non-finite."""
+    blow_up = ["--config.optim.peak_lr=1e30", "--config.optim.init_lr=1e30",
+               "--config.optim.warmup_steps=0", "--config.optim.schedule=constant",
+               "--config.optim.clip_norm=0", "--config.train.steps=3"]
+    aborted = run(train_command(tmp_path / "abort", *blow_up, "--config.train.nonfinite=abort"), env(cache))
+    assert aborted.returncode != 0
+    assert "non-finite loss or gradient" in aborted.stderr
+    skipped = run(train_command(tmp_path / "skip", *blow_up, "--config.train.nonfinite=skip"), env(cache))
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert "update" in skipped.stdout and "skipped" in skipped.stdout
+    assert metrics_by_step(tmp_path / "skip")[3]["nonfinite_steps"] == 2
