@@ -137,3 +137,17 @@ def test_missing_or_unusable_paths_fail_with_clear_messages(tmp_path):
     a_file.write_text("x")
     with pytest.raises(ckpt.CheckpointError, match="not a directory"):
         ckpt.prepare_workdir(a_file)
+
+
+def test_init_from_another_run_takes_its_params_with_a_fresh_optimizer(saved, tmp_path):
+    from elmjax.train_setup import initial_state
+
+    config = micro()
+    config.train.init_from = str(saved[0])
+    messages = []
+    step, state = initial_state(build_setup(config), tmp_path / "new_run", data_iterator(), messages.append)
+    assert step == 0 and int(state["step"]) == 0
+    assert "starting from the parameters of" in messages[0] and "checkpoints/2" in messages[0]
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["params"]), saved[2]["params"])
+    mu = jax.device_get(state["opt_state"][1][0].mu)
+    assert all(not np.any(leaf) for leaf in jax.tree.leaves(mu))
