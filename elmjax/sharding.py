@@ -47,9 +47,14 @@ def use_rules(mesh, rules):
         _active.value = previous
 
 
+def active_rules():
+    """The (mesh, rules) set by the innermost `use_rules`, or None outside one."""
+    return getattr(_active, "value", None)
+
+
 def constrain(x, logical_axes):
     """`with_sharding_constraint` of `x` by logical axis names, if rules are active."""
-    active = getattr(_active, "value", None)
+    active = active_rules()
     if active is None:
         return x
     mesh, rules = active

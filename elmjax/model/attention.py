@@ -52,8 +52,8 @@ def dot_product_attention(
             )
 
         # Under sharding rules (the train step) the kernel runs per shard: XLA cannot
-        # partition a Pallas call. `_active` is sharding.py's (mesh, rules) of `use_rules`.
-        active = getattr(sharding._active, "value", None)
+        # partition a Pallas call.
+        active = sharding.active_rules()
         if active is None:
             return attend(query, key, value, segment_ids, alibi_slopes)
         mesh, rules = active
