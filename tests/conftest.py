@@ -10,3 +10,16 @@ from absl import flags  # noqa: E402
 
 # grain's worker processes read absl flags; outside absl.app.run they must be marked parsed.
 flags.FLAGS.mark_as_parsed()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def elmjax_cache(tmp_path_factory):
+    """One tokenizer cache for the whole session, never the user's ~/.cache/elmjax: the
+    embedded tokenizer trains once (about 2 s) and tests stay independent of the machine."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("ELMJAX_CACHE", str(tmp_path_factory.getbasetemp() / "elmjax_cache"))
+    yield
+    patch.undo()

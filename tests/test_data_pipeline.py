@@ -15,14 +15,6 @@ SEQ = 32
 BATCH = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def elmjax_cache(tmp_path_factory):
-    """One tokenizer cache for the test session (the embedded tokenizer trains once)."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ELMJAX_CACHE", str(tmp_path_factory.getbasetemp() / "elmjax_cache"))
-    yield
-    mp.undo()
-
 
 def small_config(source="embedded", **data):
     config = base_config()

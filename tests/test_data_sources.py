@@ -12,13 +12,6 @@ from elmjax.data.sources import JsonlSource, ParquetSource, TextSource, open_sou
 from elmjax.data.token_store import TokenStoreSource, read_meta
 
 
-@pytest.fixture(scope="module", autouse=True)
-def elmjax_cache(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ELMJAX_CACHE", str(tmp_path_factory.getbasetemp() / "elmjax_cache"))
-    yield
-    mp.undo()
-
 
 def data_config(source, **fields):
     data = base_config().data

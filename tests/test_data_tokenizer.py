@@ -20,13 +20,6 @@ SAMPLES = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def elmjax_cache(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ELMJAX_CACHE", str(tmp_path_factory.getbasetemp() / "elmjax_cache"))
-    yield
-    mp.undo()
-
 
 @pytest.fixture(scope="module")
 def tokenizer():
