@@ -51,6 +51,9 @@ class SeqioSource(DocumentSource):
     def __len__(self):
         raise TypeError(f"{self.name} is a stream; it has no length")
 
+    def __getitem__(self, index):
+        raise TypeError(f"{self.name} is a stream; read it with iter_dataset()")
+
     def iter_dataset(self, split, process_index, process_count, num_epochs) -> grain.IterDataset:
         seqio_split = "validation" if split == "eval" else "train"
         return _SeqioIterDataset(self.task_name, seqio_split, process_index, process_count, num_epochs)

@@ -14,6 +14,7 @@ the path; empty documents are left out of the index and undecodable bytes are re
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 import json
@@ -130,18 +131,20 @@ def _open(path: str):
     return fsspec.open(path, "rb").open()
 
 
-class DocumentSource:
+class DocumentSource(abc.ABC):
     """A random-access list of documents. Subclasses set `name`, `stats`, `tokenized`."""
 
     name: str
     stats: SourceStats
     tokenized = False  # True: documents are int token arrays (no BOS/EOS)
 
+    @abc.abstractmethod
     def __len__(self) -> int:
-        raise NotImplementedError
+        """Number of documents."""
 
+    @abc.abstractmethod
     def __getitem__(self, index: int):
-        raise NotImplementedError
+        """Document `index`: a str, or an int token array when `tokenized`."""
 
     def key(self, index: int) -> str:
         """A stable name of document `index` (decides its train/eval split)."""
