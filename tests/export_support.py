@@ -1,14 +1,14 @@
-"""Shared helpers of the export/import/averaging tests: tiny configs and fast random models.
+"""Shared helpers of the export/import/averaging tests: tiny configs and random models.
 
-`build_model` initialises op by op (seconds per model on this CPU), so tests fill the
-abstract model's parameters with numpy draws instead and run one jitted forward.
+`random_params` differs from `build_model` on purpose: its norm weights are not all ones,
+so a converter that swaps or drops a norm weight changes the logits and fails the tests.
 """
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from elmjax.config import openelm_config, validate
 from elmjax.model.transformer import abstract_model
+from model_helpers import forward
 
 
 def tiny_config(num_layers=3, model_dim=128, head_dim=32, ffn_dim_divisor=64, vocab_size=384, max_seq_len=64):
@@ -42,21 +42,15 @@ def random_params(model_config, seed=0) -> nnx.State:
     return nnx.from_flat_state([draw(path, v) for path, v in nnx.to_flat_state(abstract)])
 
 
-@nnx.jit
-def _forward(model, tokens):
-    return model(tokens)
-
-
 def logits(model_config, params, tokens) -> np.ndarray:
     """elmjax's float32 logits [batch, seq, vocab] for `params` (jitted forward)."""
     graphdef, _ = nnx.split(abstract_model(model_config))
-    model = nnx.merge(graphdef, params)
-    return np.asarray(_forward(model, jnp.asarray(tokens, dtype=jnp.int32)))
+    return forward(nnx.merge(graphdef, params), tokens)
 
 
 def model_logits(model, tokens) -> np.ndarray:
     """Jitted float32 logits of an nnx model (e.g. from `elmjax.checkpoint.load_model`)."""
-    return np.asarray(_forward(model, jnp.asarray(tokens, dtype=jnp.int32)))
+    return forward(model, tokens)
 
 
 def train_tiny(workdir, steps=6, every=2, vocab_size=512):
