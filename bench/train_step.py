@@ -26,6 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"tiny": None, "270m": (4, 256)}  # (batch, seq); None = the config's own
+FRAMEWORKS = ("jax", "torch", "torch_reuse")
+LABELS = {"jax": "elmjax", "torch": "pytorch", "torch_reuse": "pytorch + glibc reuse"}
 
 
 def load_config(name: str):
@@ -70,9 +72,12 @@ def serve(setup_info: dict, step, matmul) -> None:
     for command in sys.stdin:
         command = command.strip()
         if command == "step":
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
             loss = step()
-            print(json.dumps({"seconds": time.perf_counter() - start, "loss": loss}), flush=True)
+            seconds = time.perf_counter() - start
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+            print(json.dumps({"seconds": seconds, "loss": loss, "page_faults": faults}), flush=True)
         elif command == "peak":
             matmul()  # warm
             seconds = min(_timed(matmul) for _ in range(3))
@@ -86,11 +91,13 @@ def jax_worker(name: str) -> None:
     import jax
     import jax.numpy as jnp
 
+    from elmjax import host_memory
     from elmjax import train_step as ts
     from elmjax.train_setup import (build_setup, compile_train_step, compiled_flops, fresh_params,
                                     global_batch, memory_report)
 
     config = load_config(name)
+    reuse = host_memory.apply(config.train.reuse_host_memory)  # as `python -m elmjax.train` does
     setup = build_setup(config, jax.devices()[:1])
     holder = {"state": jax.jit(lambda p: ts.init_train_state(p, setup.optimizer),
                                out_shardings=setup.state_shardings)(fresh_params(setup))}
@@ -104,14 +111,18 @@ def jax_worker(name: str) -> None:
     a = jnp.ones((2048, 2048), jnp.float32)
     matmul_fn = jax.jit(lambda x: x @ x)
     step()  # warm-up
-    serve({"compile_seconds": compile_seconds, "xla_flops": compiled_flops(compiled),
+    serve({"compile_seconds": compile_seconds, "reuse_host_memory": reuse, "xla_flops": compiled_flops(compiled),
            "xla_memory_gib": memory_report(compiled).get("total_bytes", 0) / 2**30},
           step, lambda: matmul_fn(a).block_until_ready())
 
 
-def torch_worker(name: str, threads: int) -> None:
+def torch_worker(name: str, threads: int, reuse_host_memory: bool) -> None:
     import torch
 
+    from elmjax import host_memory
+
+    if reuse_host_memory:  # the same glibc settings elmjax uses, for a like-for-like row
+        host_memory.keep_freed_host_memory()
     from elmjax.convert.hf import hf_config
     from elmjax.convert.torch_openelm import OpenELMForCausalLM, OpenELMTorchConfig
     from elmjax.scaling import schedule_from_config
@@ -181,12 +192,14 @@ def main() -> None:
     parser.add_argument("--models", default="tiny,270m")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per framework, interleaved")
     parser.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads")
-    parser.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--torch_reuse_host_memory", action="store_true",
+                        help="add a PyTorch row with elmjax's glibc memory-reuse settings")
+    parser.add_argument("--worker", choices=list(FRAMEWORKS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker == "jax":
         return jax_worker(args.models)
-    if args.worker == "torch":
-        return torch_worker(args.models, args.threads)
+    if args.worker in ("torch", "torch_reuse"):
+        return torch_worker(args.models, args.threads, reuse_host_memory=args.worker == "torch_reuse")
 
     from elmjax.metrics import flops_per_token
 
@@ -195,46 +208,51 @@ def main() -> None:
         config = load_config(name)
         tokens = config.train.batch_size * config.train.seq_len
         spec_flops = flops_per_token(config.model, config.train.seq_len) * tokens
-        workers = [Worker("jax", name, args), Worker("torch", name, args)]
-        times = {w.framework: [] for w in workers}
+        frameworks = ["jax", "torch"] + (["torch_reuse"] if args.torch_reuse_host_memory else [])
+        workers = [Worker(framework, name, args) for framework in frameworks]
+        steps = {w.framework: [] for w in workers}
         peaks = {w.framework: [] for w in workers}
-        for _ in range(args.steps):  # alternate, so both see the same drifting load
+        for _ in range(args.steps):  # alternate, so all see the same drifting load
             for worker in workers:
                 peaks[worker.framework].append(worker.ask("peak")["flops_per_sec"])
-                times[worker.framework].append(worker.ask("step")["seconds"])
+                steps[worker.framework].append(worker.ask("step"))
         results = {}
         for worker in workers:
-            results[worker.framework] = {**worker.info, **worker.close(), "step_time": min(times[worker.framework]),
+            fastest = min(steps[worker.framework], key=lambda step: step["seconds"])
+            results[worker.framework] = {**worker.info, **worker.close(), "step_time": fastest["seconds"],
+                                         "page_faults": fastest["page_faults"],
                                          "matmul_peak": max(peaks[worker.framework])}
-        jax_result, torch_result = results["jax"], results["torch"]
-        # The CPU's float32 peak: the best 2048^3 matmul either framework reached in this run.
-        peak = max(jax_result["matmul_peak"], torch_result["matmul_peak"])
-        for framework, result in (("elmjax", jax_result), ("pytorch", torch_result)):
+        # The CPU's float32 peak: the best 2048^3 matmul any framework reached in this run.
+        peak = max(result["matmul_peak"] for result in results.values())
+        for framework, result in results.items():
             tokens_per_sec = tokens / result["step_time"]
             rows.append({
-                "model": name, "framework": framework,
+                "model": name, "framework": LABELS[framework],
                 "batch": f"{config.train.batch_size}x{config.train.seq_len}",
                 "tokens_per_sec": tokens_per_sec, "step_time": result["step_time"],
                 "mfu": spec_flops / result["step_time"] / peak,
                 "own_matmul_peak_gflops": result["matmul_peak"] / 1e9,
+                "page_faults_per_step": result["page_faults"],
                 "compile_seconds": result.get("compile_seconds"),
                 "xla_flops_over_spec": (result["xla_flops"] / spec_flops) if result.get("xla_flops") else None,
                 "xla_memory_gib": result.get("xla_memory_gib"), "max_rss_gib": result["max_rss_gib"],
+                "speed_vs_pytorch": results["torch"]["step_time"] / result["step_time"],
             })
-        rows[-2]["speed_vs_pytorch"] = torch_result["step_time"] / jax_result["step_time"]
-    print("| model | framework | batch | tokens/s | step s | MFU (SPEC §4 / fp32 matmul peak) | "
-          "own matmul peak GFLOP/s | compile s | XLA FLOPs / SPEC | XLA mem GiB | max RSS GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | framework | batch | tokens/s | step s | vs PyTorch | MFU (SPEC §4 / fp32 matmul peak) | "
+          "own matmul peak GFLOP/s | page faults/step | compile s | XLA FLOPs / SPEC | XLA mem GiB | "
+          "max RSS GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         def fmt(value, spec):
             return "-" if value is None else format(value, spec)
         print(f"| {row['model']} | {row['framework']} | {row['batch']} | {row['tokens_per_sec']:,.1f} | "
-              f"{row['step_time']:.2f} | {100 * row['mfu']:.1f}% | "
-              f"{row['own_matmul_peak_gflops']:.1f} | {fmt(row['compile_seconds'], '.1f')} | "
+              f"{row['step_time']:.2f} | {row['speed_vs_pytorch']:.2f}x | {100 * row['mfu']:.1f}% | "
+              f"{row['own_matmul_peak_gflops']:.1f} | {row['page_faults_per_step']:,} | "
+              f"{fmt(row['compile_seconds'], '.1f')} | "
               f"{fmt(row['xla_flops_over_spec'], '.3f')} | {fmt(row['xla_memory_gib'], '.2f')} | "
               f"{row['max_rss_gib']:.2f} |")
     for row in rows:
-        if "speed_vs_pytorch" in row:
+        if row["framework"] == "elmjax":
             print(f"{row['model']}: elmjax step is {row['speed_vs_pytorch']:.2f}x PyTorch's speed")
     print(json.dumps(rows))
 

@@ -49,6 +49,7 @@ ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_attention_out")
 NONFINITE_ACTIONS = ("skip", "abort")
+HOST_MEMORY_MODES = ("auto", "on", "off")  # elmjax.host_memory.apply
 LR_SCHEDULES = ("cosine", "linear", "constant")
 DATA_FORMATS = ("auto", "text", "jsonl", "parquet", "token_store")
 TEXT_UNITS = ("file", "line")
@@ -112,6 +113,7 @@ def base_config() -> ml_collections.ConfigDict:
     train.sample_at_end = True  # print a short generated sample when training ends
     train.workdir = ""  # where the run writes; "" = runs/<config file name>; --workdir overrides
     train.init_from = ""  # workdir or step dir whose params start a fresh run (new optimizer)
+    train.reuse_host_memory = "auto"  # one of HOST_MEMORY_MODES; "auto" = on when JAX runs on CPU
 
     config.optim = optim = ml_collections.ConfigDict()
     optim.peak_lr = 5.3e-3  # learning rate after warmup
@@ -258,6 +260,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     )
     _require(train.z_loss >= 0, "train.z_loss", f"is {train.z_loss}; need >= 0")
     _choice(config, "train", "nonfinite", NONFINITE_ACTIONS)
+    _choice(config, "train", "reuse_host_memory", HOST_MEMORY_MODES)
     _require(
         isinstance(train.workdir, str), "train.workdir", f"is {train.workdir!r}; need a path string"
     )

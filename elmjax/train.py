@@ -219,6 +219,10 @@ def main(argv) -> None:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    from elmjax import host_memory
+
+    # Before anything starts the XLA backend and its threads (see elmjax/host_memory.py).
+    host_memory.apply(config.train.reuse_host_memory)
     _quiet_libraries()
     _enable_compilation_cache()
     _init_distributed()

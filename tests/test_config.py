@@ -53,6 +53,7 @@ BAD_VALUES = [
     ("train.log_every", 0, "need >= 1"),
     ("train.z_loss", -1.0, "need >= 0"),
     ("train.nonfinite", "ignore", "allowed: skip, abort"),
+    ("train.reuse_host_memory", "yes", "allowed: auto, on, off"),
     ("optim.peak_lr", 0.0, "need > 0"),
     ("optim.init_lr", -1.0, "need >= 0"),
     ("optim.final_lr_ratio", 1.5, "0 <= ratio <= 1"),
