@@ -57,10 +57,27 @@ def weight_decay_mask(params):
     return jax.tree.map(lambda p: jnp.ndim(p) == 2, params)
 
 
+def clip_by_global_norm(grads, grad_norm, max_norm: float):
+    """`grads` scaled by min(1, max_norm / grad_norm), so their global norm is at most
+    `max_norm`; `max_norm` 0 returns them unchanged.
+
+    `grad_norm` is the caller's (the train step reports it anyway): computing it once saves
+    a pass over the gradients that optax.clip_by_global_norm would make again.
+    """
+    if max_norm <= 0:
+        return grads
+    scale = jnp.minimum(1.0, max_norm / grad_norm)  # grad_norm 0 -> inf -> 1
+    return jax.tree.map(lambda grad: grad * scale.astype(grad.dtype), grads)
+
+
 def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformation:
-    """AdamW + clipping for `config.optim`; the schedule spans `total_steps` steps."""
+    """AdamW for `config.optim`; the schedule spans `total_steps` steps.
+
+    Gradient clipping (`optim.clip_norm`) is not part of it: the train step clips with
+    `clip_by_global_norm` before calling the optimizer.
+    """
     schedule = learning_rate_schedule(optim_config, total_steps)
-    adamw = optax.adamw(
+    return optax.adamw(
         schedule,
         b1=float(optim_config.b1),
         b2=float(optim_config.b2),
@@ -68,6 +85,3 @@ def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformati
         weight_decay=float(optim_config.weight_decay),
         mask=weight_decay_mask,
     )
-    if optim_config.clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(float(optim_config.clip_norm)), adamw)
-    return adamw

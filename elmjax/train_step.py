@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from elmjax import optim
 from elmjax import sharding as shd
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -95,8 +96,12 @@ def loss_and_grads(params, graphdef, batch, *, z_loss_weight: float, accum_steps
     return ce + z, ce, z, grads
 
 
-def train_step(state, batch, *, graphdef, optimizer, schedule, z_loss_weight, accum_steps):
+def train_step(state, batch, *, graphdef, optimizer, schedule, z_loss_weight, accum_steps,
+               clip_norm=0.0):
     """One optimizer step. Returns (new_state, metrics dict of float32/int32 scalars).
+
+    Gradients are clipped to global norm `clip_norm` (0 = no clipping) before `optimizer`;
+    the reported `grad_norm` is the norm before clipping.
 
     A non-finite loss or gradient norm leaves params and optimizer state unchanged (the
     host decides whether to abort); `nonfinite_steps` counts such steps.
@@ -109,7 +114,8 @@ def train_step(state, batch, *, graphdef, optimizer, schedule, z_loss_weight, ac
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def update(params, opt_state):
-        updates, opt_state = optimizer.update(grads, opt_state, params)
+        clipped = optim.clip_by_global_norm(grads, grad_norm, clip_norm)
+        updates, opt_state = optimizer.update(clipped, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
     # A conditional (not a select) so a finite step costs no extra pass over the state.
@@ -183,6 +189,7 @@ def make_jit_train_step(config, graphdef, optimizer, schedule, shardings, batch_
         schedule=schedule,
         z_loss_weight=float(config.train.z_loss),
         accum_steps=int(config.train.grad_accum_steps),
+        clip_norm=float(config.optim.clip_norm),
     )
     rules = tuple(config.mesh.rules)
 

@@ -149,5 +149,5 @@ def test_init_from_another_run_takes_its_params_with_a_fresh_optimizer(saved, tm
     assert step == 0 and int(state["step"]) == 0
     assert "starting from the parameters of" in messages[0] and "checkpoints/2" in messages[0]
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["params"]), saved[2]["params"])
-    mu = jax.device_get(state["opt_state"][1][0].mu)
+    mu = jax.device_get(state["opt_state"][0].mu)  # adamw = chain(scale_by_adam, ...)
     assert all(not np.any(leaf) for leaf in jax.tree.leaves(mu))

@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -62,12 +63,12 @@ def test_gradient_accumulation_matches_one_big_batch(setup):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7), one[3], four[3])
 
 
-def _step(config, graphdef):
+def _step(config, graphdef, clip_norm=1.0):
     optimizer = optim.make_optimizer(config.optim, config.train.steps)
     schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
     step = jax.jit(lambda state, batch: ts.train_step(
         state, batch, graphdef=graphdef, optimizer=optimizer, schedule=schedule,
-        z_loss_weight=1e-4, accum_steps=1))
+        z_loss_weight=1e-4, accum_steps=1, clip_norm=clip_norm))
     return optimizer, step
 
 
@@ -93,3 +94,23 @@ def test_nonfinite_loss_skips_the_update_and_is_counted(setup):
     assert int(new_state["nonfinite_steps"]) == 1 and int(new_state["step"]) == 1
     jax.tree.map(np.testing.assert_array_equal, new_state["params"], params)
     jax.tree.map(np.testing.assert_array_equal, new_state["opt_state"], state["opt_state"])
+
+
+def test_train_step_clips_gradients_to_global_norm_before_adam(setup):
+    """b1 = b2 = 0 and eps = 1 make Adam's update -lr * g / (|g| + 1), which depends on the
+    gradient's scale, so the clip shows in the new parameters; grad_norm is the norm before
+    clipping."""
+    config, _, graphdef, params = setup
+    config = config.copy_and_resolve_references()
+    config.optim.update(peak_lr=1.0, init_lr=1.0, warmup_steps=0, schedule="constant",
+                        weight_decay=0.0, b1=0.0, b2=0.0, eps=1.0)
+    batch = synthetic_batch(config)
+    _, _, _, grads = ts.loss_and_grads(params, graphdef, batch, z_loss_weight=1e-4, accum_steps=1)
+    norm = float(optax.tree.norm(grads))
+    clip_norm = norm / 4
+    optimizer, step = _step(config, graphdef, clip_norm=clip_norm)
+    new_state, metrics = step(ts.init_train_state(params, optimizer), batch)
+    assert float(metrics["grad_norm"]) == pytest.approx(norm, rel=1e-5)
+    clipped = np.asarray(grads["token_embeddings"]) * (clip_norm / norm)
+    expected = np.asarray(params["token_embeddings"]) - clipped / (np.abs(clipped) + 1.0)
+    np.testing.assert_allclose(new_state["params"]["token_embeddings"], expected, rtol=1e-5, atol=1e-6)
