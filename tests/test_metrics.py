@@ -45,6 +45,12 @@ def test_cpu_peak_is_measured_and_positive():
     assert peak > 1e8 and "measured" in source
 
 
+def test_remeasured_cpu_peak_replaces_one_measured_under_load(monkeypatch):
+    monkeypatch.setattr(mt, "_measured_cpu_peak", 1e3)  # as if measured with the cores busy
+    assert mt.remeasure_cpu_peak() > 1e8
+    assert mt.device_peak_flops()[0] == mt._measured_cpu_peak
+
+
 def test_writer_appends_jsonl_and_tensorboard_events(tmp_path):
     writer = mt.MetricsWriter(tmp_path)
     writer.write(10, {"loss": 2.5, "lr": 1e-3, "mfu": None, "grad_norm": float("nan")})
