@@ -26,7 +26,6 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
 
-
 def _accelerator_plugin_installed() -> bool:
     """Whether a JAX accelerator plugin (CUDA, ROCm, TPU) is installed, without starting
     a backend."""
