@@ -79,14 +79,25 @@ class _StopRequest:
     def _handle(self, signum, frame):
         self.signal = signal.Signals(signum).name
 
-    def requested(self) -> bool:
+    def requested(self, step: int, agree_every: int) -> bool:
+        """Whether to save and stop after `step`.
+
+        With several processes all must stop at the same step, so they agree by an allgather;
+        that waits for the step's device work, so it runs only every `agree_every` steps (the
+        logging steps, which wait for the metrics anyway) and the host keeps dispatching
+        ahead in between.
+        """
         import jax
         from jax.experimental import multihost_utils
 
-        stop = self.signal is not None
-        if jax.process_count() > 1:  # every process must stop at the same step
-            stop = bool(multihost_utils.process_allgather(stop).any())
-        return stop
+        if jax.process_count() == 1:
+            return self.signal is not None
+        if step % agree_every:
+            return False
+        return bool(multihost_utils.process_allgather(self.signal is not None).any())
+
+    def describe(self) -> str:
+        return f"received {self.signal}" if self.signal else "another process received a stop signal"
 
 
 def evaluate(setup, eval_step, params, log) -> dict:
@@ -146,7 +157,7 @@ def train(config, workdir, log=print) -> dict:
         local = next(data)
         state, metrics = train_step(state, global_batch(setup, local))
         step, interval_steps = step + 1, interval_steps + 1
-        stopping = stop.requested()
+        stopping = stop.requested(step, config.train.log_every)
         if step % config.train.log_every == 0 or step == config.train.steps or stopping:
             metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
             elapsed = time.perf_counter() - interval_start
@@ -187,7 +198,7 @@ def train(config, workdir, log=print) -> dict:
             manager.wait_until_finished()
             os.kill(os.getpid(), signal.SIGKILL)
         if stopping:
-            log(f"received {stop.signal}: saving step {step} and exiting")
+            log(f"{stop.describe()}: saving step {step} and exiting")
             break
     manager.wait_until_finished()
     manager.close()

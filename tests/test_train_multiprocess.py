@@ -1,8 +1,10 @@
 """Training across two JAX processes (jax.distributed on CPU with gloo collectives)."""
 import json
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -16,18 +18,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_processes_train_checkpoint_and_share_one_model(tmp_path):
-    workdir = tmp_path / "run"
+def start_two_processes(tmp_path, workdir, *overrides):
     port = free_port()
-    processes = [
+    return [
         subprocess.Popen(
             [sys.executable, "-m", "elmjax.train", f"--config={CONFIG}", f"--workdir={workdir}",
-             f"--coordinator=localhost:{port}", "--num_processes=2", f"--process_id={index}"],
+             f"--coordinator=localhost:{port}", "--num_processes=2", f"--process_id={index}",
+             *overrides],
             cwd=ROOT, env=env(tmp_path / "cache", devices=2), stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True,
         )
         for index in range(2)
     ]
+
+
+def test_two_processes_train_checkpoint_and_share_one_model(tmp_path):
+    workdir = tmp_path / "run"
+    processes = start_two_processes(tmp_path, workdir)
     outputs = [process.communicate(timeout=400) for process in processes]
     for process, (stdout, stderr) in zip(processes, outputs):
         assert process.returncode == 0, stderr[-3000:]
@@ -40,3 +47,24 @@ def test_two_processes_train_checkpoint_and_share_one_model(tmp_path):
     assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
     config, params = ckpt.restore_params(workdir)
     assert config.train.steps == 8 and params["token_embeddings"].shape == (512, 64)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+    """A preemption notice may reach one host only: the processes agree (at the logging
+    steps), save one checkpoint together and exit cleanly."""
+    workdir = tmp_path / "preempted"
+    processes = start_two_processes(tmp_path, workdir, "--config.train.steps=100000",
+                                    "--config.train.log_every=2", "--config.checkpoint.every_steps=100000")
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    processes[1].send_signal(signal.SIGTERM)
+    outputs = [process.communicate(timeout=200) for process in processes]
+    for process, (stdout, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr[-3000:]
+    assert "another process received a stop signal" in outputs[0][0]  # process 0 logs
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(steps) == 1 and steps[0] % 2 == 0
+    data_files = sorted(p.name for p in (workdir / "checkpoints" / str(steps[0]) / "data").glob("*.json"))
+    assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
