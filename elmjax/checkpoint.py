@@ -152,8 +152,12 @@ def restore_train_state(workdir, abstract_state, data_iterator):
     root = checkpoint_dir(workdir)
     for step in reversed(complete_steps(root)):
         step_dir = root / str(step)
+        train_checkpoint = is_train_checkpoint(step_dir)
+        # A readable step written for another model or optimizer is not damaged: stop with
+        # a clear error instead of setting it (and every older step) aside.
+        _check_matches(step_dir, abstract_state if train_checkpoint else {"params": abstract_state["params"]})
         try:
-            if is_train_checkpoint(step_dir):
+            if train_checkpoint:
                 items = {
                     "state": ocp.args.StandardRestore(abstract_state),
                     "data": grain_checkpoint.CheckpointRestore(data_iterator),
@@ -168,6 +172,58 @@ def restore_train_state(workdir, abstract_state, data_iterator):
             log.warning("checkpoint %s is unreadable (%s: %s); skipping it", step_dir, type(error).__name__, error)
             _set_aside(step_dir)
     return None, None, None
+
+
+def _key_name(key) -> str:
+    """A tree-path key as orbax stores it: dict keys, sequence indices and attribute names
+    all become strings."""
+    for attribute in ("key", "idx", "name"):
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
+
+
+def _leaf_shapes(tree) -> dict[str, tuple]:
+    """{"a/b/0": shape} for every array leaf of `tree` (arrays, abstract arrays or orbax
+    array metadata)."""
+    return {
+        "/".join(_key_name(key) for key in path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+def _check_matches(step_dir: Path, abstract_tree) -> None:
+    """Raises CheckpointError when `step_dir`'s saved state has other arrays or shapes than
+    `abstract_tree` (this run's model and optimizer). Unreadable metadata passes: the
+    restore then fails and the step is treated as damaged."""
+    try:
+        metadata = ocp.PyTreeCheckpointHandler().metadata((step_dir / "state").absolute()).tree
+        saved = _leaf_shapes(metadata)
+    except Exception:  # noqa: BLE001 - damaged metadata is the restore's to report
+        return
+    wanted = _leaf_shapes(abstract_tree)
+    if "opt_state" not in abstract_tree:  # a params-only restore reads just the params
+        saved = {path: shape for path, shape in saved.items() if path.startswith("params/")}
+    missing = sorted(wanted.keys() - saved.keys())
+    unexpected = sorted(saved.keys() - wanted.keys())
+    reshaped = sorted(path for path in wanted.keys() & saved.keys() if wanted[path] != saved[path])
+    if not (missing or unexpected or reshaped):
+        return
+    details = []
+    if missing:
+        details.append(f"{len(missing)} arrays this run needs are not in it (e.g. {missing[0]})")
+    if unexpected:
+        details.append(f"{len(unexpected)} saved arrays are not in this run (e.g. {unexpected[0]})")
+    if reshaped:
+        path = reshaped[0]
+        details.append(f"{len(reshaped)} have other shapes (e.g. {path}: saved {saved[path]}, "
+                       f"this run {wanted[path]})")
+    raise CheckpointError(
+        f"checkpoint {step_dir} was written for another model or optimizer: {'; '.join(details)}. "
+        f"Resume with the config it was saved with ({step_dir / 'config'}), start from its "
+        f"parameters with --config.train.init_from={step_dir} (fresh optimizer), or use a new "
+        "--workdir."
+    )
 
 
 def _restore_params_onto(step_dir: Path, abstract_params):

@@ -88,6 +88,30 @@ def test_damaged_latest_step_is_skipped_with_a_warning(saved, tmp_path, caplog):
     assert ckpt.complete_steps(workdir) == [1]  # moved aside, so a new step 2 can be saved
 
 
+def test_checkpoint_of_another_model_fails_clearly_and_is_kept(saved, tmp_path):
+    """A readable step that does not fit this run's model is a config mistake, not damage:
+    a clear error, and no step is set aside (a restart from scratch would lose them all)."""
+    workdir = copy_run(saved, tmp_path)
+    config = micro()
+    config.model.num_layers += 1
+    setup = build_setup(config)
+    with pytest.raises(ckpt.CheckpointError, match=r"written for another model or optimizer: .* "
+                       r"arrays this run needs are not in it \(e.g. opt_state/0/mu/layers/"):
+        ckpt.restore_train_state(workdir, setup.abstract_state, data_iterator())
+    assert ckpt.complete_steps(workdir) == [1, 2]
+
+
+def test_params_only_checkpoint_of_another_shape_fails_clearly(tmp_path):
+    config = micro()
+    params = nnx.to_pure_dict(nnx.split(build_model(config.model), nnx.Param)[1])
+    ckpt.save_params_checkpoint(tmp_path, config, params, step=0)
+    config.model.vocab_size += 8
+    setup = build_setup(config)
+    with pytest.raises(ckpt.CheckpointError, match=r"have other shapes \(e.g. params/token_embeddings"):
+        ckpt.restore_train_state(tmp_path, setup.abstract_state, data_iterator())
+    assert ckpt.complete_steps(tmp_path) == [0]
+
+
 def test_unfinished_saves_are_not_complete_steps(saved, tmp_path):
     workdir = copy_run(saved, tmp_path)
     root = workdir / "checkpoints"
