@@ -76,9 +76,7 @@ def initial_state(setup: Setup, workdir, data_iterator, log=print):
         log(f"starting from the parameters of {ckpt.checkpoint_dir(workdir) / str(step)} with a fresh optimizer")
         params = restored["params"]
     elif setup.config.train.init_from:
-        source = setup.config.train.init_from
-        step_dir = ckpt._resolve_step_dir(source, None)
-        params = ckpt._restore_params_onto(step_dir, setup.abstract_state["params"])
+        step_dir, params = ckpt.restore_params_for_init(setup.config.train.init_from, setup.abstract_state["params"])
         log(f"starting from the parameters of {step_dir} with a fresh optimizer")
     else:
         log(f"no checkpoint in {workdir}; initialising a new model (seed {setup.config.train.seed})")

@@ -6,6 +6,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -110,6 +111,27 @@ def test_params_only_checkpoint_of_another_shape_fails_clearly(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match=r"have other shapes \(e.g. params/token_embeddings"):
         ckpt.restore_train_state(tmp_path, setup.abstract_state, data_iterator())
     assert ckpt.complete_steps(tmp_path) == [0]
+
+
+def test_checkpoint_with_another_optimizer_layout_points_to_init_from(saved, tmp_path):
+    """E.g. a step written while clipping was an optax chain: (EmptyState, adamw state)."""
+    config = micro()
+    setup = build_setup(config)
+    state = state_for(setup)
+    save_steps(tmp_path, config, [3], {**state, "opt_state": (optax.EmptyState(), state["opt_state"])},
+               data_iterator())
+    with pytest.raises(ckpt.CheckpointError, match="Only the optimizer state differs.*init_from="):
+        ckpt.restore_train_state(tmp_path, setup.abstract_state, data_iterator())
+
+
+def test_init_from_a_checkpoint_of_another_model_fails_clearly(saved, tmp_path):
+    from elmjax.train_setup import initial_state
+
+    config = micro()
+    config.model.model_dim *= 2
+    config.train.init_from = str(saved[0])
+    with pytest.raises(ckpt.CheckpointError, match="init_from needs the same model"):
+        initial_state(build_setup(config), tmp_path / "new_run", data_iterator(), print)
 
 
 def test_unfinished_saves_are_not_complete_steps(saved, tmp_path):
