@@ -109,6 +109,7 @@ def base_config() -> ml_collections.ConfigDict:
     train.seed = 0  # parameter initialisation seed
     train.z_loss = 1e-4  # weight of mean(logsumexp(logits)^2)
     train.log_every = 10  # steps between metrics lines
+    train.stop_check_every = 1  # steps between multi-process agreements on SIGTERM/SIGINT
     train.nonfinite = "skip"  # one of NONFINITE_ACTIONS
     train.sample_at_end = True  # print a short generated sample when training ends
     train.workdir = ""  # where the run writes; "" = runs/<config file name>; --workdir overrides
@@ -246,7 +247,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     # width to a multiple of head_dim * num_gqa_groups, so the groups always divide the heads.
 
     train = config.train
-    for name in ("steps", "batch_size", "seq_len", "grad_accum_steps", "log_every"):
+    for name in ("steps", "batch_size", "seq_len", "grad_accum_steps", "log_every", "stop_check_every"):
         _require(train[name] >= 1, f"train.{name}", f"is {train[name]}; need >= 1")
     _require(
         train.batch_size % train.grad_accum_steps == 0,

@@ -69,7 +69,8 @@ def _default_workdir(config) -> Path:
 
 
 class _StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits at the next step."""
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits at the next step
+    (with several processes: at the next step where they agree, see `requested`)."""
 
     def __init__(self):
         self.signal = None
@@ -82,10 +83,10 @@ class _StopRequest:
     def requested(self, step: int, agree_every: int) -> bool:
         """Whether to save and stop after `step`.
 
-        With several processes all must stop at the same step, so they agree by an allgather;
-        that waits for the step's device work, so it runs only every `agree_every` steps (the
-        logging steps, which wait for the metrics anyway) and the host keeps dispatching
-        ahead in between.
+        With several processes all must stop at the same step, so they agree by an allgather
+        every `agree_every` steps (`train.stop_check_every`). The allgather waits for the
+        step's device work; a larger interval lets the host dispatch further ahead but delays
+        the save after a signal by up to that many steps (mind the preemption grace period).
         """
         import jax
         from jax.experimental import multihost_utils
@@ -157,7 +158,7 @@ def train(config, workdir, log=print) -> dict:
         local = next(data)
         state, metrics = train_step(state, global_batch(setup, local))
         step, interval_steps = step + 1, interval_steps + 1
-        stopping = stop.requested(step, config.train.log_every)
+        stopping = stop.requested(step, config.train.stop_check_every)
         if step % config.train.log_every == 0 or step == config.train.steps or stopping:
             metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
             elapsed = time.perf_counter() - interval_start

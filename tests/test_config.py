@@ -51,6 +51,7 @@ BAD_VALUES = [
     ("train.grad_accum_steps", 0, "need >= 1"),
     ("train.grad_accum_steps", 3, "does not divide train.batch_size"),
     ("train.log_every", 0, "need >= 1"),
+    ("train.stop_check_every", 0, "need >= 1"),
     ("train.z_loss", -1.0, "need >= 0"),
     ("train.nonfinite", "ignore", "allowed: skip, abort"),
     ("train.reuse_host_memory", "yes", "allowed: auto, on, off"),

@@ -50,11 +50,11 @@ def test_two_processes_train_checkpoint_and_share_one_model(tmp_path):
 
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
-    """A preemption notice may reach one host only: the processes agree (at the logging
-    steps), save one checkpoint together and exit cleanly."""
+    """A preemption notice may reach one host only: the processes agree (every
+    `stop_check_every` steps), save one checkpoint together and exit cleanly."""
     workdir = tmp_path / "preempted"
     processes = start_two_processes(tmp_path, workdir, "--config.train.steps=100000",
-                                    "--config.train.log_every=2", "--config.checkpoint.every_steps=100000")
+                                    "--config.train.stop_check_every=2", "--config.checkpoint.every_steps=100000")
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
