@@ -2,13 +2,15 @@
 
 For each model (tiny, 270m) it runs, each in its own subprocess (so memory and thread
 settings do not mix):
-  jax    elmjax's compiled train step (forward, backward, AdamW; float32; one device)
-  torch  elmjax.convert.torch_openelm (same shapes) + torch.optim.AdamW, float32
+  jax          elmjax's compiled train step (forward, backward, AdamW; float32; one device),
+               with `train.reuse_host_memory` applied as `python -m elmjax.train` does
+  torch        elmjax.convert.torch_openelm (same shapes) + torch.optim.AdamW, float32
+  torch_reuse  (--torch_reuse_host_memory) the same PyTorch step with elmjax's glibc settings
 and reports tokens/s, MFU against this CPU's measured float32 matmul peak, compile time,
 peak memory, and the FLOPs of the compiled XLA step (cost analysis) next to SPEC §4's count.
 
   PYTHONPATH=. python bench/train_step.py                 # tiny and 270m, 3 timed steps
-  PYTHONPATH=. python bench/train_step.py --models=270m --steps=5 --threads=2
+  PYTHONPATH=. python bench/train_step.py --models=tiny,270m --steps=4 --torch_reuse_host_memory
 
 FLOPs convention: SPEC §4 (6 * non-embedding matmul weights + 6 * seq * q_heads * head_dim
 per layer) plus 6 * vocab * model_dim for the tied output matmul.
@@ -88,16 +90,18 @@ def serve(setup_info: dict, step, matmul) -> None:
 
 
 def jax_worker(name: str) -> None:
+    from elmjax import host_memory
+
+    config = load_config(name)
+    # Before jax is imported and starts threads, as `python -m elmjax.train` does.
+    reuse = host_memory.apply(config.train.reuse_host_memory)
     import jax
     import jax.numpy as jnp
 
-    from elmjax import host_memory
     from elmjax import train_step as ts
     from elmjax.train_setup import (build_setup, compile_train_step, compiled_flops, fresh_params,
                                     global_batch, memory_report)
 
-    config = load_config(name)
-    reuse = host_memory.apply(config.train.reuse_host_memory)  # as `python -m elmjax.train` does
     setup = build_setup(config, jax.devices()[:1])
     holder = {"state": jax.jit(lambda p: ts.init_train_state(p, setup.optimizer),
                                out_shardings=setup.state_shardings)(fresh_params(setup))}
@@ -117,12 +121,12 @@ def jax_worker(name: str) -> None:
 
 
 def torch_worker(name: str, threads: int, reuse_host_memory: bool) -> None:
-    import torch
-
     from elmjax import host_memory
 
-    if reuse_host_memory:  # the same glibc settings elmjax uses, for a like-for-like row
+    if reuse_host_memory:  # elmjax's glibc settings, before torch starts threads
         host_memory.keep_freed_host_memory()
+    import torch
+
     from elmjax.convert.hf import hf_config
     from elmjax.convert.torch_openelm import OpenELMForCausalLM, OpenELMTorchConfig
     from elmjax.scaling import schedule_from_config
@@ -237,6 +241,7 @@ def main() -> None:
                 "xla_flops_over_spec": (result["xla_flops"] / spec_flops) if result.get("xla_flops") else None,
                 "xla_memory_gib": result.get("xla_memory_gib"), "max_rss_gib": result["max_rss_gib"],
                 "speed_vs_pytorch": results["torch"]["step_time"] / result["step_time"],
+                "reuse_host_memory": result.get("reuse_host_memory"),
             })
     print("| model | framework | batch | tokens/s | step s | vs PyTorch | MFU (SPEC §4 / fp32 matmul peak) | "
           "own matmul peak GFLOP/s | page faults/step | compile s | XLA FLOPs / SPEC | XLA mem GiB | "
@@ -253,6 +258,7 @@ def main() -> None:
               f"{row['max_rss_gib']:.2f} |")
     for row in rows:
         if row["framework"] == "elmjax":
+            print(f"{row['model']}: elmjax ran with reuse_host_memory {'on' if row['reuse_host_memory'] else 'off'}")
             print(f"{row['model']}: elmjax step is {row['speed_vs_pytorch']:.2f}x PyTorch's speed")
     print(json.dumps(rows))
 
