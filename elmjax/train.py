@@ -149,7 +149,8 @@ def train(config, workdir, log=print) -> dict:
     if peak:
         log(f"peak {peak / 1e9:,.1f} GFLOP/s per device ({peak_source}); {flops_per_token / 1e6:.1f} MFLOPs/token")
     # A CPU peak is measured for the whole host (its devices share the cores).
-    peak_units = jax.process_count() if jax.devices()[0].platform == "cpu" else jax.device_count()
+    on_cpu = jax.devices()[0].platform == "cpu"
+    peak_units = jax.process_count() if on_cpu else jax.device_count()
     stop = _StopRequest()
     tokens_per_step = config.train.batch_size * config.train.seq_len
     seen_nonfinite, last = int(jax.device_get(state["nonfinite_steps"])), {}
@@ -171,7 +172,7 @@ def train(config, workdir, log=print) -> dict:
                 "step_time": elapsed / interval_steps, "nonfinite_steps": nonfinite,
                 "batch_crc32": zlib.crc32(local["inputs"].tobytes()),
             }
-            if last["mfu"] and last["mfu"] > 1.0 and peak_source.startswith("measured") and not remeasured:
+            if on_cpu and last["mfu"] and last["mfu"] > 1.0 and not remeasured:  # peak measured under load
                 remeasured, peak = True, mt.remeasure_cpu_peak()
                 log(f"MFU above 100%: the peak was measured while the host was busier; "
                     f"measured again: {peak / 1e9:,.1f} GFLOP/s")
