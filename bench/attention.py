@@ -1,6 +1,6 @@
 """Attention benchmark: forward and forward+backward time and TFLOP/s, pallas vs xla vs cudnn.
 
-Each implementation is the model's own dispatch (`elmjax.model.attention.dot_product_attention`
+Each implementation is the model's own dispatch (`elmjax.layers.attention.dot_product_attention`
 with impl=...), measured side by side in one run; the table reports each time and its ratio
 to xla. FLOPs follow the FlashAttention convention: forward = 4 * batch * heads * seq^2 *
 head_dim (QK^T and PV), halved when causal; forward+backward = 3.5 x forward.
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elmjax.model.attention import dot_product_attention
+from elmjax.layers.attention import dot_product_attention
 
 
 def attention_flops(batch, seq, heads, head_dim, causal: bool, backward: bool) -> float:

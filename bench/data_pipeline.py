@@ -62,7 +62,7 @@ def train_step_tokens_per_second(config, steps: int) -> float:
     from flax import nnx
 
     from elmjax.data.pipeline import make_train_iterator
-    from elmjax.model.transformer import build_model
+    from elmjax.layers.decoder import build_model
 
     model = build_model(config.model, seed=0)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -98,7 +98,7 @@ def train_step_tokens_per_second(config, steps: int) -> float:
 
 def flops_per_token(model_config, seq_len: int) -> tuple[float, int]:
     """SPEC §4: 6 * N_nonembedding + sum over layers of 6 * seq * q_heads_i * head_dim."""
-    from elmjax.scaling import schedule_from_config
+    from elmjax.models.openelm.layerwise import schedule_from_config
 
     d, hd = model_config.model_dim, model_config.head_dim
     n_nonembedding = d  # final norm

@@ -26,7 +26,7 @@ _MEASURE = r"""
 import json, os, sys, time
 sys.path.insert(0, {repo!r})
 import numpy as np
-from elmjax.checkpoint import restore_params
+from elmjax.training.checkpoint import restore_params
 from elmjax.convert.export import export_checkpoint
 from elmjax.data.tokenizer import load_tokenizer
 
@@ -61,9 +61,9 @@ print(json.dumps(dict(case=case, seconds=seconds, cpu=cpu, peak=peak, baseline=b
 
 def make_checkpoint(workdir: str) -> int:
     """A params-only 270M checkpoint with random float32 weights; returns the weight bytes."""
-    from elmjax.checkpoint import latest_complete_step, save_params_checkpoint
+    from elmjax.training.checkpoint import latest_complete_step, save_params_checkpoint
     from elmjax.data.tokenizer import load_tokenizer
-    from elmjax.model.transformer import abstract_model, count_params
+    from elmjax.layers.decoder import abstract_model, count_params
     from tests.export_support import random_params
 
     spec = importlib.util.spec_from_file_location("config_270m", os.path.join(_REPO, "configs", "270m.py"))

@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from elmjax import generate as gen
+from elmjax.inference import generate as gen
 from elmjax.config import validate
-from elmjax.model.transformer import build_model, count_params
+from elmjax.layers.decoder import build_model, count_params
 
 # Prompt and new tokens per config: the 270M recompute baseline is slow on a 2-core CPU.
 DEFAULT_LENGTHS = {"tiny": (16, 112), "270m": (16, 16)}

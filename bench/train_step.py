@@ -4,7 +4,7 @@ For each model (tiny, 270m) it runs, each in its own subprocess (so memory and t
 settings do not mix):
   jax          elmjax's compiled train step (forward, backward, AdamW; float32; one device),
                with `train.reuse_host_memory` applied as `python -m elmjax.train` does
-  torch        elmjax.convert.torch_openelm (same shapes) + torch.optim.AdamW, float32
+  torch        elmjax.models.openelm.torch_model (same shapes) + torch.optim.AdamW, float32
   torch_reuse  (--torch_reuse_host_memory) the same PyTorch step with elmjax's glibc settings
 and reports tokens/s, MFU against this CPU's measured float32 matmul peak, compile time,
 peak memory, and the FLOPs of the compiled XLA step (cost analysis) next to SPEC §4's count.
@@ -90,7 +90,7 @@ def serve(setup_info: dict, step, matmul) -> None:
 
 
 def jax_worker(name: str) -> None:
-    from elmjax import host_memory
+    from elmjax.training import host_memory
 
     config = load_config(name)
     # Before jax is imported and starts threads, as `python -m elmjax.train` does.
@@ -98,8 +98,8 @@ def jax_worker(name: str) -> None:
     import jax
     import jax.numpy as jnp
 
-    from elmjax import train_step as ts
-    from elmjax.train_setup import (build_setup, compile_train_step, compiled_flops, fresh_params,
+    from elmjax.training import step as ts
+    from elmjax.training.setup import (build_setup, compile_train_step, compiled_flops, fresh_params,
                                     global_batch, memory_report)
 
     setup = build_setup(config, jax.devices()[:1])
@@ -121,15 +121,15 @@ def jax_worker(name: str) -> None:
 
 
 def torch_worker(name: str, threads: int, reuse_host_memory: bool) -> None:
-    from elmjax import host_memory
+    from elmjax.training import host_memory
 
     if reuse_host_memory:  # elmjax's glibc settings, before torch starts threads
         host_memory.keep_freed_host_memory()
     import torch
 
     from elmjax.convert.hf import hf_config
-    from elmjax.convert.torch_openelm import OpenELMForCausalLM, OpenELMTorchConfig
-    from elmjax.scaling import schedule_from_config
+    from elmjax.models.openelm.torch_model import OpenELMForCausalLM, OpenELMTorchConfig
+    from elmjax.models.openelm.layerwise import schedule_from_config
 
     torch.set_num_threads(threads)
     config = load_config(name)
@@ -205,7 +205,7 @@ def main() -> None:
     if args.worker in ("torch", "torch_reuse"):
         return torch_worker(args.models, args.threads, reuse_host_memory=args.worker == "torch_reuse")
 
-    from elmjax.metrics import flops_per_token
+    from elmjax.training.metrics import flops_per_token
 
     rows = []
     for name in args.models.split(","):

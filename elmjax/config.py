@@ -4,7 +4,7 @@ A run's configuration is one `ml_collections.ConfigDict` with the sections `mode
 `train`, `optim`, `checkpoint`, `mesh` and `eval`. `base_config()` holds every field with the
 paper's recipe defaults (shared/SPEC.md §1); the files in `configs/` call `openelm_config()`
 with a variant's few numbers. Per-layer lists are never stored here: they are derived from
-the model section by `elmjax.scaling.schedule_from_config`.
+the model section by `elmjax.models.openelm.layerwise.schedule_from_config`.
 
 Any field can be overridden on the command line (`--config.train.steps=100`); `validate()`
 then rejects bad values with an error that names the field and what is allowed.
@@ -49,7 +49,7 @@ ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_attention_out")
 NONFINITE_ACTIONS = ("skip", "abort")
-HOST_MEMORY_MODES = ("auto", "on", "off")  # elmjax.host_memory.apply
+HOST_MEMORY_MODES = ("auto", "on", "off")  # elmjax.training.host_memory.apply
 LR_SCHEDULES = ("cosine", "linear", "constant")
 DATA_FORMATS = ("auto", "text", "jsonl", "parquet", "token_store")
 TEXT_UNITS = ("file", "line")

@@ -9,10 +9,7 @@ for the configured mesh and reports memory instead of training. Multi-process: p
 from __future__ import annotations
 
 import os
-import signal
 import sys
-import time
-import zlib
 from pathlib import Path
 
 from absl import app, flags
@@ -26,11 +23,6 @@ flags.DEFINE_string("coordinator", None, "host:port of process 0, for a manual m
 flags.DEFINE_integer("num_processes", None, "Number of processes of a manual multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a manual multi-process run.")
 FLAGS = flags.FLAGS
-
-# Fault injection for the exact-resume test: SIGKILL this process once the checkpoint of
-# this step is on disk (and one more step has run), like a preemption without warning.
-_KILL_AFTER_CHECKPOINT = os.environ.get("ELMJAX_TEST_SIGKILL_AFTER_CHECKPOINT")
-
 
 def _init_distributed() -> None:
     import jax
@@ -68,165 +60,6 @@ def _default_workdir(config) -> Path:
     return Path("runs") / Path(str(config_path).split(":")[0]).stem
 
 
-class _StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits at the next step
-    (with several processes: at the next step where they agree, see `requested`)."""
-
-    def __init__(self):
-        self.signal = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
-
-    def requested(self, step: int, agree_every: int) -> bool:
-        """Whether to save and stop after `step`.
-
-        With several processes all must stop at the same step, so they agree by an allgather
-        every `agree_every` steps (`train.stop_check_every`). The allgather waits for the
-        step's device work; a larger interval lets the host dispatch further ahead but delays
-        the save after a signal by up to that many steps (mind the preemption grace period).
-        """
-        import jax
-        from jax.experimental import multihost_utils
-
-        if jax.process_count() == 1:
-            return self.signal is not None
-        if step % agree_every:
-            return False
-        return bool(multihost_utils.process_allgather(self.signal is not None).any())
-
-    def describe(self) -> str:
-        return f"received {self.signal}" if self.signal else "another process received a stop signal"
-
-
-def evaluate(setup, eval_step, params, log) -> dict:
-    """Held-out loss and perplexity over up to `config.eval.batches` batches."""
-    import math
-
-    import jax
-
-    from elmjax.data.pipeline import make_eval_iterator
-    from elmjax.train_setup import global_batch
-
-    total, tokens = 0.0, 0.0
-    for index, batch in enumerate(make_eval_iterator(setup.config)):
-        if index >= setup.config.eval.batches:
-            break
-        ce_sum, count = jax.device_get(eval_step(params, global_batch(setup, batch)))
-        total, tokens = total + float(ce_sum), tokens + float(count)
-    loss = total / max(tokens, 1.0)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)), "eval_tokens": tokens}
-
-
-def train(config, workdir, log=print) -> dict:
-    """Trains to `config.train.steps`, resuming from WORKDIR; returns the last metrics."""
-    import jax
-
-    from elmjax import checkpoint as ckpt
-    from elmjax import metrics as mt
-    from elmjax import train_step as ts
-    from elmjax.data.pipeline import make_train_iterator
-    from elmjax.train_setup import build_setup, compile_train_step, global_batch, initial_state
-
-    workdir = ckpt.prepare_workdir(workdir)
-    primary = jax.process_index() == 0
-    log = log if primary else (lambda *args: None)
-    if primary:
-        (workdir / "config.json").write_text(config.to_json(indent=2))
-    setup = build_setup(config)
-    log(f"workdir {workdir.resolve()} | mesh {dict(setup.mesh.shape)} | {setup.num_params:,} parameters")
-    data = make_train_iterator(config)
-    step, state = initial_state(setup, workdir, data, log)
-    train_step, compile_seconds = compile_train_step(setup)
-    eval_step = ts.make_jit_eval_step(config, setup.graphdef, setup.param_shardings, setup.batch_sharding, setup.mesh)
-    log(f"compiled the train step in {compile_seconds:.1f} s")
-    manager = ckpt.make_manager(workdir, config.checkpoint)
-    writer = mt.MetricsWriter(workdir, enabled=primary)
-    flops_per_token = mt.flops_per_token(config.model, config.train.seq_len)
-    peak, peak_source = mt.device_peak_flops()
-    if peak:
-        log(f"peak {peak / 1e9:,.1f} GFLOP/s per device ({peak_source}); {flops_per_token / 1e6:.1f} MFLOPs/token")
-    # A CPU peak is measured for the whole host (its devices share the cores).
-    on_cpu = jax.devices()[0].platform == "cpu"
-    peak_units = jax.process_count() if on_cpu else jax.device_count()
-    stop = _StopRequest()
-    tokens_per_step = config.train.batch_size * config.train.seq_len
-    seen_nonfinite, last = int(jax.device_get(state["nonfinite_steps"])), {}
-    interval_start, interval_steps, remeasured = time.perf_counter(), 0, False
-    while step < config.train.steps:
-        local = next(data)
-        state, metrics = train_step(state, global_batch(setup, local))
-        step, interval_steps = step + 1, interval_steps + 1
-        stopping = stop.requested(step, config.train.stop_check_every)
-        if step % config.train.log_every == 0 or step == config.train.steps or stopping:
-            metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
-            elapsed = time.perf_counter() - interval_start
-            tokens_per_sec = tokens_per_step * interval_steps / elapsed
-            nonfinite = int(jax.device_get(state["nonfinite_steps"]))
-            last = {
-                "loss": metrics["loss"], "ce_loss": metrics["ce_loss"], "z_loss": metrics["z_loss"],
-                "lr": metrics["lr"], "grad_norm": metrics["grad_norm"], "tokens_per_sec": tokens_per_sec,
-                "mfu": mt.mfu(tokens_per_sec, flops_per_token, peak, peak_units),
-                "step_time": elapsed / interval_steps, "nonfinite_steps": nonfinite,
-                "batch_crc32": zlib.crc32(local["inputs"].tobytes()),
-            }
-            if on_cpu and last["mfu"] and last["mfu"] > 1.0 and not remeasured:  # peak measured under load
-                remeasured, peak = True, mt.remeasure_cpu_peak()
-                log(f"MFU above 100%: the peak was measured while the host was busier; "
-                    f"measured again: {peak / 1e9:,.1f} GFLOP/s")
-                last["mfu"] = mt.mfu(tokens_per_sec, flops_per_token, peak, peak_units)
-            writer.write(step, last)
-            log(mt.console_line(step, config.train.steps, last))
-            if nonfinite > seen_nonfinite:
-                log(f"warning: {nonfinite - seen_nonfinite} step(s) up to {step} had a non-finite loss or "
-                    f"gradient; their updates were skipped (train.nonfinite={config.train.nonfinite})")
-                if config.train.nonfinite == "abort":
-                    ckpt.save(manager, step, state, data, config, force=True)
-                    manager.wait_until_finished()
-                    raise FloatingPointError(f"non-finite loss or gradient at or before step {step}; aborting "
-                                             "(set --config.train.nonfinite=skip to skip such updates)")
-                seen_nonfinite = nonfinite
-            interval_start, interval_steps = time.perf_counter(), 0
-        if config.eval.every_steps and (step % config.eval.every_steps == 0 or step == config.train.steps):
-            results = evaluate(setup, eval_step, state["params"], log)
-            writer.write(step, results)
-            log(f"step {step}: held-out loss {results['eval_loss']:.4f}, perplexity {results['eval_perplexity']:.2f}")
-            interval_start = time.perf_counter()
-        if step % config.checkpoint.every_steps == 0 or step == config.train.steps or stopping:
-            ckpt.save(manager, step, state, data, config, force=True)
-        if _KILL_AFTER_CHECKPOINT and step == int(_KILL_AFTER_CHECKPOINT) + 1:
-            manager.wait_until_finished()
-            os.kill(os.getpid(), signal.SIGKILL)
-        if stopping:
-            log(f"{stop.describe()}: saving step {step} and exiting")
-            break
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
-    if primary and config.train.sample_at_end and step >= config.train.steps:
-        _print_sample(config, state, setup, log)
-    return last
-
-
-def _print_sample(config, state, setup, log) -> None:
-    """A short greedy continuation from the trained model (elmjax.generate)."""
-    import jax
-    from flax import nnx
-
-    try:
-        from elmjax.data.tokenizer import load_tokenizer
-        from elmjax.generate import sample_text
-    except ImportError as error:  # generation is optional for training
-        log(f"(no sample: {error})")
-        return
-    params = jax.device_get(state["params"])
-    model = nnx.merge(setup.graphdef, params)
-    text = sample_text(model, load_tokenizer(config), "The", 40, max_seq_len=config.model.max_seq_len)
-    log(f"sample: The{text}")
-
-
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -237,15 +70,15 @@ def main(argv) -> None:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    from elmjax import host_memory
+    from elmjax.training import host_memory
 
-    # Before anything starts the XLA backend and its threads (see elmjax/host_memory.py).
+    # Before anything starts the XLA backend and its threads (see elmjax/training/host_memory.py).
     host_memory.apply(config.train.reuse_host_memory)
     _quiet_libraries()
     _enable_compilation_cache()
     _init_distributed()
     if FLAGS.dry_run:
-        from elmjax.train_setup import dry_run
+        from elmjax.training.setup import dry_run
 
         try:
             dry_run(config)
@@ -256,7 +89,8 @@ def main(argv) -> None:
     workdir = Path(FLAGS.workdir) if FLAGS.workdir else _default_workdir(config)
     if not FLAGS.workdir:
         print(f"no --workdir given; using {workdir}")
-    from elmjax.checkpoint import CheckpointError
+    from elmjax.training.checkpoint import CheckpointError
+    from elmjax.training.loop import train
 
     try:
         train(config, workdir)

@@ -7,7 +7,7 @@ import numpy as np
 from flax import nnx
 
 from elmjax.config import openelm_config, validate
-from elmjax.model.transformer import abstract_model
+from elmjax.layers.decoder import abstract_model
 from model_helpers import forward
 
 
@@ -49,14 +49,14 @@ def logits(model_config, params, tokens) -> np.ndarray:
 
 
 def model_logits(model, tokens) -> np.ndarray:
-    """Jitted float32 logits of an nnx model (e.g. from `elmjax.checkpoint.load_model`)."""
+    """Jitted float32 logits of an nnx model (e.g. from `elmjax.training.checkpoint.load_model`)."""
     return forward(model, tokens)
 
 
 def train_tiny(workdir, steps=6, every=2, vocab_size=512):
     """Trains a 2-layer model for `steps` steps on the embedded corpus with the real trainer,
     checkpointing every `every` steps; returns its config."""
-    from elmjax.train import train
+    from elmjax.training.loop import train
 
     config = tiny_config(num_layers=2, model_dim=64, head_dim=16, ffn_dim_divisor=32, vocab_size=vocab_size, max_seq_len=32)
     config.train.steps, config.train.batch_size, config.train.seq_len = steps, 8, 32

@@ -3,8 +3,8 @@ import numpy as np
 
 from elmjax.config import openelm_config, validate
 from elmjax.convert.hf import hf_config, to_hf_state_dict
-from elmjax.model.transformer import build_model
-from elmjax.scaling import schedule_from_config
+from elmjax.layers.decoder import build_model
+from elmjax.models.openelm.layerwise import schedule_from_config
 
 # (layers, model_dim, head_dim, ffn_dim_divisor) of each variant, and a shrink factor. Dividing
 # model_dim, head_dim and the divisor by the same factor keeps make_divisible's rounding

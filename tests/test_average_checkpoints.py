@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from elmjax.checkpoint import complete_steps, restore_params, save_params_checkpoint
+from elmjax.training.checkpoint import complete_steps, restore_params, save_params_checkpoint
 from elmjax.convert.average import average_checkpoints
 from elmjax.convert.export import export_checkpoint
 from tests.export_support import random_params, tiny_config

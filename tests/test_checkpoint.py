@@ -10,10 +10,10 @@ import optax
 import pytest
 from flax import nnx
 
-from elmjax import checkpoint as ckpt
-from elmjax import train_step as ts
-from elmjax.model.transformer import build_model
-from elmjax.train_setup import build_setup, fresh_params
+from elmjax.training import checkpoint as ckpt
+from elmjax.training import step as ts
+from elmjax.layers.decoder import build_model
+from elmjax.training.setup import build_setup, fresh_params
 from tests.train_micro_config import get_config
 
 
@@ -82,7 +82,7 @@ def test_damaged_latest_step_is_skipped_with_a_warning(saved, tmp_path, caplog):
     for data_file in (workdir / "checkpoints" / "2" / "state").rglob("d/*"):
         data_file.write_bytes(b"truncated")
     setup = build_setup(micro())
-    with caplog.at_level(logging.WARNING, logger="elmjax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="elmjax.training.checkpoint"):
         step, _, kind = ckpt.restore_train_state(workdir, setup.abstract_state, data_iterator())
     assert (step, kind) == (1, "train")
     assert "checkpoints/2 is unreadable" in caplog.text
@@ -125,7 +125,7 @@ def test_checkpoint_with_another_optimizer_layout_points_to_init_from(saved, tmp
 
 
 def test_init_from_a_checkpoint_of_another_model_fails_clearly(saved, tmp_path):
-    from elmjax.train_setup import initial_state
+    from elmjax.training.setup import initial_state
 
     config = micro()
     config.model.model_dim *= 2
@@ -186,7 +186,7 @@ def test_missing_or_unusable_paths_fail_with_clear_messages(tmp_path):
 
 
 def test_init_from_another_run_takes_its_params_with_a_fresh_optimizer(saved, tmp_path):
-    from elmjax.train_setup import initial_state
+    from elmjax.training.setup import initial_state
 
     config = micro()
     config.train.init_from = str(saved[0])

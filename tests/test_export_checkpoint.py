@@ -11,10 +11,10 @@ import torch
 from mlx_lm import load as mlx_load
 from safetensors.torch import load_file
 
-from elmjax.checkpoint import CheckpointError, load_model, restore_params, save_params_checkpoint
+from elmjax.training.checkpoint import CheckpointError, load_model, restore_params, save_params_checkpoint
 from elmjax.convert.export import export_checkpoint
 from elmjax.convert.outdir import OutputExistsError, atomic_output_dir
-from elmjax.convert.torch_openelm import OpenELMForCausalLM
+from elmjax.models.openelm.torch_model import OpenELMForCausalLM
 from elmjax.data.tokenizer import load_tokenizer
 from tests.export_support import logits as elmjax_logits
 from tests.export_support import model_logits, random_params, train_tiny
@@ -184,8 +184,8 @@ def test_a_failure_while_writing_leaves_nothing_behind(tmp_path):
 
 def test_fine_tuning_starts_from_an_imported_export(trained, tmp_path):
     """elmjax -> HF -> tools/import_hf.py -> one training step from those parameters."""
-    from elmjax.checkpoint import complete_steps
-    from elmjax.train import train
+    from elmjax.training.checkpoint import complete_steps
+    from elmjax.training.loop import train
     from tools import import_hf as import_tool
 
     workdir = trained[0]

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from elmjax.convert.export import export_params
 from elmjax.convert.hf import from_hf_state_dict
 from elmjax.convert.hf_import import params_from_flat
-from elmjax.convert.torch_openelm import OpenELMForCausalLM
-from elmjax.scaling import schedule_from_config
+from elmjax.models.openelm.torch_model import OpenELMForCausalLM
+from elmjax.models.openelm.layerwise import schedule_from_config
 from tests.export_support import logits as elmjax_logits
 from tests.export_support import random_params, tiny_config
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from elmjax.kernels.flash_attention import flash_attention
 from elmjax.kernels.reference import attention
-from elmjax.model.positions import alibi_slopes
+from elmjax.layers.positions import alibi_slopes
 
 # (query heads, kv heads, head_dim) of the OpenELM variants' layers (SPEC §1): 270M/450M/1_1B
 # use head_dim 64 with 12..32 query heads, 3B head_dim 128 with 12..24; GQA ratio 4.

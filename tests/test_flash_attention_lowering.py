@@ -18,7 +18,7 @@ import pytest
 
 from elmjax.kernels.flash_attention import flash_attention
 from elmjax.kernels.reference import attention
-from elmjax.model.positions import alibi_slopes
+from elmjax.layers.positions import alibi_slopes
 
 LONG_SEQ = 4096
 

@@ -10,9 +10,9 @@ from flax import nnx
 
 from elmjax.config import validate
 from elmjax.kernels.reference import attention
-from elmjax.model.attention import dot_product_attention
-from elmjax.model.transformer import build_model
-from elmjax.train_step import loss_and_grads
+from elmjax.layers.attention import dot_product_attention
+from elmjax.layers.decoder import build_model
+from elmjax.training.step import loss_and_grads
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -117,8 +117,8 @@ def test_pallas_under_sharding_rules_runs_per_shard():
     """With a mesh (data 4 x tensor 2 of the 8 host devices) the kernel runs inside a
     shard_map over batch and heads, and the result still equals the reference."""
     from elmjax.config import base_config
-    from elmjax.model.positions import alibi_slopes
-    from elmjax.sharding import make_mesh, use_rules
+    from elmjax.layers.positions import alibi_slopes
+    from elmjax.parallel.sharding import make_mesh, use_rules
 
     mesh_config = base_config().mesh
     mesh_config.tensor = 2
@@ -145,7 +145,7 @@ def test_pallas_under_sharding_rules_runs_per_shard():
 
 def test_pallas_refuses_rules_that_split_the_sequence():
     from elmjax.config import base_config
-    from elmjax.sharding import make_mesh, use_rules
+    from elmjax.parallel.sharding import make_mesh, use_rules
 
     mesh_config = base_config().mesh
     split_seq = {"batch": None, "seq": "data"}  # all 8 devices on the data axis

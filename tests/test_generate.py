@@ -1,4 +1,4 @@
-"""KV-cache decoding (elmjax/generate.py, elmjax/model/kv_cache.py) against full recomputation."""
+"""KV-cache decoding (elmjax/inference/generate.py, elmjax/layers/kv_cache.py) against full recomputation."""
 import functools
 
 import jax
@@ -8,11 +8,11 @@ import pytest
 from flax import nnx
 
 from configs.tiny import get_config
-from elmjax import generate as gen
+from elmjax.inference import generate as gen
 from elmjax.config import validate
-from elmjax.model.kv_cache import init_cache
-from elmjax.model.transformer import build_model
-from elmjax.scaling import schedule_from_config
+from elmjax.layers.kv_cache import init_cache
+from elmjax.layers.decoder import build_model
+from elmjax.models.openelm.layerwise import schedule_from_config
 
 # Ragged on purpose: 5, 2 and 19 tokens (the longest crosses a 16-token length bucket).
 PROMPTS = [
@@ -165,7 +165,7 @@ def test_alibi_model_cached_decoding_equals_full_recompute():
 
 @pytest.fixture(scope="module")
 def checkpoint(model, tmp_path_factory):
-    from elmjax.checkpoint import save_params_checkpoint
+    from elmjax.training.checkpoint import save_params_checkpoint
 
     workdir = tmp_path_factory.mktemp("tiny_generate")
     save_params_checkpoint(workdir, validate(get_config()), nnx.state(model, nnx.Param))

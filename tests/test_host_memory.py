@@ -1,4 +1,4 @@
-"""Host-memory reuse: a freed large block is reused without page faults (elmjax.host_memory).
+"""Host-memory reuse: a freed large block is reused without page faults (elmjax.training.host_memory).
 
 The settings are process-wide, so each case runs in its own Python process.
 """
@@ -9,14 +9,14 @@ import textwrap
 
 import pytest
 
-from elmjax import host_memory
+from elmjax.training import host_memory
 
 # Mallocs, fills and frees a 256 MiB block three times, as XLA:CPU does with a step's
 # temporaries, and prints the page faults of the last two rounds. (Not numpy: it asks for
 # transparent huge pages, which hides the per-page cost.)
 PROBE = textwrap.dedent("""
     import ctypes, json, resource, sys
-    from elmjax import host_memory
+    from elmjax.training import host_memory
     applied = host_memory.apply(sys.argv[1])
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype = ctypes.c_void_p

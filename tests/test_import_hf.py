@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from elmjax.checkpoint import complete_steps, restore_params, save_params_checkpoint
+from elmjax.training.checkpoint import complete_steps, restore_params, save_params_checkpoint
 from elmjax.config import openelm_config
 from elmjax.convert.export import export_checkpoint, export_params
 from elmjax.convert.hf_import import HFConfigError, config_from_hf, load_hf_dir
@@ -155,7 +155,7 @@ def test_import_tool_refuses_an_existing_out_and_a_missing_hf_dir(hf_export, tmp
 
 def test_exported_config_json_of_the_270m_model_matches_apples_lists():
     from elmjax.convert.hf import hf_config
-    from elmjax.scaling import schedule_from_config
+    from elmjax.models.openelm.layerwise import schedule_from_config
 
     model = openelm_config(num_layers=16, model_dim=1280, head_dim=64, peak_lr=5.3e-3).model
     exported = hf_config(model, schedule_from_config(model))

@@ -4,9 +4,9 @@ import json
 import pytest
 
 from configs import tiny as tiny_config
-from elmjax import metrics as mt
-from elmjax.model.transformer import abstract_model, count_params
-from elmjax.scaling import schedule_from_config
+from elmjax.training import metrics as mt
+from elmjax.layers.decoder import abstract_model, count_params
+from elmjax.models.openelm.layerwise import schedule_from_config
 
 # SPEC §1, OpenELM-270M per-layer schedule (d 1280, head_dim 64, vocab 32000).
 Q_HEADS = [12] * 5 + [16] * 7 + [20] * 4

@@ -7,8 +7,8 @@ from flax import nnx
 
 from elmjax.config import openelm_config, validate
 from elmjax.kernels.reference import attention
-from elmjax.model.positions import alibi_slopes
-from elmjax.model.transformer import build_model, count_params
+from elmjax.layers.positions import alibi_slopes
+from elmjax.layers.decoder import build_model, count_params
 from model_helpers import forward
 
 

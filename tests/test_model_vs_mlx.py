@@ -5,7 +5,7 @@ Every batch here is [2, 30], so each variant compiles its forward once.
 import numpy as np
 import pytest
 
-from elmjax.scaling import schedule_from_config
+from elmjax.models.openelm.layerwise import schedule_from_config
 from model_helpers import VARIANTS, forward, mlx_logits, mlx_twin, small_model
 
 TOLERANCE = 1e-4  # float32, absolute, on logits of magnitude ~1-5

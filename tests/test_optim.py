@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from elmjax.config import base_config
-from elmjax.optim import clip_by_global_norm, learning_rate_schedule, make_optimizer, weight_decay_mask
+from elmjax.training.optim import clip_by_global_norm, learning_rate_schedule, make_optimizer, weight_decay_mask
 
 
 def optim_config(**overrides):

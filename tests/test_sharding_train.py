@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from elmjax import sharding as shd
-from elmjax.train_setup import build_setup, compile_train_step, fresh_params, global_batch
-from elmjax import train_step as ts
+from elmjax.parallel import sharding as shd
+from elmjax.training.setup import build_setup, compile_train_step, fresh_params, global_batch
+from elmjax.training import step as ts
 from tests.train_micro_config import get_config, synthetic_batch
 
 STEPS = 5

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from elmjax import checkpoint as ckpt
+from elmjax.training import checkpoint as ckpt
 from tests.test_train_resume import CONFIG, ROOT, env
 
 

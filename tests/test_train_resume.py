@@ -30,6 +30,12 @@ def train_command(workdir, *overrides):
     return [sys.executable, "-m", "elmjax.train", f"--config={CONFIG}", f"--workdir={workdir}", *overrides]
 
 
+def killed_train_command(workdir, *overrides):
+    """`train_command`, SIGKILLed after checkpoint KILL_AFTER_CHECKPOINT (tests/kill_after_checkpoint.py)."""
+    return [sys.executable, str(ROOT / "tests" / "kill_after_checkpoint.py"), f"--config={CONFIG}",
+            f"--workdir={workdir}", *overrides]
+
+
 def run(command, environment, timeout=300):
     return subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout)
 
@@ -61,7 +67,7 @@ def straight_run(tmp_path_factory, cache):
 
 def test_sigkill_after_checkpoint_then_rerun_resumes_bitwise(straight_run, tmp_path, cache):
     workdir = tmp_path / "killed"
-    killed = run(train_command(workdir), env(cache, ELMJAX_TEST_SIGKILL_AFTER_CHECKPOINT="4"))
+    killed = run(killed_train_command(workdir), env(cache, KILL_AFTER_CHECKPOINT="4"))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert max(metrics_by_step(workdir)) == 5  # died after step 5, checkpoint 4 on disk
     resumed = run(train_command(workdir), env(cache))
@@ -109,7 +115,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, cache):
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-3000:]
     assert "received SIGTERM" in stdout
-    from elmjax.checkpoint import latest_complete_step
+    from elmjax.training.checkpoint import latest_complete_step
 
     assert latest_complete_step(workdir) == max(metrics_by_step(workdir))
 

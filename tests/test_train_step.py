@@ -6,9 +6,9 @@ import optax
 import pytest
 from flax import nnx
 
-from elmjax import optim
-from elmjax import train_step as ts
-from elmjax.model.transformer import build_model
+from elmjax.training import optim
+from elmjax.training import step as ts
+from elmjax.layers.decoder import build_model
 from tests.train_micro_config import get_config, synthetic_batch
 
 

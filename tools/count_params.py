@@ -14,7 +14,7 @@ from absl import app  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from elmjax.config import validate_for_cli  # noqa: E402
-from elmjax.model.transformer import abstract_model, count_params  # noqa: E402
+from elmjax.layers.decoder import abstract_model, count_params  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 

@@ -33,7 +33,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from elmjax.checkpoint import CheckpointError
+    from elmjax.training.checkpoint import CheckpointError
     from elmjax.convert.export import export_checkpoint
 
     start = time.perf_counter()

@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="workdir to create (must not exist unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     args = parser.parse_args(argv)
-    from elmjax.checkpoint import CheckpointError
+    from elmjax.training.checkpoint import CheckpointError
     from elmjax.convert.hf_import import import_hf_dir
 
     try:

@@ -30,7 +30,7 @@ def select_steps(steps: list[int], last: int, workdir) -> list[int]:
 
 def average_params(workdir, steps: list[int]):
     """(config of the newest step, mean params as a pure dict of float32 numpy arrays)."""
-    from elmjax.checkpoint import restore_params
+    from elmjax.training.checkpoint import restore_params
 
     total: dict[tuple, np.ndarray] = {}
     dtypes: dict[tuple, np.dtype] = {}
@@ -60,7 +60,7 @@ def average_checkpoints(workdir, out, *, last: int = 5, overwrite: bool = False)
     """Writes the mean of `workdir`'s newest `last` complete checkpoints as a params-only
     checkpoint workdir `out` (at the newest averaged step), plus `out/average.json` naming
     the steps. Nothing is left at `out` on failure. Returns the averaged steps."""
-    from elmjax.checkpoint import complete_steps, save_params_checkpoint
+    from elmjax.training.checkpoint import complete_steps, save_params_checkpoint
     from elmjax.convert.outdir import atomic_output_dir, check_output_dir
 
     check_output_dir(out, overwrite)

@@ -16,7 +16,7 @@ import numpy as np
 from elmjax.convert import hf, mlx
 from elmjax.convert.outdir import atomic_output_dir, check_output_dir
 from elmjax.convert.safetensors_io import DEFAULT_MAX_SHARD_BYTES, source_from_array, write_sharded
-from elmjax.scaling import schedule_from_config
+from elmjax.models.openelm.layerwise import schedule_from_config
 
 TARGETS = ("torch", "mlx")
 EXPORT_DTYPES = {
@@ -145,7 +145,7 @@ def export_checkpoint(
     Only the parameters are read (no optimizer state); the tokenizer comes from the
     checkpoint's config (`elmjax.data.tokenizer.load_tokenizer`).
     """
-    from elmjax.checkpoint import restore_params  # the training helper's reader
+    from elmjax.training.checkpoint import restore_params  # the training helper's reader
 
     check_export_args(target, dtype, quantize, group_size)
     check_output_dir(out, overwrite)

@@ -2,7 +2,7 @@
 
 The model section of the config is derived from config.json's few scalar fields (the paper's
 numbers); its per-layer lists (heads, kv heads, FFN multipliers) are then recomputed by
-`elmjax.scaling` and must equal the file's, because elmjax never stores per-layer lists.
+`elmjax.models.openelm.layerwise` and must equal the file's, because elmjax never stores per-layer lists.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from flax import nnx
 from elmjax.config import base_config, validate
 from elmjax.convert import hf
 from elmjax.convert.safetensors_io import read_model_dir
-from elmjax.model.transformer import abstract_model
-from elmjax.scaling import schedule_from_config
+from elmjax.layers.decoder import abstract_model
+from elmjax.models.openelm.layerwise import schedule_from_config
 
 
 class HFConfigError(ValueError):
@@ -85,7 +85,7 @@ def config_from_hf(hf_cfg: dict):
 
 
 def check_layer_lists(hf_cfg: dict, model_config) -> None:
-    """Raises HFConfigError where config.json's per-layer lists differ from elmjax.scaling's."""
+    """Raises HFConfigError where config.json's per-layer lists differ from elmjax.models.openelm.layerwise's."""
     schedule = schedule_from_config(model_config)
     derived = {
         "num_query_heads": [layer.num_query_heads for layer in schedule],
@@ -101,7 +101,7 @@ def check_layer_lists(hf_cfg: dict, model_config) -> None:
         if theirs != ours:
             raise HFConfigError(
                 f"config.json: {key}={theirs} differs from the layer-wise scaling rule "
-                f"(elmjax.scaling) applied to its num_transformer_layers/model_dim/head_dim/"
+                f"(elmjax.models.openelm.layerwise) applied to its num_transformer_layers/model_dim/head_dim/"
                 f"qkv_multipliers/ffn_multipliers, which gives {ours}; elmjax cannot represent "
                 "hand-edited per-layer shapes"
             )
@@ -171,7 +171,7 @@ def import_hf_dir(hf_dir: str | os.PathLike, out: str | os.PathLike, *, overwrit
     import shutil
     from pathlib import Path
 
-    from elmjax.checkpoint import save_params_checkpoint
+    from elmjax.training.checkpoint import save_params_checkpoint
     from elmjax.convert.outdir import atomic_output_dir, check_output_dir
 
     check_output_dir(out, overwrite)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 from jax.sharding import PartitionSpec
 
-from elmjax.sharding import fit_spec_to_shape, logical_to_spec
+from elmjax.parallel.sharding import fit_spec_to_shape, logical_to_spec
 
 Q_AXES = ("batch", "seq", "q_heads", "head_dim")
 KV_AXES = ("batch", "seq", "kv_heads", "head_dim")

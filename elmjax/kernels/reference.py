@@ -29,7 +29,7 @@ def attention_mask(q_len: int, kv_len: int, *, causal: bool, q_segment_ids=None,
 
 def masked_attention(query, key, value, mask, *, q_index, kv_index, alibi_slopes=None, scale=None):
     """Grouped-query softmax attention under an explicit mask: the core of both training
-    attention (`attention`) and cached decoding (elmjax/model/kv_cache.py).
+    attention (`attention`) and cached decoding (elmjax/layers/kv_cache.py).
 
     Args:
       query: [batch, q_len, num_query_heads, head_dim].

@@ -1,5 +1,5 @@
 """The decoder and its parts; `Transformer` is the model a config builds."""
 
-from elmjax.model.transformer import Transformer, build_model
+from elmjax.layers.decoder import Transformer, build_model
 
 __all__ = ["Transformer", "build_model"]

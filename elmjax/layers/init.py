@@ -57,7 +57,7 @@ def materialize(abstract_module: nnx.Module, seed: int, param_sharding=None) -> 
         name = "/".join(str(p) for p in path)
         metadata = variable.get_metadata()
         if "init" not in metadata:
-            raise ValueError(f"parameter {name} has no init rule; create it with elmjax.model.init.param")
+            raise ValueError(f"parameter {name} has no init rule; create it with elmjax.layers.init.param")
         shape, dtype = variable.shape, np.dtype(variable.dtype)
         value = host_value(name, shape, dtype, metadata["init"], seed)
         if param_sharding is None:

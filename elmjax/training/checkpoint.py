@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from grain import checkpoint as grain_checkpoint
 
-log = logging.getLogger("elmjax.checkpoint")
+log = logging.getLogger("elmjax.training.checkpoint")
 
 CHECKPOINTS = "checkpoints"
 _STEP_MARKER = "_CHECKPOINT_METADATA"  # orbax writes it when a step is finalised
@@ -311,7 +311,7 @@ def load_model(path, step=None):
     """(config, model): the checkpoint's parameters in a model built from its saved config."""
     from flax import nnx
 
-    from elmjax.model.transformer import abstract_model
+    from elmjax.layers.decoder import abstract_model
 
     config, params = restore_params(path, step)
     graphdef, state = nnx.split(abstract_model(config.model))

@@ -5,14 +5,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from elmjax.model.attention import Attention
-from elmjax.model.init import make_init, materialize, param
-from elmjax.model.linear import Linear
-from elmjax.model.mlp import SwiGLU
-from elmjax.model.norms import make_norm
-from elmjax.model.positions import rope_tables
-from elmjax.scaling import schedule_from_config
-from elmjax.sharding import constrain
+from elmjax.layers.attention import Attention
+from elmjax.layers.init import make_init, materialize, param
+from elmjax.layers.linear import Linear
+from elmjax.layers.mlp import SwiGLU
+from elmjax.layers.norms import make_norm
+from elmjax.layers.positions import rope_tables
+from elmjax.models.openelm.layerwise import schedule_from_config
+from elmjax.parallel.sharding import constrain
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -51,7 +51,7 @@ class Transformer(nnx.Module):
 
     Layers have different shapes (layer-wise scaling), so they are a list, not a scan.
     Construct it with `build_model` (initialised) or `abstract_model` (shapes only): the
-    constructor itself only declares parameters (elmjax/model/init.py).
+    constructor itself only declares parameters (elmjax/layers/init.py).
     """
 
     def __init__(self, model_config):
@@ -118,7 +118,7 @@ class Transformer(nnx.Module):
             attend only within their document. None: the row is one document.
           positions: [batch, seq] int position of each token within its document; default
             0..seq-1. Packed rows restart positions at each document.
-          cache: a `kv_cache.KVCache` (decoding, elmjax/generate.py). The tokens are written at
+          cache: a `kv_cache.KVCache` (decoding, elmjax/inference/generate.py). The tokens are written at
             the cache's next slots and also attend to the cached ones; `segment_ids` then
             marks padding (0) vs real tokens (1) and `positions` must be given per row.
         Returns:
@@ -158,7 +158,7 @@ def build_model(model_config, seed: int = 0, param_sharding=None) -> Transformer
     Args:
       seed: initialisation seed; the same seed gives the same weights on any mesh.
       param_sharding: optional `fn(logical_axes) -> jax.sharding.Sharding` placing each
-        parameter (see `elmjax.model.init.materialize`).
+        parameter (see `elmjax.layers.init.materialize`).
     """
     return materialize(abstract_model(model_config), seed, param_sharding)
 

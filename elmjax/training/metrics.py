@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elmjax.scaling import schedule_from_config
+from elmjax.models.openelm.layerwise import schedule_from_config
 
 # Dense peak FLOP/s per device for the compute dtypes used in training (bf16 where listed).
 _KNOWN_PEAKS = {

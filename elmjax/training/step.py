@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from elmjax import optim
-from elmjax import sharding as shd
+from elmjax.training import optim
+from elmjax.parallel import sharding as shd
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 

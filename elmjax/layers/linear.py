@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from elmjax.model.init import param
+from elmjax.layers.init import param
 
 
 class Linear(nnx.Module):

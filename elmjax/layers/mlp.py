@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from elmjax.model.linear import Linear
+from elmjax.layers.linear import Linear
 
 
 class SwiGLU(nnx.Module):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from elmjax.model.init import param
+from elmjax.layers.init import param
 
 
 class RMSNorm(nnx.Module):

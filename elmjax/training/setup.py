@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from elmjax import checkpoint as ckpt
-from elmjax import optim
-from elmjax import sharding as shd
-from elmjax import train_step as ts
-from elmjax.model.transformer import abstract_model, build_model, count_params
+from elmjax.training import checkpoint as ckpt
+from elmjax.training import optim
+from elmjax.parallel import sharding as shd
+from elmjax.training import step as ts
+from elmjax.layers.decoder import abstract_model, build_model, count_params
 
 
 @dataclasses.dataclass

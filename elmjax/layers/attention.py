@@ -7,11 +7,11 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from elmjax.kernels import reference
-from elmjax.model import kv_cache
-from elmjax.model.linear import Linear
-from elmjax.model.norms import make_norm
-from elmjax.model.positions import alibi_slopes, apply_rope
-from elmjax.sharding import constrain
+from elmjax.layers import kv_cache
+from elmjax.layers.linear import Linear
+from elmjax.layers.norms import make_norm
+from elmjax.layers.positions import alibi_slopes, apply_rope
+from elmjax.parallel.sharding import constrain
 
 
 def dot_product_attention(
@@ -42,7 +42,7 @@ def dot_product_attention(
             alibi_slopes=alibi_slopes, scale=scale,
         )
     if impl == "pallas":
-        from elmjax import sharding
+        from elmjax.parallel import sharding
         from elmjax.kernels.flash_attention import flash_attention
         from elmjax.kernels.flash_sharded import shard_mapped_attention
 

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from elmjax.config import validate
-from elmjax.model.transformer import abstract_model, count_params
-from elmjax.scaling import interpolate_multipliers, make_divisible, schedule_from_config
+from elmjax.layers.decoder import abstract_model, count_params
+from elmjax.models.openelm.layerwise import interpolate_multipliers, make_divisible, schedule_from_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

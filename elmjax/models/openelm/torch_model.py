@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from elmjax.convert.safetensors_io import weight_files
-from elmjax.scaling import make_divisible
+from elmjax.models.openelm.layerwise import make_divisible
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +47,7 @@ class OpenELMTorchConfig:
         return cls(**values)
 
     def ffn_dim(self, layer: int) -> int:
-        """Inner FFN width of `layer` (the same rounding as elmjax.scaling)."""
+        """Inner FFN width of `layer` (the same rounding as elmjax.models.openelm.layerwise)."""
         return make_divisible(self.ffn_multipliers[layer] * self.model_dim, self.ffn_dim_divisor)
 
 

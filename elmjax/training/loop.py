@@ -1,0 +1,169 @@
+"""The training loop: step, log, evaluate, checkpoint, until `config.train.steps`.
+
+`train(config, workdir)` resumes from WORKDIR's newest complete checkpoint; the command line
+around it is `python -m elmjax.train` (elmjax/train.py).
+"""
+from __future__ import annotations
+
+import signal
+import time
+import zlib
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits at the next step
+    (with several processes: at the next step where they agree, see `requested`)."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def requested(self, step: int, agree_every: int) -> bool:
+        """Whether to save and stop after `step`.
+
+        With several processes all must stop at the same step, so they agree by an allgather
+        every `agree_every` steps (`train.stop_check_every`). The allgather waits for the
+        step's device work; a larger interval lets the host dispatch further ahead but delays
+        the save after a signal by up to that many steps (mind the preemption grace period).
+        """
+        import jax
+        from jax.experimental import multihost_utils
+
+        if jax.process_count() == 1:
+            return self.signal is not None
+        if step % agree_every:
+            return False
+        return bool(multihost_utils.process_allgather(self.signal is not None).any())
+
+    def describe(self) -> str:
+        return f"received {self.signal}" if self.signal else "another process received a stop signal"
+
+
+def heldout_loss(setup, eval_step, params) -> dict:
+    """Held-out loss and perplexity over up to `config.eval.batches` batches."""
+    import math
+
+    import jax
+
+    from elmjax.data.pipeline import make_eval_iterator
+    from elmjax.training.setup import global_batch
+
+    total, tokens = 0.0, 0.0
+    for index, batch in enumerate(make_eval_iterator(setup.config)):
+        if index >= setup.config.eval.batches:
+            break
+        ce_sum, count = jax.device_get(eval_step(params, global_batch(setup, batch)))
+        total, tokens = total + float(ce_sum), tokens + float(count)
+    loss = total / max(tokens, 1.0)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)), "eval_tokens": tokens}
+
+
+def train(config, workdir, log=print) -> dict:
+    """Trains to `config.train.steps`, resuming from WORKDIR; returns the last metrics."""
+    import jax
+
+    from elmjax.training import checkpoint as ckpt
+    from elmjax.training import metrics as mt
+    from elmjax.training import step as ts
+    from elmjax.data.pipeline import make_train_iterator
+    from elmjax.training.setup import build_setup, compile_train_step, global_batch, initial_state
+
+    workdir = ckpt.prepare_workdir(workdir)
+    primary = jax.process_index() == 0
+    log = log if primary else (lambda *args: None)
+    if primary:
+        (workdir / "config.json").write_text(config.to_json(indent=2))
+    setup = build_setup(config)
+    log(f"workdir {workdir.resolve()} | mesh {dict(setup.mesh.shape)} | {setup.num_params:,} parameters")
+    data = make_train_iterator(config)
+    step, state = initial_state(setup, workdir, data, log)
+    train_step, compile_seconds = compile_train_step(setup)
+    eval_step = ts.make_jit_eval_step(config, setup.graphdef, setup.param_shardings, setup.batch_sharding, setup.mesh)
+    log(f"compiled the train step in {compile_seconds:.1f} s")
+    manager = ckpt.make_manager(workdir, config.checkpoint)
+    writer = mt.MetricsWriter(workdir, enabled=primary)
+    flops_per_token = mt.flops_per_token(config.model, config.train.seq_len)
+    peak, peak_source = mt.device_peak_flops()
+    if peak:
+        log(f"peak {peak / 1e9:,.1f} GFLOP/s per device ({peak_source}); {flops_per_token / 1e6:.1f} MFLOPs/token")
+    # A CPU peak is measured for the whole host (its devices share the cores).
+    on_cpu = jax.devices()[0].platform == "cpu"
+    peak_units = jax.process_count() if on_cpu else jax.device_count()
+    stop = StopRequest()
+    tokens_per_step = config.train.batch_size * config.train.seq_len
+    seen_nonfinite, last = int(jax.device_get(state["nonfinite_steps"])), {}
+    interval_start, interval_steps, remeasured = time.perf_counter(), 0, False
+    while step < config.train.steps:
+        local = next(data)
+        state, metrics = train_step(state, global_batch(setup, local))
+        step, interval_steps = step + 1, interval_steps + 1
+        stopping = stop.requested(step, config.train.stop_check_every)
+        if step % config.train.log_every == 0 or step == config.train.steps or stopping:
+            metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
+            elapsed = time.perf_counter() - interval_start
+            tokens_per_sec = tokens_per_step * interval_steps / elapsed
+            nonfinite = int(jax.device_get(state["nonfinite_steps"]))
+            last = {
+                "loss": metrics["loss"], "ce_loss": metrics["ce_loss"], "z_loss": metrics["z_loss"],
+                "lr": metrics["lr"], "grad_norm": metrics["grad_norm"], "tokens_per_sec": tokens_per_sec,
+                "mfu": mt.mfu(tokens_per_sec, flops_per_token, peak, peak_units),
+                "step_time": elapsed / interval_steps, "nonfinite_steps": nonfinite,
+                "batch_crc32": zlib.crc32(local["inputs"].tobytes()),
+            }
+            if on_cpu and last["mfu"] and last["mfu"] > 1.0 and not remeasured:  # peak measured under load
+                remeasured, peak = True, mt.remeasure_cpu_peak()
+                log(f"MFU above 100%: the peak was measured while the host was busier; "
+                    f"measured again: {peak / 1e9:,.1f} GFLOP/s")
+                last["mfu"] = mt.mfu(tokens_per_sec, flops_per_token, peak, peak_units)
+            writer.write(step, last)
+            log(mt.console_line(step, config.train.steps, last))
+            if nonfinite > seen_nonfinite:
+                log(f"warning: {nonfinite - seen_nonfinite} step(s) up to {step} had a non-finite loss or "
+                    f"gradient; their updates were skipped (train.nonfinite={config.train.nonfinite})")
+                if config.train.nonfinite == "abort":
+                    ckpt.save(manager, step, state, data, config, force=True)
+                    manager.wait_until_finished()
+                    raise FloatingPointError(f"non-finite loss or gradient at or before step {step}; aborting "
+                                             "(set --config.train.nonfinite=skip to skip such updates)")
+                seen_nonfinite = nonfinite
+            interval_start, interval_steps = time.perf_counter(), 0
+        # Saved before the held-out evaluation, so a failing evaluation loses no trained step.
+        if step % config.checkpoint.every_steps == 0 or step == config.train.steps or stopping:
+            ckpt.save(manager, step, state, data, config, force=True)
+        if config.eval.every_steps and (step % config.eval.every_steps == 0 or step == config.train.steps):
+            results = heldout_loss(setup, eval_step, state["params"])
+            writer.write(step, results)
+            log(f"step {step}: held-out loss {results['eval_loss']:.4f}, perplexity {results['eval_perplexity']:.2f}")
+            interval_start = time.perf_counter()
+        if stopping:
+            log(f"{stop.describe()}: saving step {step} and exiting")
+            break
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    if primary and config.train.sample_at_end and step >= config.train.steps:
+        _print_sample(config, state, setup, log)
+    return last
+
+
+def _print_sample(config, state, setup, log) -> None:
+    """A short greedy continuation from the trained model (elmjax.generate)."""
+    import jax
+    from flax import nnx
+
+    try:
+        from elmjax.data.tokenizer import load_tokenizer
+        from elmjax.inference.generate import sample_text
+    except ImportError as error:  # generation is optional for training
+        log(f"(no sample: {error})")
+        return
+    params = jax.device_get(state["params"])
+    model = nnx.merge(setup.graphdef, params)
+    text = sample_text(model, load_tokenizer(config), "The", 40, max_seq_len=config.model.max_seq_len)
+    log(f"sample: The{text}")
+
+
