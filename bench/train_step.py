@@ -129,12 +129,10 @@ def torch_worker(name: str, threads: int, reuse_host_memory: bool) -> None:
 
     from elmjax.convert.hf import hf_config
     from elmjax.models.openelm.torch_model import OpenELMForCausalLM, OpenELMTorchConfig
-    from elmjax.models.openelm.layerwise import schedule_from_config
 
     torch.set_num_threads(threads)
     config = load_config(name)
-    schedule = schedule_from_config(config.model)
-    model = OpenELMForCausalLM(OpenELMTorchConfig.from_dict(hf_config(config.model, schedule, "float32")))
+    model = OpenELMForCausalLM(OpenELMTorchConfig.from_dict(hf_config(config.model, "float32")))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     batch = random_batch(config)
     inputs = torch.from_numpy(batch["inputs"]).long()

@@ -1,10 +1,11 @@
-"""The configuration schema: every field, its default, and its validation.
+"""The configuration schema: every shared field, its default, and its validation.
 
 A run's configuration is one `ml_collections.ConfigDict` with the sections `model`, `data`,
-`train`, `optim`, `checkpoint`, `mesh` and `eval`. `base_config()` holds every field with the
-paper's recipe defaults (shared/SPEC.md §1); the files in `configs/` call `openelm_config()`
-with a variant's few numbers. Per-layer lists are never stored here: they are derived from
-the model section by `elmjax.models.openelm.layerwise.schedule_from_config`.
+`train`, `optim`, `checkpoint`, `mesh` and `eval`. `base_config(family)` holds every field with
+OpenELM's recipe defaults (shared/SPEC.md §1); `config.model.family` names the model family
+(elmjax/models/), which adds its own model fields and validates them. The files in `configs/`
+call `family_config()` (or `openelm_config()`) with a variant's few numbers. Per-layer lists
+are never stored here: each family derives them from the model section.
 
 Any field can be overridden on the command line (`--config.train.steps=100`); `validate()`
 then rejects bad values with an error that names the field and what is allowed.
@@ -16,14 +17,11 @@ import math
 import ml_collections
 from ml_collections import config_dict
 
+from elmjax import models
+from elmjax.layers.remat import REMAT_POLICY_NAMES
+from elmjax.validation import ConfigError, at_least, choice, require
 
-class ConfigError(ValueError):
-    """A configuration field holds a value that elmjax cannot run with."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"config field `{field}`: {message}")
-        self.field = field
-
+__all__ = ["ConfigError", "base_config", "family_config", "load_config_file", "openelm_config", "validate"]
 
 # Logical axis name -> mesh axes. Model code names only logical axes (shared/DESIGN.md).
 DEFAULT_SHARDING_RULES = (
@@ -43,11 +41,9 @@ DEFAULT_SHARDING_RULES = (
 NORM_TYPES = ("rms_norm", "layer_norm")
 QK_NORM_STYLES = ("per_head", "full", "none")
 POSITION_ENCODINGS = ("rope", "alibi")
-FFN_TYPES = ("swiglu",)
-INIT_SCHEMES = ("openelm",)
 ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_attention_out")
+REMAT_POLICIES = REMAT_POLICY_NAMES
 NONFINITE_ACTIONS = ("skip", "abort")
 HOST_MEMORY_MODES = ("auto", "on", "off")  # elmjax.training.host_memory.apply
 LR_SCHEDULES = ("cosine", "linear", "constant")
@@ -55,18 +51,16 @@ DATA_FORMATS = ("auto", "text", "jsonl", "parquet", "token_store")
 TEXT_UNITS = ("file", "line")
 
 
-def base_config() -> ml_collections.ConfigDict:
-    """Every field with its default: OpenELM-270M's shape and the paper's recipe."""
+def base_config(family: str = "openelm") -> ml_collections.ConfigDict:
+    """Every field with its default (OpenELM-270M's shape and the paper's recipe), plus the
+    model fields of `family` with the family's defaults."""
     config = ml_collections.ConfigDict()
 
     config.model = model = ml_collections.ConfigDict()
+    model.family = family  # the model family (elmjax/models/): its own fields follow below
     model.num_layers = 16  # number of transformer blocks
     model.model_dim = 1280  # residual stream width d
     model.head_dim = 64  # width of one attention head
-    model.num_gqa_groups = 4  # query heads per kv head
-    model.qkv_multipliers = (0.5, 1.0)  # (first, last) layer's query width as a fraction of d
-    model.ffn_multipliers = (0.5, 4.0)  # (first, last) layer's FFN width as a multiple of d
-    model.ffn_dim_divisor = 256  # FFN widths are rounded to multiples of this
     model.vocab_size = 32000  # rows of the embedding matrix
     model.max_seq_len = 2048  # longest sequence the model is trained or evaluated on
     model.rope_theta = 10000.0  # RoPE base frequency
@@ -74,17 +68,17 @@ def base_config() -> ml_collections.ConfigDict:
     model.norm_eps = 1e-6  # epsilon of every norm layer
     model.qk_norm = "per_head"  # one of QK_NORM_STYLES: per head (OpenELM), whole q/k (OLMoE)
     model.position_encoding = "rope"  # one of POSITION_ENCODINGS
-    model.ffn_type = "swiglu"  # one of FFN_TYPES
     model.use_bias = False  # biases on linear layers (BTLM uses them)
     model.tie_embeddings = True  # logits = h @ embedding^T
     model.embedding_scale = 1.0  # multiplies token embeddings (muP uses 14.6)
     model.logit_scale = 1.0  # multiplies logits (muP uses 0.222)
     model.attention_scale = config_dict.placeholder(float)  # None: 1/sqrt(head_dim)
-    model.init_scheme = "openelm"  # one of INIT_SCHEMES
     model.attention_impl = "auto"  # one of ATTENTION_IMPLS
     model.compute_dtype = "float32"  # matmul dtype; bfloat16 on accelerators
     model.param_dtype = "float32"  # parameter storage dtype
     model.remat_policy = "none"  # activation checkpointing per block, one of REMAT_POLICIES
+    for name, value in models.get(family).model_fields().items():
+        model[name] = value
 
     config.data = data = ml_collections.ConfigDict()
     data.source = "embedded"  # "embedded" (installed corpus) or a comma-separated list of globs
@@ -148,55 +142,61 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
-def openelm_config(
-    *,
-    num_layers: int,
-    model_dim: int,
-    head_dim: int,
-    peak_lr: float,
-    remat_policy: str = "none",
-    **model_overrides,
-) -> ml_collections.ConfigDict:
-    """A config for an OpenELM variant from the paper's few numbers (SPEC §1)."""
-    config = base_config()
-    config.model.num_layers = num_layers
-    config.model.model_dim = model_dim
-    config.model.head_dim = head_dim
-    config.model.remat_policy = remat_policy
-    for name, value in model_overrides.items():
+def family_config(family: str, *, peak_lr: float | None = None, **model_fields) -> ml_collections.ConfigDict:
+    """`base_config(family)` with `model_fields` set (and `optim.peak_lr`, when given).
+
+    A name that is not a model field of the family is a ConfigError.
+    """
+    config = base_config(family)
+    for name, value in model_fields.items():
         if name not in config.model:
-            raise ConfigError(f"model.{name}", "is not a model field")
+            raise ConfigError(f"model.{name}", f"is not a model field of the {family!r} family")
         config.model[name] = value
-    config.optim.peak_lr = peak_lr
+    if peak_lr is not None:
+        config.optim.peak_lr = peak_lr
     return config
 
 
-def _require(condition: bool, field: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(field, message)
+def openelm_config(*, num_layers: int, model_dim: int, head_dim: int, peak_lr: float, **model_fields):
+    """A config for an OpenELM variant from the paper's few numbers (SPEC §1)."""
+    return family_config(
+        "openelm", num_layers=num_layers, model_dim=model_dim, head_dim=head_dim, peak_lr=peak_lr, **model_fields
+    )
+
+
+def load_config_file(path) -> ml_collections.ConfigDict:
+    """The config that the file at `path` builds with its `get_config()` (not validated)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(path)
+    spec = importlib.util.spec_from_file_location(f"elmjax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+# Shorthands for the shared sections' checks.
+_require = require
 
 
 def _choice(config: ml_collections.ConfigDict, section: str, name: str, allowed) -> None:
-    value = config[section][name]
-    _require(value in allowed, f"{section}.{name}", f"is {value!r}; allowed: {', '.join(allowed)}")
-
-
-def _range(config, field: str, low_high) -> None:
-    _require(
-        len(low_high) == 2 and all(isinstance(v, (int, float)) for v in low_high),
-        field,
-        f"is {low_high!r}; expected two numbers (first layer, last layer)",
-    )
-    low, high = low_high
-    _require(low > 0, field, f"min {low} must be > 0")
-    _require(low <= high, field, f"min {low} is greater than max {high}; expected min <= max")
+    choice(config[section], section, name, allowed)
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks every field; raises `ConfigError` naming the first bad one. Returns `config`."""
     model = config.model
-    _require(model.num_layers >= 1, "model.num_layers", f"is {model.num_layers}; need >= 1")
-    _require(model.model_dim >= 1, "model.model_dim", f"is {model.model_dim}; need >= 1")
+    family = models.get(model.family)  # ConfigError listing the known families
+    missing = [name for name in family.model_fields() if name not in model]
+    _require(
+        not missing,
+        f"model.{missing[0]}" if missing else "model",
+        f"is missing for family {family.name!r}; build the config with "
+        f"elmjax.config.family_config({family.name!r}, ...) so it has the family's fields",
+    )
+    at_least(model, "model", "num_layers", 1)
+    at_least(model, "model", "model_dim", 1)
     _require(
         model.head_dim >= 2 and model.head_dim % 2 == 0,
         "model.head_dim",
@@ -207,27 +207,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         "model.head_dim",
         f"{model.head_dim} does not divide model.model_dim={model.model_dim}",
     )
-    _require(
-        model.num_gqa_groups >= 1,
-        "model.num_gqa_groups",
-        f"is {model.num_gqa_groups}; need >= 1",
-    )
-    _range(config, "model.qkv_multipliers", tuple(model.qkv_multipliers))
-    _range(config, "model.ffn_multipliers", tuple(model.ffn_multipliers))
-    _require(
-        model.ffn_dim_divisor >= 1,
-        "model.ffn_dim_divisor",
-        f"is {model.ffn_dim_divisor}; need >= 1",
-    )
-    _require(model.vocab_size >= 2, "model.vocab_size", f"is {model.vocab_size}; need >= 2")
-    _require(model.max_seq_len >= 1, "model.max_seq_len", f"is {model.max_seq_len}; need >= 1")
+    at_least(model, "model", "vocab_size", 2)
+    at_least(model, "model", "max_seq_len", 1)
     _require(model.rope_theta > 0, "model.rope_theta", f"is {model.rope_theta}; need > 0")
     _require(0 < model.norm_eps < 1, "model.norm_eps", f"is {model.norm_eps}; need 0 < eps < 1")
     _choice(config, "model", "norm_type", NORM_TYPES)
     _choice(config, "model", "qk_norm", QK_NORM_STYLES)
     _choice(config, "model", "position_encoding", POSITION_ENCODINGS)
-    _choice(config, "model", "ffn_type", FFN_TYPES)
-    _choice(config, "model", "init_scheme", INIT_SCHEMES)
     _choice(config, "model", "attention_impl", ATTENTION_IMPLS)
     _choice(config, "model", "compute_dtype", DTYPES)
     _choice(config, "model", "param_dtype", DTYPES)
@@ -243,8 +229,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             "model.attention_scale",
             f"is {model.attention_scale}; need > 0, or None for 1/sqrt(head_dim)",
         )
-    # No per-layer head check is needed: scaling.make_divisible rounds each layer's query
-    # width to a multiple of head_dim * num_gqa_groups, so the groups always divide the heads.
+    family.validate(model)
 
     train = config.train
     for name in ("steps", "batch_size", "seq_len", "grad_accum_steps", "log_every", "stop_check_every"):
@@ -346,6 +331,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         sizes.count(-1) <= 1,
         "mesh",
         "more than one axis is -1; at most one axis may take the devices left over",
+    )
+    _require(
+        family.has_experts or mesh.expert == 1,
+        "mesh.expert",
+        f"is {mesh.expert}; the {family.name!r} family has no experts to shard, so an expert axis "
+        "would only repeat all compute; set mesh.expert=1",
     )
     return config
 

@@ -4,7 +4,6 @@ import numpy as np
 from elmjax.config import openelm_config, validate
 from elmjax.convert.hf import hf_config, to_hf_state_dict
 from elmjax.layers.decoder import build_model
-from elmjax.models.openelm.layerwise import schedule_from_config
 
 # (layers, model_dim, head_dim, ffn_dim_divisor) of each variant, and a shrink factor. Dividing
 # model_dim, head_dim and the divisor by the same factor keeps make_divisible's rounding
@@ -32,9 +31,9 @@ def mlx_twin(model, model_config):
     import mlx.core as mx
     from mlx_lm.models import openelm
 
-    args = openelm.ModelArgs.from_dict(hf_config(model_config, schedule_from_config(model_config)))
+    args = openelm.ModelArgs.from_dict(hf_config(model_config))
     twin = openelm.Model(args)
-    weights = to_hf_state_dict(model, model_config.num_layers)
+    weights = to_hf_state_dict(model, model_config)
     twin.load_weights([(name, mx.array(value)) for name, value in weights.items()], strict=True)
     return twin
 
@@ -54,7 +53,6 @@ def small_model(variant="270m", seed=0, **overrides):
 def forward(model, tokens, segment_ids=None, positions=None) -> np.ndarray:
     """Jitted float32 logits (an eager call would compile every op separately)."""
     import jax.numpy as jnp
-    from flax import nnx
 
     tokens = jnp.asarray(tokens, jnp.int32)
     if segment_ids is None:

@@ -97,7 +97,7 @@ def test_checkpoint_of_another_model_fails_clearly_and_is_kept(saved, tmp_path):
     config.model.num_layers += 1
     setup = build_setup(config)
     with pytest.raises(ckpt.CheckpointError, match=r"written for another model or optimizer: .* "
-                       r"arrays this run needs are not in it \(e.g. opt_state/0/mu/layers/"):
+                       r"arrays this run needs are not in it \(e.g. opt_state/inner_states/decay/inner_state/0/mu/layers/"):
         ckpt.restore_train_state(workdir, setup.abstract_state, data_iterator())
     assert ckpt.complete_steps(workdir) == [1, 2]
 
@@ -191,9 +191,10 @@ def test_init_from_another_run_takes_its_params_with_a_fresh_optimizer(saved, tm
     config = micro()
     config.train.init_from = str(saved[0])
     messages = []
-    step, state = initial_state(build_setup(config), tmp_path / "new_run", data_iterator(), messages.append)
+    step, state, _ = initial_state(build_setup(config), tmp_path / "new_run", data_iterator(), messages.append)
     assert step == 0 and int(state["step"]) == 0
     assert "starting from the parameters of" in messages[0] and "checkpoints/2" in messages[0]
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["params"]), saved[2]["params"])
-    mu = jax.device_get(state["opt_state"][0].mu)  # adamw = chain(scale_by_adam, ...)
-    assert all(not np.any(leaf) for leaf in jax.tree.leaves(mu))
+    # every group's adamw = chain(scale_by_adam, ...): all first moments start at zero
+    for group in state["opt_state"].inner_states.values():
+        assert all(not np.any(leaf) for leaf in jax.tree.leaves(jax.device_get(group.inner_state[0].mu)))

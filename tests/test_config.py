@@ -35,8 +35,7 @@ BAD_VALUES = [
     ("model.norm_type", "batch_norm", "allowed: rms_norm, layer_norm"),
     ("model.qk_norm", "l2", "allowed: per_head, full, none"),
     ("model.position_encoding", "learned", "allowed: rope, alibi"),
-    ("model.ffn_type", "gelu", "allowed: swiglu"),
-    ("model.init_scheme", "xavier", "allowed: openelm"),
+    ("model.family", "gpt", "known families: openelm"),
     ("model.attention_impl", "flash", "allowed: auto, xla, pallas, cudnn"),
     ("model.compute_dtype", "float64", "allowed: float32, bfloat16, float16"),
     ("model.param_dtype", "int8", "allowed: float32, bfloat16, float16"),
@@ -69,6 +68,7 @@ BAD_VALUES = [
     ("checkpoint.max_to_keep", 0, "need >= 1"),
     ("checkpoint.keep_every", -1, "need >= 0"),
     ("mesh.fsdp", 0, "need -1 or >= 1"),
+    ("mesh.expert", 2, "has no experts to shard"),
 ]
 
 
@@ -94,5 +94,13 @@ def test_two_mesh_axes_taking_the_rest_is_rejected():
 
 
 def test_openelm_config_rejects_unknown_model_field():
-    with pytest.raises(ConfigError, match="model.num_heads"):
+    with pytest.raises(ConfigError, match="`model.num_heads`: is not a model field of the 'openelm' family"):
         openelm_config(num_layers=2, model_dim=64, head_dim=16, peak_lr=1e-3, num_heads=4)
+
+
+def test_a_family_field_missing_from_the_config_names_the_field_and_the_fix():
+    config = tiny()
+    with config.unlocked():
+        del config.model["ffn_dim_divisor"]
+    with pytest.raises(ConfigError, match=r"`model.ffn_dim_divisor`: is missing for family 'openelm'; build"):
+        validate(config)

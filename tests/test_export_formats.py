@@ -151,7 +151,7 @@ def dequantized_elmjax_logits(model_config, quantized_dir, tokens):
                 group_size=quantization["group_size"], bits=quantization["bits"],
             )
         hf_tensors[name] = np.array(value)
-    params = params_from_flat(model_config, from_hf_state_dict(hf_tensors, model_config.num_layers))
+    params = params_from_flat(model_config, from_hf_state_dict(hf_tensors, model_config))
     return elmjax_logits(model_config, params, tokens)
 
 

@@ -52,8 +52,8 @@ def loss_and_param_grads(impl: str):
     model = build_model(config.model, seed=0)
     graphdef, params = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(params)
-    run = jax.jit(lambda p, b: loss_and_grads(p, graphdef, b, z_loss_weight=1e-4, accum_steps=1))
-    loss, _, _, grads = run(params, packed_batch(config))
+    run = jax.jit(lambda p, b: loss_and_grads(p, {}, graphdef, b, z_loss_weight=1e-4, accum_steps=1))
+    loss, _, _, _, grads = run(params, packed_batch(config))
     return float(loss), grads
 
 

@@ -155,10 +155,9 @@ def test_import_tool_refuses_an_existing_out_and_a_missing_hf_dir(hf_export, tmp
 
 def test_exported_config_json_of_the_270m_model_matches_apples_lists():
     from elmjax.convert.hf import hf_config
-    from elmjax.models.openelm.layerwise import schedule_from_config
 
     model = openelm_config(num_layers=16, model_dim=1280, head_dim=64, peak_lr=5.3e-3).model
-    exported = hf_config(model, schedule_from_config(model))
+    exported = hf_config(model)
     for key, value in OPENELM_270M_CONFIG.items():
         assert exported[key] == value, key
 

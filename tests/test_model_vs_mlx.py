@@ -19,7 +19,7 @@ def twins(request):
 
 
 def test_scaled_variant_keeps_the_variant_head_schedule(twins):
-    from test_scaling import SPEC_SCHEDULES
+    from test_openelm_layerwise import SPEC_SCHEDULES
 
     variant, config, _, _ = twins
     schedule = schedule_from_config(config.model)

@@ -99,6 +99,8 @@ def test_count_params_tool_prints_params_line_and_schedule():
     )
     lines = result.stdout.splitlines()
     assert lines[0] == "params: 271527168"
+    assert "trainable params: 271527168" in lines
+    assert "family: openelm" in lines
     assert "query heads: 12x5, 16x7, 20x4" in lines
     assert "kv heads: 3x5, 4x7, 5x4" in lines
 

@@ -26,7 +26,7 @@ def train_losses(config, devices):
     step, _ = compile_train_step(setup)
     losses = []
     for index in range(STEPS):
-        state, metrics = step(state, global_batch(setup, synthetic_batch(config, seed=index)))
+        state, metrics = step(state, setup.abstract_frozen, global_batch(setup, synthetic_batch(config, seed=index)))
         losses.append(float(metrics["loss"]))
     return setup, state, losses
 
@@ -54,7 +54,7 @@ def test_params_and_moments_carry_the_rule_shardings():
     assert params["layers"][0]["attn"]["qkv_proj"]["kernel"].sharding.spec == P("fsdp", "tensor")
     assert params["layers"][1]["ffn"]["proj_2"]["kernel"].sharding.spec == P("tensor", "fsdp")
     assert params["norm"]["weight"].sharding.spec == P(None)
-    adam = state["opt_state"][0]  # adamw = chain(scale_by_adam, ...)
+    adam = state["opt_state"].inner_states["decay"].inner_state[0]  # the decayed group's scale_by_adam
     assert adam.mu["layers"][0]["attn"]["out_proj"]["kernel"].sharding.spec == P("tensor", "fsdp")
     assert state["step"].sharding.spec == P()
 

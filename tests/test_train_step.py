@@ -6,6 +6,7 @@ import optax
 import pytest
 from flax import nnx
 
+from elmjax import trainable
 from elmjax.training import optim
 from elmjax.training import step as ts
 from elmjax.layers.decoder import build_model
@@ -16,7 +17,8 @@ from tests.train_micro_config import get_config, synthetic_batch
 def setup():
     config = get_config()
     model = build_model(config.model, 0)
-    graphdef, params = nnx.split(model, nnx.Param)
+    graphdef, params, frozen = trainable.split(model, config.model)
+    assert not jax.tree.leaves(frozen)  # every parameter trains
     return config, model, graphdef, nnx.to_pure_dict(params)
 
 
@@ -35,7 +37,7 @@ def test_loss_is_mean_ce_plus_z_loss_over_loss_mask_tokens(setup):
     logits = model(jnp.asarray(batch["inputs"]), segment_ids=jnp.asarray(batch["segment_ids"]),
                    positions=jnp.asarray(batch["positions"]))
     expected_total, expected_ce = reference_loss(logits, batch["targets"], batch["loss_mask"], 1e-4)
-    loss, ce, z, _ = ts.loss_and_grads(params, graphdef, batch, z_loss_weight=1e-4, accum_steps=1)
+    loss, ce, z, _, _ = ts.loss_and_grads(params, {}, graphdef, batch, z_loss_weight=1e-4, accum_steps=1)
     assert float(loss) == pytest.approx(expected_total, rel=1e-5)
     assert float(ce) == pytest.approx(expected_ce, rel=1e-5)
     assert float(z) > 0
@@ -47,27 +49,27 @@ def test_masked_tokens_do_not_change_loss_or_gradients(setup):
     batch["loss_mask"][:, :4] = 0.0
     changed = {k: v.copy() for k, v in batch.items()}
     changed["targets"][:, :4] = (changed["targets"][:, :4] + 7) % config.model.vocab_size
-    first = ts.loss_and_grads(params, graphdef, batch, z_loss_weight=1e-4, accum_steps=1)
-    second = ts.loss_and_grads(params, graphdef, changed, z_loss_weight=1e-4, accum_steps=1)
+    first = ts.loss_and_grads(params, {}, graphdef, batch, z_loss_weight=1e-4, accum_steps=1)
+    second = ts.loss_and_grads(params, {}, graphdef, changed, z_loss_weight=1e-4, accum_steps=1)
     assert float(first[0]) == float(second[0])
-    jax.tree.map(np.testing.assert_array_equal, first[3], second[3])
+    jax.tree.map(np.testing.assert_array_equal, first[4], second[4])
 
 
 def test_gradient_accumulation_matches_one_big_batch(setup):
     config, _, graphdef, params = setup
     batch = synthetic_batch(config, documents_per_row=3)
     batch["loss_mask"][::3, 10:] = 0.0  # uneven token counts across micro-batches
-    one = ts.loss_and_grads(params, graphdef, batch, z_loss_weight=1e-4, accum_steps=1)
-    four = ts.loss_and_grads(params, graphdef, batch, z_loss_weight=1e-4, accum_steps=4)
+    one = ts.loss_and_grads(params, {}, graphdef, batch, z_loss_weight=1e-4, accum_steps=1)
+    four = ts.loss_and_grads(params, {}, graphdef, batch, z_loss_weight=1e-4, accum_steps=4)
     assert float(four[0]) == pytest.approx(float(one[0]), rel=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7), one[3], four[3])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7), one[4], four[4])
 
 
 def _step(config, graphdef, clip_norm=1.0):
     optimizer = optim.make_optimizer(config.optim, config.train.steps)
     schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
     step = jax.jit(lambda state, batch: ts.train_step(
-        state, batch, graphdef=graphdef, optimizer=optimizer, schedule=schedule,
+        state, {}, batch, graphdef=graphdef, optimizer=optimizer, schedule=schedule,
         z_loss_weight=1e-4, accum_steps=1, clip_norm=clip_norm))
     return optimizer, step
 
@@ -105,7 +107,7 @@ def test_train_step_clips_gradients_to_global_norm_before_adam(setup):
     config.optim.update(peak_lr=1.0, init_lr=1.0, warmup_steps=0, schedule="constant",
                         weight_decay=0.0, b1=0.0, b2=0.0, eps=1.0)
     batch = synthetic_batch(config)
-    _, _, _, grads = ts.loss_and_grads(params, graphdef, batch, z_loss_weight=1e-4, accum_steps=1)
+    _, _, _, _, grads = ts.loss_and_grads(params, {}, graphdef, batch, z_loss_weight=1e-4, accum_steps=1)
     norm = float(optax.tree.norm(grads))
     clip_norm = norm / 4
     optimizer, step = _step(config, graphdef, clip_norm=clip_norm)

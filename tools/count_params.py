@@ -1,10 +1,10 @@
-"""Prints a config's parameter count and per-layer schedule, from abstract shapes only.
+"""Prints a config's parameter counts (total, trainable, non-embedding), its training FLOPs
+per token and its family's per-layer shapes, from abstract shapes only.
 
     python tools/count_params.py --config=configs/3b.py [--config.model.vocab_size=32128]
 """
 from __future__ import annotations
 
-import itertools
 import os
 import sys
 
@@ -13,32 +13,30 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from elmjax import models, trainable  # noqa: E402
 from elmjax.config import validate_for_cli  # noqa: E402
-from elmjax.layers.decoder import abstract_model, count_params  # noqa: E402
+from elmjax.layers.decoder import abstract_model  # noqa: E402
+from elmjax.training.metrics import flops_per_token  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
-
-
-def run_length(values) -> str:
-    """[12, 12, 16] -> '12x2, 16x1'."""
-    return ", ".join(f"{value}x{len(list(group))}" for value, group in itertools.groupby(values))
 
 
 def describe(config) -> list[str]:
     """The lines the tool prints for a validated config."""
     model = abstract_model(config.model)  # ShapeDtypeStructs: nothing is allocated
-    schedule = model.schedule
+    trainable_count, total = trainable.count(model, config.model)
     embedding = config.model.vocab_size * config.model.model_dim
-    total = count_params(model)
-    lines = [
+    family = models.get(config.model.family)
+    return [
         f"params: {total}",
+        f"trainable params: {trainable_count}",
+        f"family: {family.name}",
         f"non-embedding params: {total - embedding}",
-        f"layers: {len(schedule)}",
-        f"query heads: {run_length(s.num_query_heads for s in schedule)}",
-        f"kv heads: {run_length(s.num_kv_heads for s in schedule)}",
-        f"ffn dims: {[s.ffn_dim for s in schedule]}",
+        f"layers: {len(model.schedule)}",
+        f"training FLOPs per token at seq_len {config.train.seq_len} (SPEC §4 + output head): "
+        f"{flops_per_token(config.model, config.train.seq_len):.4g}",
+        *family.describe(config.model),
     ]
-    return lines
 
 
 def main(argv):

@@ -1,4 +1,4 @@
-"""Export an elmjax model to Apple's Hugging Face OpenELM layout (`torch`) or mlx-lm's (`mlx`).
+"""Export an elmjax model to its family's Hugging Face layout (`torch`) or mlx-lm's (`mlx`).
 
 Both targets are a directory with config.json, generation_config.json, safetensors weights
 (sharded with model.safetensors.index.json above `max_shard_bytes`) and tokenizer files. The
@@ -16,7 +16,6 @@ import numpy as np
 from elmjax.convert import hf, mlx
 from elmjax.convert.outdir import atomic_output_dir, check_output_dir
 from elmjax.convert.safetensors_io import DEFAULT_MAX_SHARD_BYTES, source_from_array, write_sharded
-from elmjax.models.openelm.layerwise import schedule_from_config
 
 TARGETS = ("torch", "mlx")
 EXPORT_DTYPES = {
@@ -36,31 +35,6 @@ def check_export_args(target: str, dtype: str, quantize: int | None, group_size:
         if target != "mlx":
             raise ValueError("--quantize applies to --to mlx only (the torch layout is unquantized)")
         mlx.check_quantization(quantize, group_size)
-
-
-# config.model fields the OpenELM layout (and mlx-lm's openelm model) can express, with the
-# only value each may take; other architectures (OLMoE, BTLM) have no OpenELM export.
-_OPENELM_FIXED_FIELDS = {
-    "norm_type": "rms_norm",
-    "qk_norm": "per_head",
-    "position_encoding": "rope",
-    "ffn_type": "swiglu",
-    "use_bias": False,
-    "tie_embeddings": True,
-    "embedding_scale": 1.0,
-    "logit_scale": 1.0,
-    "attention_scale": None,
-}
-
-
-def check_openelm_architecture(model_config) -> None:
-    """Raises ValueError naming the first `config.model` field the OpenELM layout cannot hold."""
-    for field, required in _OPENELM_FIXED_FIELDS.items():
-        if model_config[field] != required:
-            raise ValueError(
-                f"config field `model.{field}` is {model_config[field]!r}; the OpenELM Hugging Face / "
-                f"mlx-lm layout needs {required!r}, so this model cannot be exported"
-            )
 
 
 def real_vocab_rows(model_vocab: int, tokenizer_vocab: int | None) -> int:
@@ -96,12 +70,12 @@ def export_params(
     """
     check_export_args(target, dtype, quantize, group_size)
     check_output_dir(out, overwrite)
-    check_openelm_architecture(model_config)
-    schedule = schedule_from_config(model_config)
+    layout = hf.layout_for(model_config)
+    layout.check_exportable(model_config)
     vocab_rows = real_vocab_rows(model_config.vocab_size, tokenizer.vocab_size if tokenizer else None)
-    tensors = hf.to_hf_state_dict(params, model_config.num_layers, vocab_rows=vocab_rows)
+    tensors = hf.to_hf_state_dict(params, model_config, vocab_rows=vocab_rows)
 
-    config = hf.hf_config(model_config, schedule, torch_dtype=dtype, vocab_size=vocab_rows)
+    config = hf.hf_config(model_config, torch_dtype=dtype, vocab_size=vocab_rows)
     generation_config = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
     if tokenizer is not None:
         config["bos_token_id"] = generation_config["bos_token_id"] = int(tokenizer.bos_id)
@@ -109,7 +83,7 @@ def export_params(
     np_dtype = EXPORT_DTYPES[dtype]
     if target == "mlx":
         config = mlx.mlx_config(config, quantize, group_size)
-        sources = mlx.mlx_sources(tensors, np_dtype, quantize, group_size)
+        sources = mlx.mlx_sources(tensors, np_dtype, quantize, group_size, layout.mlx_quantizable)
         metadata = {"format": "mlx"}
     else:
         sources = [source_from_array(name, array, np_dtype) for name, array in tensors.items()]

@@ -1,8 +1,8 @@
-"""A Hugging Face OpenELM directory -> elmjax config + parameters (for tools/import_hf.py).
+"""A Hugging Face model directory -> elmjax config + parameters (for tools/import_hf.py).
 
-The model section of the config is derived from config.json's few scalar fields (the paper's
-numbers); its per-layer lists (heads, kv heads, FFN multipliers) are then recomputed by
-`elmjax.models.openelm.layerwise` and must equal the file's, because elmjax never stores per-layer lists.
+config.json's `model_type` picks the model family (`elmjax.models.for_hf_model_type`); the
+family's layout turns config.json into `config.model` fields (checking what elmjax derives,
+such as OpenELM's per-layer lists) and HF tensor names into elmjax parameter paths.
 """
 from __future__ import annotations
 
@@ -12,99 +12,46 @@ import os
 import numpy as np
 from flax import nnx
 
+from elmjax import models
 from elmjax.config import base_config, validate
-from elmjax.convert import hf
 from elmjax.convert.safetensors_io import read_model_dir
 from elmjax.layers.decoder import abstract_model
-from elmjax.models.openelm.layerwise import schedule_from_config
+from elmjax.models.family import HFConfigError
+from elmjax.tree import path_name
 
-
-class HFConfigError(ValueError):
-    """config.json describes a model elmjax cannot represent, or contradicts itself."""
-
-
-def _expect(hf_cfg: dict, key: str, allowed) -> None:
-    if key in hf_cfg and hf_cfg[key] not in allowed:
-        raise HFConfigError(f"config.json: {key}={hf_cfg[key]!r} is not supported; elmjax's OpenELM needs {allowed}")
+__all__ = ["HFConfigError", "config_from_hf", "import_hf_dir", "load_hf_dir", "params_from_flat"]
 
 
 def read_hf_config(hf_dir: str | os.PathLike) -> dict:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{hf_dir} has no config.json; expected a Hugging Face OpenELM directory")
+        raise FileNotFoundError(f"{hf_dir} has no config.json; expected a Hugging Face model directory")
     with open(path) as f:
         return json.load(f)
 
 
-def model_fields_from_hf(hf_cfg: dict) -> dict:
-    """elmjax `config.model` fields from an OpenELM config.json (checked against its lists)."""
-    if hf_cfg.get("model_type") != "openelm":
-        raise HFConfigError(f"config.json: model_type={hf_cfg.get('model_type')!r}; only 'openelm' is supported")
-    _expect(hf_cfg, "share_input_output_layers", [True])
-    _expect(hf_cfg, "ffn_with_glu", [True])
-    _expect(hf_cfg, "normalization_layer_name", ["rms_norm"])
-    _expect(hf_cfg, "activation_fn_name", ["swish", "silu"])
-    try:
-        num_layers = int(hf_cfg["num_transformer_layers"])
-        qkv = [float(m) for m in hf_cfg["qkv_multipliers"]]
-        ffn = [float(m) for m in hf_cfg["ffn_multipliers"]]
-        fields = dict(
-            num_layers=num_layers,
-            model_dim=int(hf_cfg["model_dim"]),
-            head_dim=int(hf_cfg["head_dim"]),
-            num_gqa_groups=int(hf_cfg["num_gqa_groups"]),
-            ffn_dim_divisor=int(hf_cfg["ffn_dim_divisor"]),
-            vocab_size=int(hf_cfg["vocab_size"]),
-            max_seq_len=int(hf_cfg["max_context_length"]),
+def family_for(hf_cfg: dict):
+    """The elmjax model family of a config.json (by `model_type`)."""
+    family = models.for_hf_model_type(hf_cfg.get("model_type"))
+    if family is None:
+        known = [models.get(name).hf_layout.model_type for name in models.names() if models.get(name).hf_layout]
+        raise HFConfigError(
+            f"config.json: model_type={hf_cfg.get('model_type')!r} is not a layout elmjax reads; "
+            f"supported: {', '.join(known)}"
         )
-    except KeyError as missing:
-        raise HFConfigError(f"config.json lacks the OpenELM key {missing}") from None
-    # qkv_multipliers is the (first, last) range; ffn_multipliers may be the range or the
-    # per-layer list (Apple's files hold the list).
-    for key, values in (("qkv_multipliers", qkv), ("ffn_multipliers", ffn)):
-        if len(values) not in (2, num_layers):
-            raise HFConfigError(f"config.json: {key} has {len(values)} entries; expected 2 or {num_layers}")
-    fields["qkv_multipliers"] = (qkv[0], qkv[-1])
-    fields["ffn_multipliers"] = (ffn[0], ffn[-1])
-    fields["rope_theta"] = float(hf_cfg.get("rope_freq_constant", 10000))
-    fields["norm_eps"] = float(hf_cfg.get("rms_norm_eps", 1e-6))
-    fields["qk_norm"] = "per_head" if hf_cfg.get("normalize_qk_projections", True) else "none"
-    fields["tie_embeddings"] = True
-    return fields
+    return family
 
 
 def config_from_hf(hf_cfg: dict):
     """A full, validated elmjax config whose model section reproduces config.json exactly."""
-    config = base_config()
-    for name, value in model_fields_from_hf(hf_cfg).items():
+    family = family_for(hf_cfg)
+    config = base_config(family.name)
+    for name, value in family.hf_layout.model_fields(hf_cfg).items():
         config.model[name] = value
     config.train.seq_len = min(config.train.seq_len, config.model.max_seq_len)
     validate(config)
-    check_layer_lists(hf_cfg, config.model)
+    family.hf_layout.check_config(hf_cfg, config.model)
     return config
-
-
-def check_layer_lists(hf_cfg: dict, model_config) -> None:
-    """Raises HFConfigError where config.json's per-layer lists differ from elmjax.models.openelm.layerwise's."""
-    schedule = schedule_from_config(model_config)
-    derived = {
-        "num_query_heads": [layer.num_query_heads for layer in schedule],
-        "num_kv_heads": [layer.num_kv_heads for layer in schedule],
-    }
-    if len(hf_cfg["ffn_multipliers"]) == model_config.num_layers:
-        derived["ffn_multipliers"] = [layer.ffn_multiplier for layer in schedule]
-    for key, ours in derived.items():
-        theirs = hf_cfg.get(key)
-        if theirs is None:
-            continue
-        theirs = [float(v) for v in theirs] if key == "ffn_multipliers" else [int(v) for v in theirs]
-        if theirs != ours:
-            raise HFConfigError(
-                f"config.json: {key}={theirs} differs from the layer-wise scaling rule "
-                f"(elmjax.models.openelm.layerwise) applied to its num_transformer_layers/model_dim/head_dim/"
-                f"qkv_multipliers/ffn_multipliers, which gives {ours}; elmjax cannot represent "
-                "hand-edited per-layer shapes"
-            )
 
 
 def params_from_flat(model_config, flat: dict[str, np.ndarray]) -> nnx.State:
@@ -114,7 +61,7 @@ def params_from_flat(model_config, flat: dict[str, np.ndarray]) -> nnx.State:
     leaves = []
     unused = set(flat)
     for path, variable in nnx.to_flat_state(abstract):
-        name = "/".join(str(p) for p in path)
+        name = path_name(path)
         if name not in flat:
             raise KeyError(f"the weights lack parameter {name}")
         value = flat[name]
@@ -129,7 +76,7 @@ def params_from_flat(model_config, flat: dict[str, np.ndarray]) -> nnx.State:
 
 
 def load_hf_dir(hf_dir: str | os.PathLike):
-    """(config, params) from an HF-format OpenELM directory; params as float32 `nnx.State`."""
+    """(config, params) from an HF-format model directory; params as float32 `nnx.State`."""
     hf_cfg = read_hf_config(hf_dir)
     if "quantization" in hf_cfg:
         raise HFConfigError(
@@ -138,17 +85,12 @@ def load_hf_dir(hf_dir: str | os.PathLike):
         )
     config = config_from_hf(hf_cfg)
     tensors = read_model_dir(hf_dir)
-    num_layers = config.model.num_layers
-    expected = 2 + 8 * num_layers  # embedding, final norm, 8 tensors per block
-    if len(tensors) != expected:
-        raise ValueError(
-            f"{hf_dir} holds {len(tensors)} tensors; an OpenELM with {num_layers} layers and tied "
-            f"embeddings has {expected} (names: SPEC §1)"
-        )
     try:
-        flat = hf.from_hf_state_dict(tensors, num_layers)
+        flat = models.get(config.model.family).hf_layout.from_hf(tensors, config.model)
     except KeyError as missing:
         raise ValueError(f"{hf_dir} lacks the tensor {missing}") from None
+    except ValueError as error:
+        raise ValueError(f"{hf_dir} {error}") from None
     return config, params_from_flat(config.model, flat)
 
 
@@ -161,7 +103,7 @@ def _tokenizer_file(hf_dir) -> str | None:
 
 
 def import_hf_dir(hf_dir: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False, step: int = 0):
-    """Writes an HF OpenELM directory as an elmjax params-only checkpoint workdir at `out`.
+    """Writes an HF model directory as an elmjax params-only checkpoint workdir at `out`.
 
     The tokenizer files (tokenizer.model / tokenizer.json and their configs) are copied to
     `out/tokenizer/` and `config.data.tokenizer` points there, so training (fine-tuning),
@@ -176,7 +118,7 @@ def import_hf_dir(hf_dir: str | os.PathLike, out: str | os.PathLike, *, overwrit
 
     check_output_dir(out, overwrite)
     if not os.path.isdir(hf_dir):
-        raise FileNotFoundError(f"--hf {hf_dir} is not a directory; expected a Hugging Face OpenELM directory")
+        raise FileNotFoundError(f"--hf {hf_dir} is not a directory; expected a Hugging Face model directory")
     config, params = load_hf_dir(hf_dir)
     tokenizer_name = _tokenizer_file(hf_dir)
     final_tokenizer_dir = Path(out).absolute() / "tokenizer"

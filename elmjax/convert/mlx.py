@@ -1,7 +1,8 @@
-"""mlx-lm's layout for OpenELM: the HF names and config.json, plus mlx-lm's quantized format.
+"""mlx-lm's layout: a family's HF names and config.json, plus mlx-lm's quantized format.
 
-mlx-lm's `openelm` model uses Apple's Hugging Face names (`transformer.layers.{i}...`), so an
-unquantized MLX export holds the same tensors as the HF one. A quantized export replaces each
+mlx-lm's models use the Hugging Face names of the architecture they implement (for OpenELM,
+Apple's `transformer.layers.{i}...`), so an unquantized MLX export holds the same tensors as
+the HF one. A quantized export replaces each
 quantizable `X.weight` by mlx-lm's affine triplet — `X.weight` (uint32, `bits` values packed
 per 32-bit word: [out, in * bits / 32]), `X.scales` and `X.biases` ([out, in / group_size], in
 the export dtype) — and config.json gains `"quantization": {"group_size", "bits", "mode"}`
@@ -22,17 +23,6 @@ SUPPORTED_BITS = (4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 QUANTIZATION_MODE = "affine"  # mlx-lm's default mode: per-group scale and bias
 
-# HF weight names of the layers mlx-lm turns into quantized layers (nn.Linear and
-# nn.Embedding have `to_quantized`; RMSNorm does not).
-_QUANTIZABLE_SUFFIXES = (
-    "token_embeddings.weight",
-    "attn.qkv_proj.weight",
-    "attn.out_proj.weight",
-    "ffn.proj_1.weight",
-    "ffn.proj_2.weight",
-)
-
-
 def check_quantization(bits: int, group_size: int) -> None:
     """Raises ValueError unless (bits, group_size) is a quantization this export supports."""
     if bits not in SUPPORTED_BITS:
@@ -47,10 +37,11 @@ def check_quantization(bits: int, group_size: int) -> None:
         )
 
 
-def is_quantizable(name: str, shape: tuple[int, ...], group_size: int) -> bool:
-    """Whether mlx-lm quantizes this tensor: a Linear/Embedding weight whose rows split into
-    whole groups (mlx-lm leaves a layer unquantized otherwise, and so do we)."""
-    return name.endswith(_QUANTIZABLE_SUFFIXES) and len(shape) == 2 and shape[-1] % group_size == 0
+def is_quantizable(name: str, shape: tuple[int, ...], group_size: int, quantizable: tuple[str, ...]) -> bool:
+    """Whether mlx-lm quantizes this tensor: a Linear/Embedding weight (its name ends with one
+    of the layout's `quantizable` suffixes) whose rows split into whole groups (mlx-lm leaves a
+    layer unquantized otherwise, and so do we)."""
+    return name.endswith(quantizable) and len(shape) == 2 and shape[-1] % group_size == 0
 
 
 def _mx_dtype(dtype: np.dtype):
@@ -109,11 +100,13 @@ def quantized_sources(name: str, array, dtype, bits: int, group_size: int) -> li
     ]
 
 
-def mlx_sources(hf_tensors: dict, dtype, bits: int | None = None, group_size: int = 64) -> list[TensorSource]:
-    """Tensors of an MLX export from HF-named arrays: cast to `dtype`, quantized when `bits`."""
+def mlx_sources(hf_tensors: dict, dtype, bits: int | None = None, group_size: int = 64,
+                quantizable: tuple[str, ...] = ()) -> list[TensorSource]:
+    """Tensors of an MLX export from HF-named arrays: cast to `dtype`; when `bits`, the weights
+    named by the layout's `quantizable` suffixes are quantized."""
     sources = []
     for name, array in hf_tensors.items():
-        if bits is not None and is_quantizable(name, tuple(array.shape), group_size):
+        if bits is not None and is_quantizable(name, tuple(array.shape), group_size, quantizable):
             sources.extend(quantized_sources(name, array, dtype, bits, group_size))
         else:
             sources.append(source_from_array(name, array, dtype))

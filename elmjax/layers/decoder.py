@@ -1,62 +1,64 @@
-"""The decoder: embeddings, pre-norm blocks with per-layer shapes, final norm, tied head."""
+"""The decoder: embeddings, pre-norm blocks with per-layer shapes, final norm, output head.
+
+The model family (`config.model.family`, elmjax/models/) decides every layer's shapes and
+builds each block's parts (norm, attention, feed-forward); this file only assembles them.
+"""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from elmjax.layers.attention import Attention
-from elmjax.layers.init import make_init, materialize, param
+from elmjax import models
+from elmjax.layers import aux as aux_terms
+from elmjax.layers.init import materialize, param
 from elmjax.layers.linear import Linear
-from elmjax.layers.mlp import SwiGLU
-from elmjax.layers.norms import make_norm
 from elmjax.layers.positions import rope_tables
-from elmjax.models.openelm.layerwise import schedule_from_config
+from elmjax.layers.remat import REMAT_POLICIES
 from elmjax.parallel.sharding import constrain
-
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
-}
 
 
 class Block(nnx.Module):
-    """`x += attn(attn_norm(x)); x += ffn(ffn_norm(x))`."""
+    """`x += attn(attn_norm(x)); x += ffn(ffn_norm(x))`, with parts made by the family."""
 
-    def __init__(self, model_config, layer_spec, *, init):
+    def __init__(self, family, model_config, layer_spec, *, init):
         cfg = model_config
-        param_dtype = jnp.dtype(cfg.param_dtype)
-        self.attn_norm = make_norm(cfg.norm_type, cfg.model_dim, cfg.norm_eps, cfg.use_bias, param_dtype)
-        self.attn = Attention(cfg, layer_spec.num_query_heads, layer_spec.num_kv_heads, init=init)
-        self.ffn_norm = make_norm(cfg.norm_type, cfg.model_dim, cfg.norm_eps, cfg.use_bias, param_dtype)
-        self.ffn = SwiGLU(
-            cfg.model_dim, layer_spec.ffn_dim, init=init, use_bias=cfg.use_bias,
-            compute_dtype=jnp.dtype(cfg.compute_dtype), param_dtype=param_dtype,
-        )
+        self.attn_norm = family.norm(cfg, cfg.model_dim)
+        self.attn = family.attention(cfg, layer_spec, init)
+        self.ffn_norm = family.norm(cfg, cfg.model_dim)
+        self.ffn = family.feed_forward(cfg, layer_spec, init)
+        self.ffn_has_aux = bool(getattr(self.ffn, "has_aux", False))
+
+    def feed_forward(self, x):
+        """(ffn output, aux dict or None)."""
+        if self.ffn_has_aux:
+            return self.ffn(x)
+        return self.ffn(x), None
 
     def __call__(self, x, rope, segment_ids, cache=None):
-        if cache is not None:  # decoding: returns (x, updated LayerCache); see model/kv_cache.py
+        """x [batch, seq, model_dim] -> (x, aux dict or None); with a cache, (x, LayerCache)."""
+        if cache is not None:  # decoding: returns (x, updated LayerCache); see layers/kv_cache.py
             attn_out, layer_cache = self.attn(self.attn_norm(x), rope=rope, cache=cache)
             x = x + attn_out
-            return x + self.ffn(self.ffn_norm(x)), layer_cache
+            return x + self.feed_forward(self.ffn_norm(x))[0], layer_cache
         x = x + self.attn(self.attn_norm(x), rope=rope, segment_ids=segment_ids)
-        x = x + self.ffn(self.ffn_norm(x))
-        return constrain(x, ("batch", "seq", "embed"))
+        ffn_out, aux = self.feed_forward(self.ffn_norm(x))
+        return constrain(x + ffn_out, ("batch", "seq", "embed")), aux
 
 
 class Transformer(nnx.Module):
     """A decoder-only language model built from a validated `config.model`.
 
-    Layers have different shapes (layer-wise scaling), so they are a list, not a scan.
-    Construct it with `build_model` (initialised) or `abstract_model` (shapes only): the
-    constructor itself only declares parameters (elmjax/layers/init.py).
+    Layers may differ in shape (OpenELM's layer-wise scaling), so they are a list, not a
+    scan. Construct it with `build_model` (initialised) or `abstract_model` (shapes only):
+    the constructor itself only declares parameters (elmjax/layers/init.py).
     """
 
     def __init__(self, model_config):
         cfg = model_config
-        self.schedule = tuple(schedule_from_config(cfg))
+        family = models.get(cfg.family)
+        self.family = cfg.family
+        self.schedule = tuple(family.layer_specs(cfg))
         self.model_dim = cfg.model_dim
         self.head_dim = cfg.head_dim
         self.vocab_size = cfg.vocab_size
@@ -68,13 +70,13 @@ class Transformer(nnx.Module):
         self.compute_dtype = jnp.dtype(cfg.compute_dtype)
         self.remat_policy = cfg.remat_policy
         param_dtype = jnp.dtype(cfg.param_dtype)
-        init = make_init(cfg.init_scheme, cfg.model_dim, cfg.num_layers)
+        init = family.init_rules(cfg)
 
         self.token_embeddings = param(  # [vocab, model_dim]
             (cfg.vocab_size, cfg.model_dim), param_dtype, ("vocab", "embed"), init.embedding()
         )
-        self.layers = nnx.List([Block(cfg, spec, init=init) for spec in self.schedule])
-        self.norm = make_norm(cfg.norm_type, cfg.model_dim, cfg.norm_eps, cfg.use_bias, param_dtype)
+        self.layers = nnx.List([Block(family, cfg, spec, init=init) for spec in self.schedule])
+        self.norm = family.norm(cfg, cfg.model_dim)
         self.lm_head = (  # untied output projection [model_dim, vocab]; None when tied
             None
             if cfg.tie_embeddings
@@ -110,7 +112,7 @@ class Transformer(nnx.Module):
         return constrain(logits, ("batch", "seq", "vocab"))
 
     def __call__(self, tokens, *, segment_ids=None, positions=None, cache=None):
-        """Logits for `tokens`.
+        """Logits for `tokens` (`forward` without the auxiliary terms).
 
         Args:
           tokens: [batch, seq] int token ids.
@@ -118,33 +120,55 @@ class Transformer(nnx.Module):
             attend only within their document. None: the row is one document.
           positions: [batch, seq] int position of each token within its document; default
             0..seq-1. Packed rows restart positions at each document.
-          cache: a `kv_cache.KVCache` (decoding, elmjax/inference/generate.py). The tokens are written at
-            the cache's next slots and also attend to the cached ones; `segment_ids` then
-            marks padding (0) vs real tokens (1) and `positions` must be given per row.
+          cache: a `kv_cache.KVCache` (decoding, elmjax/inference/generate.py). The tokens are
+            written at the cache's next slots and also attend to the cached ones;
+            `segment_ids` then marks padding (0) vs real tokens (1) and `positions` must be
+            given per row.
         Returns:
           [batch, seq, vocab_size] float32 logits; with a cache, (logits, updated KVCache).
         """
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        if cache is not None:
+            return self.decode(tokens, cache, segment_ids=segment_ids, positions=positions)
+        return self.forward(tokens, segment_ids=segment_ids, positions=positions)[0]
+
+    def forward(self, tokens, *, segment_ids=None, positions=None):
+        """(logits [batch, seq, vocab] float32, aux dict) for training; see `__call__` for the
+        arguments and elmjax/layers/aux.py for the aux dict (empty for most families)."""
+        positions = self._positions(tokens, positions)
         h = self.embed(tokens)
         rope = self.rope(positions)
-        if cache is not None:
-            if segment_ids is None:
-                segment_ids = jnp.ones(tokens.shape, jnp.int32)
-            step = cache.begin(segment_ids)
-            layer_caches = []
-            for block, layer_cache in zip(self.layers, cache.layers):
-                h, layer_cache = block(h, rope, None, cache=(layer_cache, step))
-                layer_caches.append(layer_cache)
-            return self.head(self.norm(h)), cache.advance(layer_caches, step, tokens.shape[1])
-        for block in self.layers:
+        per_layer = {}
+        for index, block in enumerate(self.layers):
             if self.remat_policy == "none":
-                h = block(h, rope, segment_ids)
+                h, layer_aux = block(h, rope, segment_ids)
             else:
-                h = nnx.remat(Block.__call__, policy=REMAT_POLICIES[self.remat_policy])(
+                h, layer_aux = nnx.remat(Block.__call__, policy=REMAT_POLICIES[self.remat_policy])(
                     block, h, rope, segment_ids
                 )
-        return self.head(self.norm(h))
+            if layer_aux is not None:
+                per_layer[index] = layer_aux
+        aux = aux_terms.merge_layers(per_layer) if per_layer else aux_terms.empty()
+        return self.head(self.norm(h)), aux
+
+    def decode(self, tokens, cache, *, segment_ids=None, positions=None):
+        """(logits, updated KVCache): `tokens` attend to the cache and are written into it."""
+        positions = self._positions(tokens, positions)
+        h = self.embed(tokens)
+        rope = self.rope(positions)
+        if segment_ids is None:
+            segment_ids = jnp.ones(tokens.shape, jnp.int32)
+        step = cache.begin(segment_ids)
+        layer_caches = []
+        for block, layer_cache in zip(self.layers, cache.layers):
+            h, layer_cache = block(h, rope, None, cache=(layer_cache, step))
+            layer_caches.append(layer_cache)
+        return self.head(self.norm(h)), cache.advance(layer_caches, step, tokens.shape[1])
+
+    @staticmethod
+    def _positions(tokens, positions):
+        if positions is None:
+            return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        return positions
 
 
 def abstract_model(model_config) -> Transformer:
@@ -163,6 +187,7 @@ def build_model(model_config, seed: int = 0, param_sharding=None) -> Transformer
     return materialize(abstract_model(model_config), seed, param_sharding)
 
 
-def count_params(model: nnx.Module) -> int:
-    """Number of parameter elements of a (possibly abstract) model."""
-    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+def count_params(model: nnx.Module, variables=nnx.Param) -> int:
+    """Number of elements of a (possibly abstract) model's `variables` (an nnx filter;
+    default every parameter)."""
+    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, variables)))

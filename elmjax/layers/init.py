@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from elmjax.tree import path_name
+
 
 def param(shape, dtype, logical_axes: tuple, init: tuple) -> nnx.Param:
     """A parameter placeholder of `shape`, annotated with `logical_axes` and its `init` rule.
@@ -54,7 +56,7 @@ def materialize(abstract_module: nnx.Module, seed: int, param_sharding=None) -> 
     """
     graphdef, state = nnx.split(abstract_module)
     for path, variable in nnx.to_flat_state(state):
-        name = "/".join(str(p) for p in path)
+        name = path_name(path)
         metadata = variable.get_metadata()
         if "init" not in metadata:
             raise ValueError(f"parameter {name} has no init rule; create it with elmjax.layers.init.param")
@@ -66,31 +68,3 @@ def materialize(abstract_module: nnx.Module, seed: int, param_sharding=None) -> 
             sharding = param_sharding(metadata["out_sharding"])
             variable.set_value(jax.make_array_from_callback(shape, sharding, lambda index, v=value: v[index]))
     return nnx.merge(graphdef, state)
-
-
-class OpenELMInit:
-    """OpenELM's from-scratch initialisation (SPEC §1), as init rules.
-
-    Linear weights ~ N(0, in_features^-0.5); embedding ~ N(0, d^-0.5); the residual-stream
-    output projections (`out_proj`, `proj_2`) ~ N(0, d^-0.5 * (2 * num_layers)^-0.5).
-    """
-
-    def __init__(self, model_dim: int, num_layers: int):
-        self.model_dim = model_dim
-        self.num_layers = num_layers
-
-    def embedding(self) -> tuple:
-        return ("normal", self.model_dim**-0.5)
-
-    def linear(self, in_features: int) -> tuple:
-        return ("normal", in_features**-0.5)
-
-    def output_projection(self) -> tuple:
-        return ("normal", self.model_dim**-0.5 * (2 * self.num_layers) ** -0.5)
-
-
-def make_init(scheme: str, model_dim: int, num_layers: int):
-    """The initialiser a config names (`model.init_scheme`)."""
-    if scheme == "openelm":
-        return OpenELMInit(model_dim, num_layers)
-    raise ValueError(f"unknown init_scheme {scheme!r}; allowed: openelm")

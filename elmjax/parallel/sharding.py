@@ -12,6 +12,9 @@ import threading
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from elmjax.tree import unflatten
+from elmjax.validation import ConfigError
+
 _active = threading.local()
 
 
@@ -94,8 +97,6 @@ def resolve_mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
 
 
 def _mesh_error(message: str) -> ValueError:
-    from elmjax.config import ConfigError  # local: config imports nothing from here
-
     return ConfigError("mesh", message)
 
 
@@ -130,17 +131,6 @@ def fit_spec_to_shape(spec: PartitionSpec, shape, mesh: Mesh) -> PartitionSpec:
     return PartitionSpec(*fitted)
 
 
-def logical_axes_of(param_state):
-    """Pure dict (like `State.to_pure_dict()`) of each parameter's logical axis names."""
-    from flax import nnx
-
-    flat = {}
-    for path, variable in nnx.to_flat_state(param_state):
-        names = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
-        flat[path] = tuple(names)
-    return _unflatten(flat)
-
-
 def param_shardings(param_state, mesh: Mesh, rules):
     """Pure dict of `NamedSharding`s for an (abstract) `nnx.State` of parameters.
 
@@ -154,7 +144,7 @@ def param_shardings(param_state, mesh: Mesh, rules):
         names = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
         spec = fit_spec_to_shape(logical_to_spec(names, rules), variable.shape, mesh)
         flat[path] = NamedSharding(mesh, spec)
-    return _unflatten(flat)
+    return unflatten(flat)
 
 
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
@@ -165,13 +155,3 @@ def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
 def replicated(mesh: Mesh) -> NamedSharding:
     """A fully replicated sharding on `mesh` (scalars, step counters)."""
     return NamedSharding(mesh, PartitionSpec())
-
-
-def _unflatten(flat: dict) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree

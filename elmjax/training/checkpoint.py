@@ -26,6 +26,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from grain import checkpoint as grain_checkpoint
 
+from elmjax.tree import path_name
+
 log = logging.getLogger("elmjax.training.checkpoint")
 
 CHECKPOINTS = "checkpoints"
@@ -86,8 +88,9 @@ def config_to_dict(config) -> dict:
 
 
 def config_from_dict(data: dict) -> ml_collections.ConfigDict:
-    """A ConfigDict from saved JSON, laid over `base_config()` so tuples and placeholders
-    keep their types; fields unknown to this version are kept as saved."""
+    """A ConfigDict from saved JSON, laid over `base_config(its model family)` so tuples and
+    placeholders keep their types; fields unknown to this version are kept as saved (a
+    config saved before families existed is OpenELM's)."""
     from elmjax.config import base_config
 
     def merge(node, values):
@@ -100,7 +103,7 @@ def config_from_dict(data: dict) -> ml_collections.ConfigDict:
                 with node.unlocked():
                     node[key] = value
 
-    config = base_config()
+    config = base_config(data.get("model", {}).get("family", "openelm"))
     merge(config, data)
     return config
 
@@ -175,20 +178,11 @@ def restore_train_state(workdir, abstract_state, data_iterator):
     return None, None, None
 
 
-def _key_name(key) -> str:
-    """A tree-path key as orbax stores it: dict keys, sequence indices and attribute names
-    all become strings."""
-    for attribute in ("key", "idx", "name"):
-        if hasattr(key, attribute):
-            return str(getattr(key, attribute))
-    return str(key)
-
-
 def _leaf_shapes(tree) -> dict[str, tuple]:
     """{"a/b/0": shape} for every array leaf of `tree` (arrays, abstract arrays or orbax
     array metadata)."""
     return {
-        "/".join(_key_name(key) for key in path): tuple(leaf.shape)
+        path_name(path): tuple(leaf.shape)
         for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
     }
 
@@ -304,7 +298,31 @@ def restore_params(path, step=None):
         args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
     )
     log.info("restored parameters from %s", step_dir)
-    return read_config(step_dir), _int_keys(restored["params"])
+    config = read_config(step_dir)
+    return config, _with_frozen(config, _int_keys(restored["params"]))
+
+
+def _with_frozen(config, params: dict) -> dict:
+    """The trained `params` plus the variables that did not train (elmjax/trainable.py),
+    which checkpoints do not hold: rebuilt from the initialisation seed. Nothing to add when
+    every variable trains (the default)."""
+    from flax import nnx
+
+    from elmjax import trainable
+    from elmjax.layers.decoder import abstract_model, build_model
+
+    _, _, frozen = trainable.split(abstract_model(config.model), config.model)
+    if not jax.tree.leaves(frozen):
+        return params
+    _, _, frozen = trainable.split(build_model(config.model, config.train.seed), config.model)
+    merged = jax.tree.map(np.asarray, nnx.to_pure_dict(frozen))
+
+    def overlay(base, update):
+        for key, value in update.items():
+            base[key] = overlay(base.get(key, {}), value) if isinstance(value, dict) else value
+        return base
+
+    return overlay(merged, params)
 
 
 def load_model(path, step=None):

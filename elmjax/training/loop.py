@@ -5,9 +5,18 @@ around it is `python -m elmjax.train` (elmjax/train.py).
 """
 from __future__ import annotations
 
+import math
 import signal
 import time
 import zlib
+
+import jax
+
+from elmjax.data.pipeline import make_eval_iterator, make_train_iterator
+from elmjax.training import checkpoint as ckpt
+from elmjax.training import metrics as mt
+from elmjax.training import step as ts
+from elmjax.training import setup as setup_lib
 
 
 class StopRequest:
@@ -43,20 +52,13 @@ class StopRequest:
         return f"received {self.signal}" if self.signal else "another process received a stop signal"
 
 
-def heldout_loss(setup, eval_step, params) -> dict:
+def heldout_loss(setup, eval_step, params, frozen) -> dict:
     """Held-out loss and perplexity over up to `config.eval.batches` batches."""
-    import math
-
-    import jax
-
-    from elmjax.data.pipeline import make_eval_iterator
-    from elmjax.training.setup import global_batch
-
     total, tokens = 0.0, 0.0
     for index, batch in enumerate(make_eval_iterator(setup.config)):
         if index >= setup.config.eval.batches:
             break
-        ce_sum, count = jax.device_get(eval_step(params, global_batch(setup, batch)))
+        ce_sum, count = jax.device_get(eval_step(params, frozen, setup_lib.global_batch(setup, batch)))
         total, tokens = total + float(ce_sum), tokens + float(count)
     loss = total / max(tokens, 1.0)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)), "eval_tokens": tokens}
@@ -64,25 +66,20 @@ def heldout_loss(setup, eval_step, params) -> dict:
 
 def train(config, workdir, log=print) -> dict:
     """Trains to `config.train.steps`, resuming from WORKDIR; returns the last metrics."""
-    import jax
-
-    from elmjax.training import checkpoint as ckpt
-    from elmjax.training import metrics as mt
-    from elmjax.training import step as ts
-    from elmjax.data.pipeline import make_train_iterator
-    from elmjax.training.setup import build_setup, compile_train_step, global_batch, initial_state
-
     workdir = ckpt.prepare_workdir(workdir)
     primary = jax.process_index() == 0
     log = log if primary else (lambda *args: None)
     if primary:
         (workdir / "config.json").write_text(config.to_json(indent=2))
-    setup = build_setup(config)
-    log(f"workdir {workdir.resolve()} | mesh {dict(setup.mesh.shape)} | {setup.num_params:,} parameters")
+    setup = setup_lib.build_setup(config)
+    log(f"workdir {workdir.resolve()} | mesh {dict(setup.mesh.shape)} | {setup.num_params:,} parameters"
+        + ("" if setup.num_trainable == setup.num_params else f" ({setup.num_trainable:,} trainable)"))
     data = make_train_iterator(config)
-    step, state = initial_state(setup, workdir, data, log)
-    train_step, compile_seconds = compile_train_step(setup)
-    eval_step = ts.make_jit_eval_step(config, setup.graphdef, setup.param_shardings, setup.batch_sharding, setup.mesh)
+    step, state, frozen = setup_lib.initial_state(setup, workdir, data, log)
+    train_step, compile_seconds = setup_lib.compile_train_step(setup)
+    eval_step = ts.make_jit_eval_step(
+        config, setup.graphdef, setup.param_shardings, setup.frozen_shardings, setup.batch_sharding, setup.mesh
+    )
     log(f"compiled the train step in {compile_seconds:.1f} s")
     manager = ckpt.make_manager(workdir, config.checkpoint)
     writer = mt.MetricsWriter(workdir, enabled=primary)
@@ -99,7 +96,7 @@ def train(config, workdir, log=print) -> dict:
     interval_start, interval_steps, remeasured = time.perf_counter(), 0, False
     while step < config.train.steps:
         local = next(data)
-        state, metrics = train_step(state, global_batch(setup, local))
+        state, metrics = train_step(state, frozen, setup_lib.global_batch(setup, local))
         step, interval_steps = step + 1, interval_steps + 1
         stopping = stop.requested(step, config.train.stop_check_every)
         if step % config.train.log_every == 0 or step == config.train.steps or stopping:
@@ -113,6 +110,7 @@ def train(config, workdir, log=print) -> dict:
                 "mfu": mt.mfu(tokens_per_sec, flops_per_token, peak, peak_units),
                 "step_time": elapsed / interval_steps, "nonfinite_steps": nonfinite,
                 "batch_crc32": zlib.crc32(local["inputs"].tobytes()),
+                **{name: value for name, value in metrics.items() if name.startswith("aux/")},
             }
             if on_cpu and last["mfu"] and last["mfu"] > 1.0 and not remeasured:  # peak measured under load
                 remeasured, peak = True, mt.remeasure_cpu_peak()
@@ -135,7 +133,7 @@ def train(config, workdir, log=print) -> dict:
         if step % config.checkpoint.every_steps == 0 or step == config.train.steps or stopping:
             ckpt.save(manager, step, state, data, config, force=True)
         if config.eval.every_steps and (step % config.eval.every_steps == 0 or step == config.train.steps):
-            results = heldout_loss(setup, eval_step, state["params"])
+            results = heldout_loss(setup, eval_step, state["params"], frozen)
             writer.write(step, results)
             log(f"step {step}: held-out loss {results['eval_loss']:.4f}, perplexity {results['eval_perplexity']:.2f}")
             interval_start = time.perf_counter()
@@ -146,13 +144,12 @@ def train(config, workdir, log=print) -> dict:
     manager.close()
     writer.close()
     if primary and config.train.sample_at_end and step >= config.train.steps:
-        _print_sample(config, state, setup, log)
+        _print_sample(config, state, frozen, setup, log)
     return last
 
 
-def _print_sample(config, state, setup, log) -> None:
+def _print_sample(config, state, frozen, setup, log) -> None:
     """A short greedy continuation from the trained model (elmjax.generate)."""
-    import jax
     from flax import nnx
 
     try:
@@ -161,8 +158,7 @@ def _print_sample(config, state, setup, log) -> None:
     except ImportError as error:  # generation is optional for training
         log(f"(no sample: {error})")
         return
-    params = jax.device_get(state["params"])
-    model = nnx.merge(setup.graphdef, params)
+    model = nnx.merge(setup.graphdef, jax.device_get(state["params"]), jax.device_get(frozen))
     text = sample_text(model, load_tokenizer(config), "The", 40, max_seq_len=config.model.max_seq_len)
     log(f"sample: The{text}")
 

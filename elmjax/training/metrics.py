@@ -1,11 +1,13 @@
 """Training FLOPs, MFU and throughput, and the metrics writers (JSONL + TensorBoard).
 
-FLOPs per token follow shared/SPEC.md §4, summed layer by layer because OpenELM's layers
-differ in width:
-  6 * (non-embedding matmul weights of the layer) + 6 * seq_len * q_heads_i * head_dim
-plus, by default, 6 * vocab * model_dim for the output-logit matmul (tied or not). Norm
-weights are left out (they do no matmul). `flops_per_token(..., include_output_head=False)`
-gives the bare SPEC §4 count.
+FLOPs per token follow shared/SPEC.md §4, summed layer by layer because layers may differ
+in width (OpenELM):
+  6 * (matmul weights of the layer that a token uses) + 6 * seq_len * q_heads_i * head_dim
+plus, by default, 6 * vocab * model_dim for the output-logit matmul (tied or not). The model
+family says which weights a token uses (`ModelFamily.layer_matmul_params`: all of a dense
+layer, the routed experts' share of an MoE layer). Norm weights are left out (they do no
+matmul). `flops_per_token(..., include_output_head=False)` gives the bare SPEC §4 count.
+This is the one FLOPs counter: MFU in training and every benchmark use it.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elmjax.models.openelm.layerwise import schedule_from_config
+from elmjax import models
 
 # Dense peak FLOP/s per device for the compute dtypes used in training (bf16 where listed).
 _KNOWN_PEAKS = {
@@ -35,13 +37,11 @@ _KNOWN_PEAKS = {
 
 def layer_flops_per_token(model_config, seq_len: int) -> list[float]:
     """Training FLOPs per token of each transformer layer (weights + causal attention)."""
-    d, hd = model_config.model_dim, model_config.head_dim
+    family = models.get(model_config.family)
     per_layer = []
-    for spec in schedule_from_config(model_config):
-        q, kv, inner = spec.num_query_heads, spec.num_kv_heads, spec.ffn_dim
-        matmul_weights = d * (q + 2 * kv) * hd + q * hd * d + d * 2 * inner + inner * d
-        attention = 6 * seq_len * q * hd  # causal: half of 12 * s * d_attn
-        per_layer.append(6.0 * matmul_weights + attention)
+    for spec in family.layer_specs(model_config):
+        attention = 6 * seq_len * spec.num_query_heads * model_config.head_dim  # causal: half of 12 * s * d_attn
+        per_layer.append(6.0 * family.layer_matmul_params(model_config, spec) + attention)
     return per_layer
 
 

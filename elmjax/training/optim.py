@@ -1,9 +1,13 @@
-"""The optimizer: AdamW with OpenELM's schedule, weight-decay mask and gradient clipping.
+"""The optimizer: AdamW over parameter groups, OpenELM's schedule, gradient clipping.
 
 Recipe (shared/SPEC.md §1): AdamW (b1 0.9, b2 0.95, eps 1e-8), weight decay 0.1 on 2-D
 weights only (norm weights get none, the embedding is decayed), global-norm clip 1.0, linear
 warmup from `init_lr` to `peak_lr`, then cosine (or linear) decay to
 `final_lr_ratio * peak_lr` at the last step.
+
+Parameter groups are labels over the trainable parameter tree (`param_groups`, the one place
+that assigns them); each group gets its own AdamW (`optax.multi_transform`), so a group can
+differ in weight decay (and, with muP or adapters, in learning rate).
 """
 from __future__ import annotations
 
@@ -49,12 +53,18 @@ def _warmup(init: float, peak: float, steps: int) -> optax.Schedule:
     return schedule
 
 
-def weight_decay_mask(params):
-    """True for parameters that get weight decay: the 2-D weights (linear kernels, embedding).
+DECAY, NO_DECAY = "decay", "no_decay"
 
-    Norm weights and biases (1-D) are not decayed.
-    """
-    return jax.tree.map(lambda p: jnp.ndim(p) == 2, params)
+
+def param_groups(params):
+    """The group label of every trainable parameter: `decay` for the 2-D weights (linear
+    kernels, embedding), `no_decay` for norm weights and biases (1-D)."""
+    return jax.tree.map(lambda p: DECAY if jnp.ndim(p) >= 2 else NO_DECAY, params)
+
+
+def weight_decay_mask(params):
+    """True for parameters that get weight decay (the `decay` group)."""
+    return jax.tree.map(lambda label: label == DECAY, param_groups(params))
 
 
 def clip_by_global_norm(grads, grad_norm, max_norm: float):
@@ -71,17 +81,18 @@ def clip_by_global_norm(grads, grad_norm, max_norm: float):
 
 
 def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformation:
-    """AdamW for `config.optim`; the schedule spans `total_steps` steps.
+    """AdamW for `config.optim` per parameter group; the schedule spans `total_steps` steps.
 
     Gradient clipping (`optim.clip_norm`) is not part of it: the train step clips with
     `clip_by_global_norm` before calling the optimizer.
     """
     schedule = learning_rate_schedule(optim_config, total_steps)
-    return optax.adamw(
-        schedule,
-        b1=float(optim_config.b1),
-        b2=float(optim_config.b2),
-        eps=float(optim_config.eps),
-        weight_decay=float(optim_config.weight_decay),
-        mask=weight_decay_mask,
-    )
+
+    def adamw(weight_decay: float):
+        return optax.adamw(
+            schedule, b1=float(optim_config.b1), b2=float(optim_config.b2), eps=float(optim_config.eps),
+            weight_decay=weight_decay,
+        )
+
+    groups = {DECAY: adamw(float(optim_config.weight_decay)), NO_DECAY: adamw(0.0)}
+    return optax.multi_transform(groups, param_groups)

@@ -10,11 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from elmjax import trainable
+from elmjax.layers.decoder import abstract_model, build_model
+from elmjax.parallel import sharding as shd
 from elmjax.training import checkpoint as ckpt
 from elmjax.training import optim
-from elmjax.parallel import sharding as shd
 from elmjax.training import step as ts
-from elmjax.layers.decoder import abstract_model, build_model, count_params
 
 
 @dataclasses.dataclass
@@ -26,52 +27,78 @@ class Setup:
     graphdef: object
     optimizer: object
     schedule: object
-    param_shardings: dict
+    param_shardings: dict  # of the trainable parameters
+    frozen_shardings: dict  # of the frozen variables (elmjax/trainable.py; usually empty)
     state_shardings: dict
     batch_sharding: jax.sharding.NamedSharding
     abstract_state: dict  # ShapeDtypeStructs carrying their shardings
-    num_params: int
+    abstract_frozen: dict  # likewise, for the frozen variables
+    num_params: int  # every parameter element
+    num_trainable: int  # the elements that train
+
+
+def _abstract_with(shardings, tree):
+    return jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), tree, shardings
+    )
 
 
 def build_setup(config, devices=None) -> Setup:
     """Mesh, shardings and the abstract train state for `config` (allocates nothing)."""
     mesh = shd.make_mesh(config.mesh, devices)
     model = abstract_model(config.model)
-    graphdef, param_state = nnx.split(model, nnx.Param)
-    param_shardings = shd.param_shardings(param_state, mesh, config.mesh.rules)
+    graphdef, train_state, frozen_state = trainable.split(model, config.model)
+    param_shardings = shd.param_shardings(train_state, mesh, config.mesh.rules)
+    frozen_shardings = shd.param_shardings(frozen_state, mesh, config.mesh.rules)
     optimizer = optim.make_optimizer(config.optim, config.train.steps)
     schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
-    abstract = jax.eval_shape(lambda p: ts.init_train_state(p, optimizer), nnx.to_pure_dict(param_state))
+    abstract = jax.eval_shape(lambda p: ts.init_train_state(p, optimizer), nnx.to_pure_dict(train_state))
     state_shardings = ts.state_shardings(abstract, param_shardings, mesh)
-    abstract = jax.tree.map(
-        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-        abstract, state_shardings,
-    )
+    num_trainable, num_params = trainable.count(model, config.model)
     return Setup(
         config=config, mesh=mesh, graphdef=graphdef, optimizer=optimizer, schedule=schedule,
-        param_shardings=param_shardings, state_shardings=state_shardings,
-        batch_sharding=shd.batch_sharding(mesh, config.mesh.rules), abstract_state=abstract,
-        num_params=count_params(model),
+        param_shardings=param_shardings, frozen_shardings=frozen_shardings, state_shardings=state_shardings,
+        batch_sharding=shd.batch_sharding(mesh, config.mesh.rules),
+        abstract_state=_abstract_with(state_shardings, abstract),
+        abstract_frozen=_abstract_with(frozen_shardings, nnx.to_pure_dict(frozen_state)),
+        num_params=num_params, num_trainable=num_trainable,
     )
 
 
-def fresh_params(setup: Setup):
-    """Initialised parameters created directly in their shardings (never whole on one device)."""
+def fresh_variables(setup: Setup):
+    """(trainable params, frozen variables) freshly initialised, created directly in their
+    shardings (never whole on one device)."""
     config = setup.config
 
     def init():
-        return nnx.to_pure_dict(nnx.split(build_model(config.model, config.train.seed), nnx.Param)[1])
+        _, train_state, frozen_state = trainable.split(build_model(config.model, config.train.seed), config.model)
+        return nnx.to_pure_dict(train_state), nnx.to_pure_dict(frozen_state)
 
-    return jax.jit(init, out_shardings=setup.param_shardings)()
+    return jax.jit(init, out_shardings=(setup.param_shardings, setup.frozen_shardings))()
+
+
+def fresh_params(setup: Setup):
+    """Freshly initialised trainable parameters in their shardings."""
+    return fresh_variables(setup)[0]
+
+
+def frozen_variables(setup: Setup):
+    """The frozen variables of a run: from the initialisation seed (nothing is frozen by
+    default, and then this is an empty dict without initialising anything)."""
+    if not jax.tree.leaves(setup.abstract_frozen):
+        return setup.abstract_frozen
+    return fresh_variables(setup)[1]
 
 
 def initial_state(setup: Setup, workdir, data_iterator, log=print):
-    """(step, state): resumed from WORKDIR's newest complete checkpoint, else started from
-    `train.init_from`'s (or a params-only checkpoint's) parameters, else freshly initialised."""
+    """(step, state, frozen): resumed from WORKDIR's newest complete checkpoint, else started
+    from `train.init_from`'s (or a params-only checkpoint's) parameters, else freshly
+    initialised. `frozen` holds the variables that do not train (elmjax/trainable.py)."""
+    frozen = frozen_variables(setup)
     step, restored, kind = ckpt.restore_train_state(workdir, setup.abstract_state, data_iterator)
     if kind == "train":
         log(f"resumed from {ckpt.checkpoint_dir(workdir) / str(step)} (step {step})")
-        return int(step), restored
+        return int(step), restored, frozen
     if kind == "params":
         log(f"starting from the parameters of {ckpt.checkpoint_dir(workdir) / str(step)} with a fresh optimizer")
         params = restored["params"]
@@ -82,7 +109,7 @@ def initial_state(setup: Setup, workdir, data_iterator, log=print):
         log(f"no checkpoint in {workdir}; initialising a new model (seed {setup.config.train.seed})")
         params = fresh_params(setup)
     init = jax.jit(lambda p: ts.init_train_state(p, setup.optimizer), out_shardings=setup.state_shardings)
-    return 0, init(params)
+    return 0, init(params), frozen
 
 
 def abstract_batch(setup: Setup) -> dict:
@@ -105,10 +132,10 @@ def compile_train_step(setup: Setup):
     """(compiled step, seconds to lower and compile) for the configured mesh and batch."""
     jitted = ts.make_jit_train_step(
         setup.config, setup.graphdef, setup.optimizer, setup.schedule,
-        setup.state_shardings, setup.batch_sharding, setup.mesh,
+        setup.state_shardings, setup.frozen_shardings, setup.batch_sharding, setup.mesh,
     )
     start = time.perf_counter()
-    compiled = jitted.lower(setup.abstract_state, abstract_batch(setup)).compile()
+    compiled = jitted.lower(setup.abstract_state, setup.abstract_frozen, abstract_batch(setup)).compile()
     return compiled, time.perf_counter() - start
 
 
@@ -144,7 +171,7 @@ def dry_run(config, log=print) -> dict:
     memory = memory_report(compiled)
     gib = 2.0**30
     log(f"mesh {dict(setup.mesh.shape)} on {setup.mesh.devices.size} {jax.devices()[0].platform} devices")
-    log(f"parameters: {setup.num_params:,}")
+    log(f"parameters: {setup.num_params:,} ({setup.num_trainable:,} trainable)")
     log(f"batch {config.train.batch_size} x {config.train.seq_len} tokens, "
         f"grad_accum_steps {config.train.grad_accum_steps}, remat {config.model.remat_policy}")
     log(f"compile time: {seconds:.1f} s")

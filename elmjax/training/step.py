@@ -1,13 +1,20 @@
 """The train state, the loss, and one jit-compiled optimizer step.
 
 The train state is a plain dict pytree, so optax, orbax and `jax.jit` see only arrays:
-  params           pure dict of float32 parameters (`nnx.State.to_pure_dict()` layout)
+  params           pure dict of the float32 parameters that train (elmjax/trainable.py),
+                   in `nnx.State.to_pure_dict()` layout
   opt_state        optax state of `make_optimizer`
   step             int32 scalar: optimizer steps taken
   nonfinite_steps  int32 scalar: steps whose update was skipped for a non-finite loss/grad
 
+The frozen variables (what the trainable filter leaves out; usually none) are a separate
+pure dict passed beside the state: they take part in the forward pass only.
+
 A batch is a dict of [global_batch, seq] arrays with the keys of the data contract
 (inputs, targets, segment_ids, positions, loss_mask).
+
+The model's auxiliary losses (elmjax/layers/aux.py) are added to the loss with their weights,
+and every auxiliary term is returned in the metrics as `aux/<name>`.
 """
 from __future__ import annotations
 
@@ -18,8 +25,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from elmjax.training import optim
+from elmjax.layers import aux as aux_terms
 from elmjax.parallel import sharding as shd
+from elmjax.training import optim
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -46,18 +54,22 @@ def token_losses(logits, targets, z_loss_weight: float):
     return log_normalizer - target_logit, z_loss_weight * jnp.square(log_normalizer)
 
 
-def summed_loss(params, graphdef, batch, z_loss_weight: float, scale=1.0):
-    """`scale` * sums over `loss_mask` tokens: (ce + z, (ce, z)).
+def summed_loss(params, frozen, graphdef, batch, z_loss_weight: float, scale=1.0, aux_scale=1.0):
+    """`scale` * sums over `loss_mask` tokens of (ce + z), plus `aux_scale` * the weighted
+    auxiliary losses. Returns (total, (ce, z, weighted aux losses, aux values)).
 
     The train step passes scale = 1 / (the batch's loss tokens), so the gradient comes out
-    already averaged (no extra pass over the gradients to divide them).
+    already averaged (no extra pass over the gradients to divide them), and aux_scale =
+    1 / micro-batches (auxiliary losses are means over a micro-batch).
     """
-    model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+    model = nnx.merge(graphdef, params, frozen)
+    logits, aux = model.forward(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
     ce, z = token_losses(logits, batch["targets"], z_loss_weight)
     mask = batch["loss_mask"].astype(jnp.float32)
     ce_sum, z_sum = jnp.sum(ce * mask) * scale, jnp.sum(z * mask) * scale
-    return ce_sum + z_sum, (ce_sum, z_sum)
+    aux_loss = aux_scale * aux_terms.weighted_sum(aux)
+    aux_values = {name: value * aux_scale for name, value in aux_terms.values(aux).items()}
+    return ce_sum + z_sum + aux_loss, (ce_sum, z_sum, aux_loss, aux_values)
 
 
 def _micro_batches(batch, accum_steps: int):
@@ -73,32 +85,38 @@ def _micro_batches(batch, accum_steps: int):
     return {key: split(value) for key, value in batch.items()}
 
 
-def loss_and_grads(params, graphdef, batch, *, z_loss_weight: float, accum_steps: int):
+def loss_and_grads(params, frozen, graphdef, batch, *, z_loss_weight: float, accum_steps: int):
     """Mean loss over the batch's loss tokens and its gradient, accumulated in micro-batches.
 
-    Every micro-batch's summed loss is divided by the whole batch's token count, so the
-    result equals the one-shot mean whatever `accum_steps` is.
-    Returns (loss, ce, z, grads), losses float32 scalars.
+    Every micro-batch's summed loss is divided by the whole batch's token count (and its
+    auxiliary losses by the number of micro-batches), so the result equals the one-shot mean
+    whatever `accum_steps` is.
+    Returns (loss, ce, z, aux values, grads): losses float32 scalars, aux values a dict of
+    the auxiliary terms (each averaged over micro-batches).
     """
     inverse_tokens = 1.0 / jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
     grad_fn = jax.grad(summed_loss, has_aux=True)
     if accum_steps == 1:
-        grads, (ce, z) = grad_fn(params, graphdef, batch, z_loss_weight, inverse_tokens)
-        return ce + z, ce, z, grads
+        grads, (ce, z, aux_loss, aux) = grad_fn(params, frozen, graphdef, batch, z_loss_weight, inverse_tokens)
+        return ce + z + aux_loss, ce, z, aux, grads
 
     def micro_step(carry, micro):
-        grad_sum, ce_sum, z_sum = carry
-        grads, (ce, z) = grad_fn(params, graphdef, micro, z_loss_weight, inverse_tokens)
-        return (jax.tree.map(jnp.add, grad_sum, grads), ce_sum + ce, z_sum + z), None
+        grads, terms = grad_fn(params, frozen, graphdef, micro, z_loss_weight, inverse_tokens, 1.0 / accum_steps)
+        return (jax.tree.map(jnp.add, carry[0], grads), jax.tree.map(jnp.add, carry[1], terms)), None
 
-    zeros = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0))
-    (grads, ce, z), _ = jax.lax.scan(micro_step, zeros, _micro_batches(batch, accum_steps))
-    return ce + z, ce, z, grads
+    micro_batches = _micro_batches(batch, accum_steps)
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    term_shapes = jax.eval_shape(lambda: summed_loss(params, frozen, graphdef, first, z_loss_weight)[1])
+    zeros = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), term_shapes))
+    (grads, (ce, z, aux_loss, aux)), _ = jax.lax.scan(micro_step, zeros, micro_batches)
+    return ce + z + aux_loss, ce, z, aux, grads
 
 
-def train_step(state, batch, *, graphdef, optimizer, schedule, z_loss_weight, accum_steps,
+def train_step(state, frozen, batch, *, graphdef, optimizer, schedule, z_loss_weight, accum_steps,
                clip_norm=0.0):
     """One optimizer step. Returns (new_state, metrics dict of float32/int32 scalars).
+
+    `frozen`: the variables that do not train (pure dict; may be empty).
 
     Gradients are clipped to global norm `clip_norm` (0 = no clipping) before `optimizer`;
     the reported `grad_norm` is the norm before clipping.
@@ -107,8 +125,8 @@ def train_step(state, batch, *, graphdef, optimizer, schedule, z_loss_weight, ac
     host decides whether to abort); `nonfinite_steps` counts such steps.
     """
     params = state["params"]
-    loss, ce, z, grads = loss_and_grads(
-        params, graphdef, batch, z_loss_weight=z_loss_weight, accum_steps=accum_steps
+    loss, ce, z, aux, grads = loss_and_grads(
+        params, frozen, graphdef, batch, z_loss_weight=z_loss_weight, accum_steps=accum_steps
     )
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -136,13 +154,14 @@ def train_step(state, batch, *, graphdef, optimizer, schedule, z_loss_weight, ac
         "lr": jnp.asarray(schedule(state["step"]), jnp.float32),
         "finite": finite,
         "tokens": jnp.sum(batch["loss_mask"]),
+        **{f"aux/{name}": value for name, value in aux.items()},
     }
     return new_state, metrics
 
 
-def eval_step(params, batch, *, graphdef):
+def eval_step(params, frozen, batch, *, graphdef):
     """Summed cross-entropy and token count over `loss_mask` (no z-loss): for perplexity."""
-    _, (ce_sum, _) = summed_loss(params, graphdef, batch, 0.0)
+    _, (ce_sum, *_) = summed_loss(params, frozen, graphdef, batch, 0.0)
     return ce_sum, jnp.sum(batch["loss_mask"].astype(jnp.float32))
 
 
@@ -180,7 +199,7 @@ def _opt_state_shardings(abstract_state, param_shardings, replicated):
     return jax.tree_util.tree_map_with_path(pick, abstract_state["opt_state"])
 
 
-def make_jit_train_step(config, graphdef, optimizer, schedule, shardings, batch_sharding, mesh):
+def make_jit_train_step(config, graphdef, optimizer, schedule, shardings, frozen_shardings, batch_sharding, mesh):
     """`jax.jit` of `train_step` with explicit in/out shardings and the state donated."""
     step = functools.partial(
         train_step,
@@ -193,28 +212,28 @@ def make_jit_train_step(config, graphdef, optimizer, schedule, shardings, batch_
     )
     rules = tuple(config.mesh.rules)
 
-    def run(state, batch):
+    def run(state, frozen, batch):
         with shd.use_rules(mesh, rules):
-            return step(state, batch)
+            return step(state, frozen, batch)
 
     batch_shardings = {key: batch_sharding for key in BATCH_KEYS}
     return jax.jit(
         run,
-        in_shardings=(shardings, batch_shardings),
+        in_shardings=(shardings, frozen_shardings, batch_shardings),
         out_shardings=(shardings, shd.replicated(mesh)),
         donate_argnums=(0,),
     )
 
 
-def make_jit_eval_step(config, graphdef, param_shardings, batch_sharding, mesh):
+def make_jit_eval_step(config, graphdef, param_shardings, frozen_shardings, batch_sharding, mesh):
     """`jax.jit` of `eval_step` under the same shardings as training."""
     rules = tuple(config.mesh.rules)
 
-    def run(params, batch):
+    def run(params, frozen, batch):
         with shd.use_rules(mesh, rules):
-            return eval_step(params, batch, graphdef=graphdef)
+            return eval_step(params, frozen, batch, graphdef=graphdef)
 
     batch_shardings = {key: batch_sharding for key in BATCH_KEYS}
     return jax.jit(
-        run, in_shardings=(param_shardings, batch_shardings), out_shardings=shd.replicated(mesh)
+        run, in_shardings=(param_shardings, frozen_shardings, batch_shardings), out_shardings=shd.replicated(mesh)
     )

@@ -12,16 +12,15 @@ from typing import Sequence
 
 import numpy as np
 
+from elmjax.models.family import LayerSpec
+
 
 @dataclasses.dataclass(frozen=True)
-class LayerSpec:
-    """Shapes of one transformer layer."""
+class ScaledLayerSpec(LayerSpec):
+    """One layer's shapes plus the multipliers they came from (config.json keeps them)."""
 
-    num_query_heads: int
-    num_kv_heads: int
-    ffn_dim: int  # inner (hidden) width I of the SwiGLU FFN
-    qkv_multiplier: float  # alpha_i, kept for export (config.json)
-    ffn_multiplier: float  # beta_i, kept for export (config.json)
+    qkv_multiplier: float = 1.0  # alpha_i
+    ffn_multiplier: float = 1.0  # beta_i
 
 
 def make_divisible(value: float, divisor: int, min_value: int | None = None) -> int:
@@ -52,11 +51,10 @@ def layer_schedule(
     qkv_multipliers: Sequence[float],
     ffn_multipliers: Sequence[float],
     ffn_dim_divisor: int,
-) -> list[LayerSpec]:
+) -> list[ScaledLayerSpec]:
     """The per-layer heads and FFN widths for a layer-wise scaled decoder.
 
-    A range with equal ends (e.g. `(1.0, 1.0)`) gives a uniform model, which is how the
-    non-OpenELM architectures (OLMoE, BTLM) reuse this function.
+    A range with equal ends (e.g. `(1.0, 1.0)`) gives a uniform model.
     """
     alphas = interpolate_multipliers(qkv_multipliers, num_layers)
     betas = interpolate_multipliers(ffn_multipliers, num_layers)
@@ -65,7 +63,7 @@ def layer_schedule(
         query_dim = make_divisible(model_dim * alpha, divisor=head_dim * num_gqa_groups)
         num_query_heads = query_dim // head_dim
         specs.append(
-            LayerSpec(
+            ScaledLayerSpec(
                 num_query_heads=num_query_heads,
                 num_kv_heads=num_query_heads // num_gqa_groups,
                 ffn_dim=make_divisible(beta * model_dim, divisor=ffn_dim_divisor),
@@ -76,8 +74,8 @@ def layer_schedule(
     return specs
 
 
-def schedule_from_config(model_config) -> list[LayerSpec]:
-    """`layer_schedule` for a validated `config.model` (see elmjax/config.py)."""
+def schedule_from_config(model_config) -> list[ScaledLayerSpec]:
+    """`layer_schedule` for a validated OpenELM `config.model`."""
     return layer_schedule(
         num_layers=model_config.num_layers,
         model_dim=model_config.model_dim,

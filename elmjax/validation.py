@@ -1,0 +1,32 @@
+"""Config errors and the small checks every config section (and every model family) uses.
+
+Kept apart from `elmjax.config` so that model families can validate their own fields without
+importing the schema that lists them (no import cycle).
+"""
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A configuration field holds a value that elmjax cannot run with."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"config field `{field}`: {message}")
+        self.field = field
+
+
+def require(condition: bool, field: str, message: str) -> None:
+    """Raises `ConfigError(field, message)` unless `condition`."""
+    if not condition:
+        raise ConfigError(field, message)
+
+
+def choice(section_config, section: str, name: str, allowed) -> None:
+    """`section_config[name]` must be one of `allowed`."""
+    value = section_config[name]
+    require(value in allowed, f"{section}.{name}", f"is {value!r}; allowed: {', '.join(allowed)}")
+
+
+def at_least(section_config, section: str, name: str, minimum) -> None:
+    """`section_config[name] >= minimum`."""
+    value = section_config[name]
+    require(value >= minimum, f"{section}.{name}", f"is {value}; need >= {minimum}")
