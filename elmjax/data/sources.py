@@ -14,15 +14,13 @@ the path; empty documents are left out of the index and undecodable bytes are re
 """
 from __future__ import annotations
 
-import abc
 import dataclasses
 import functools
 import json
-import logging
 
 import numpy as np
 
-logger = logging.getLogger("elmjax.data")
+from elmjax.data.base import DocumentSource, SourceStats, logger  # noqa: F401  (re-exported)
 
 FORMATS = ("auto", "text", "jsonl", "parquet", "token_store")
 TEXT_UNITS = ("file", "line")
@@ -31,20 +29,6 @@ _EXTENSIONS = {
     ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
     ".parquet": "parquet",
 }  # fmt: skip
-
-
-@dataclasses.dataclass
-class SourceStats:
-    """What a source held, and what was skipped or repaired while indexing it."""
-
-    documents: int = 0  # documents in the index (non-empty)
-    empty_skipped: int = 0  # empty / whitespace-only documents left out
-    undecodable_documents: int = 0  # documents with bytes that are not UTF-8
-    replaced_bytes: int = 0  # U+FFFD characters written in place of undecodable bytes
-    missing_field: int = 0  # JSONL records without data.text_field (skipped)
-
-    def as_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,31 +113,6 @@ def _open(path: str):
     import fsspec
 
     return fsspec.open(path, "rb").open()
-
-
-class DocumentSource(abc.ABC):
-    """A random-access list of documents. Subclasses set `name`, `stats`, `tokenized`."""
-
-    name: str
-    stats: SourceStats
-    tokenized = False  # True: documents are int token arrays (no BOS/EOS)
-
-    @abc.abstractmethod
-    def __len__(self) -> int:
-        """Number of documents."""
-
-    @abc.abstractmethod
-    def __getitem__(self, index: int):
-        """Document `index`: a str, or an int token array when `tokenized`."""
-
-    def key(self, index: int) -> str:
-        """A stable name of document `index` (decides its train/eval split)."""
-        return f"{self.name}#{index}"
-
-    def log_stats(self) -> None:
-        logger.info("data source %s: %s", self.name, self.stats.as_dict())
-        if self.stats.empty_skipped or self.stats.undecodable_documents or self.stats.missing_field:
-            logger.warning("data source %s skipped/repaired documents: %s", self.name, self.stats.as_dict())
 
 
 class EmbeddedSource(DocumentSource):
@@ -328,6 +287,7 @@ def open_source(spec: SourceSpec, data) -> DocumentSource:
         return JsonlSource(spec.location, data.text_field)
     if spec.kind == "parquet":
         return ParquetSource(spec.location, data.text_field)
+    # Imported here so that reading text files needs neither tensorstore nor grain.
     if spec.kind == "token_store":
         from elmjax.data.token_store import TokenStoreSource
 

@@ -50,6 +50,33 @@ class Tokenizer(abc.ABC):
     bos_id: int
     eos_id: int
     pad_id: int  # the pad token's id, or 0 when the vocabulary has none
+    stored_file_name: str  # the file `stored_file` names ("tokenizer.model", ...)
+    _by_stored_file_name: dict[str, type["Tokenizer"]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "stored_file_name" in cls.__dict__:
+            Tokenizer._by_stored_file_name[cls.stored_file_name] = cls
+
+    @abc.abstractmethod
+    def stored_file(self) -> tuple[str, bytes]:
+        """(file name, bytes) that define this tokenizer, as a token store keeps them."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_bytes(cls, payload: bytes, name: str) -> "Tokenizer":
+        """The tokenizer `stored_file` described (its bytes; `name` says where it came from)."""
+
+    @staticmethod
+    def from_stored_file(file_name: str, payload: bytes, name: str) -> "Tokenizer":
+        """Rebuilds a tokenizer from what `stored_file` returned."""
+        kind = Tokenizer._by_stored_file_name.get(file_name)
+        if kind is None:
+            raise ValueError(
+                f"{name}: unknown tokenizer file {file_name!r}; known: "
+                f"{', '.join(sorted(Tokenizer._by_stored_file_name))}"
+            )
+        return kind.from_bytes(payload, name)
 
     @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
@@ -76,6 +103,8 @@ class Tokenizer(abc.ABC):
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model (e.g. LLaMA's tokenizer.model, as OpenELM uses)."""
 
+    stored_file_name = "tokenizer.model"
+
     def __init__(self, model_proto: bytes, name: str = "tokenizer.model"):
         self._proto = model_proto
         self.name = name
@@ -89,6 +118,13 @@ class SentencePieceTokenizer(Tokenizer):
     def from_file(cls, path) -> "SentencePieceTokenizer":
         path = pathlib.Path(path)
         return cls(path.read_bytes(), name=str(path))
+
+    def stored_file(self) -> tuple[str, bytes]:
+        return self.stored_file_name, self._proto
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, name: str) -> "SentencePieceTokenizer":
+        return cls(payload, name=name)
 
     def __getstate__(self):
         return {"proto": self._proto, "name": self.name}
@@ -128,6 +164,7 @@ class HuggingFaceTokenizer(Tokenizer):
     _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>", "<|endoftext|>")
     _EOS_NAMES = ("</s>", "<|end_of_text|>", "<eos>", "<|endoftext|>")
     _PAD_NAMES = ("<pad>", "<|padding|>", "[PAD]")
+    stored_file_name = "tokenizer.json"
 
     def __init__(self, json_text: str, special: dict | None = None, name: str = "tokenizer.json"):
         self._json = json_text
@@ -157,6 +194,13 @@ class HuggingFaceTokenizer(Tokenizer):
         config_path = path.parent / "tokenizer_config.json"
         special = json.loads(config_path.read_text()) if config_path.exists() else {}
         return cls(path.read_text(encoding="utf-8"), special, name=str(path))
+
+    def stored_file(self) -> tuple[str, bytes]:
+        return self.stored_file_name, self._json.encode()
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, name: str) -> "HuggingFaceTokenizer":
+        return cls(payload.decode(), {}, name=name)
 
     def __getstate__(self):
         return {"json": self._json, "special": self._special, "name": self.name}
@@ -248,6 +292,13 @@ def embedded_tokenizer(vocab_size: int, corpora: Sequence[str]) -> SentencePiece
     return SentencePieceTokenizer.from_file(path)
 
 
+def load_store_tokenizer(root: str) -> Tokenizer:
+    """The tokenizer saved inside the token store at `root`."""
+    from elmjax.data.token_store import read_stored_tokenizer
+
+    return Tokenizer.from_stored_file(*read_stored_tokenizer(root), name=root)
+
+
 def load_tokenizer(config) -> Tokenizer:
     """The tokenizer a run uses: `config.data.tokenizer`, or the embedded corpus's own."""
     from elmjax.data.sources import parse_source_list
@@ -256,8 +307,6 @@ def load_tokenizer(config) -> Tokenizer:
         return open_tokenizer(config.data.tokenizer)
     specs = parse_source_list(config.data)
     if specs and all(spec.kind == "token_store" for spec in specs):
-        from elmjax.data.token_store import load_store_tokenizer
-
         tokenizers_ = [load_store_tokenizer(spec.location) for spec in specs]
         if len({t.fingerprint for t in tokenizers_}) > 1:
             raise ValueError(

@@ -1,0 +1,52 @@
+"""The document-source interface every source implements, and the data package's logger.
+
+The modules that provide sources (sources.py for files and the embedded corpus,
+token_store.py, seqio.py) import this module; sources.py may import the others, never the
+reverse, so the data package's imports form no cycle (tests/test_data_import_graph.py).
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import logging
+
+logger = logging.getLogger("elmjax.data")
+
+
+@dataclasses.dataclass
+class SourceStats:
+    """What a source held, and what was skipped or repaired while indexing it."""
+
+    documents: int = 0  # documents in the index (non-empty)
+    empty_skipped: int = 0  # empty / whitespace-only documents left out
+    undecodable_documents: int = 0  # documents with bytes that are not UTF-8
+    replaced_bytes: int = 0  # U+FFFD characters written in place of undecodable bytes
+    missing_field: int = 0  # JSONL records without data.text_field (skipped)
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+class DocumentSource(abc.ABC):
+    """A random-access list of documents. Subclasses set `name`, `stats`, `tokenized`."""
+
+    name: str
+    stats: SourceStats
+    tokenized = False  # True: documents are int token arrays (no BOS/EOS)
+
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        """Number of documents."""
+
+    @abc.abstractmethod
+    def __getitem__(self, index: int):
+        """Document `index`: a str, or an int token array when `tokenized`."""
+
+    def key(self, index: int) -> str:
+        """A stable name of document `index` (decides its train/eval split)."""
+        return f"{self.name}#{index}"
+
+    def log_stats(self) -> None:
+        logger.info("data source %s: %s", self.name, self.stats.as_dict())
+        if self.stats.empty_skipped or self.stats.undecodable_documents or self.stats.missing_field:
+            logger.warning("data source %s skipped/repaired documents: %s", self.name, self.stats.as_dict())
