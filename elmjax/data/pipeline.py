@@ -26,8 +26,10 @@ import grain
 import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset
 
+from elmjax.config import ConfigError
 from elmjax.data import sources as sources_lib
-from elmjax.data.sources import logger
+from elmjax.data.base import logger
+from elmjax.data.formats import parse_mixture_weights
 from elmjax.data.tokenizer import Tokenizer, load_tokenizer
 
 ROW_FEATURE = "tokens"
@@ -35,21 +37,10 @@ ROW_FEATURE = "tokens"
 
 def mixture_weights(data, num_sources: int) -> list[float]:
     """`data.mixture_weights` parsed: one positive weight per source (empty = equal)."""
-    text = str(data.mixture_weights).strip()
-    if not text:
-        return [1.0] * num_sources
     try:
-        weights = [float(w) for w in text.split(",")]
+        return parse_mixture_weights(data.mixture_weights, num_sources)
     except ValueError as error:
-        raise ValueError(
-            f"config field `data.mixture_weights`: {text!r} is not comma-separated numbers"
-        ) from error
-    if len(weights) != num_sources or any(not w > 0 for w in weights):
-        raise ValueError(
-            f"config field `data.mixture_weights`: {text!r} must hold {num_sources} positive "
-            f"weights, one per entry of data.source"
-        )
-    return weights
+        raise ConfigError("data.mixture_weights", str(error)) from None
 
 
 def is_eval_document(key: str, eval_fraction: float) -> bool:

@@ -21,9 +21,7 @@ import json
 import numpy as np
 
 from elmjax.data.base import DocumentSource, SourceStats, logger  # noqa: F401  (re-exported)
-
-FORMATS = ("auto", "text", "jsonl", "parquet", "token_store")
-TEXT_UNITS = ("file", "line")
+from elmjax.data.formats import DATA_FORMATS, source_entries
 _EXTENSIONS = {
     ".txt": "text", ".md": "text", ".text": "text",
     ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
@@ -44,7 +42,7 @@ def parse_source_list(data) -> list[SourceSpec]:
     """`config.data.source` -> one SourceSpec per comma-separated entry."""
     from elmjax.data.corpus import EMBEDDED_CORPORA
 
-    entries = [e.strip() for e in str(data.source).split(",") if e.strip()]
+    entries = source_entries(data.source)
     if not entries:
         raise ValueError("config field `data.source`: is empty; give `embedded` or paths/globs")
     specs = []
@@ -78,7 +76,7 @@ def _infer_format(entry: str) -> str:
     raise ValueError(
         f"config field `data.format`: is 'auto' but the format of {entry!r} cannot be told "
         f"from its extension (known: {', '.join(sorted(_EXTENSIONS))}); set data.format to "
-        f"one of {', '.join(FORMATS[1:])}"
+        f"one of {', '.join(DATA_FORMATS[1:])}"
     )
 
 
@@ -296,4 +294,4 @@ def open_source(spec: SourceSpec, data) -> DocumentSource:
         from elmjax.data.seqio import SeqioSource
 
         return SeqioSource(spec.location)
-    raise ValueError(f"config field `data.format`: is {spec.kind!r}; allowed: {', '.join(FORMATS)}")
+    raise ValueError(f"config field `data.format`: is {spec.kind!r}; allowed: {', '.join(DATA_FORMATS)}")
