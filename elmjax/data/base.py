@@ -10,7 +10,18 @@ import abc
 import dataclasses
 import logging
 
+from elmjax.config import ConfigError
+
 logger = logging.getLogger("elmjax.data")
+
+
+class DataSourceError(ConfigError):
+    """A data source that cannot be used as it is (no documents, a binary file, too few
+    documents for the processes). A ConfigError naming `data.source` (a ValueError), so the
+    command-line tools print it as one line."""
+
+    def __init__(self, message: str, field: str = "data.source"):
+        super().__init__(field, message)
 
 
 @dataclasses.dataclass
@@ -45,6 +56,17 @@ class DocumentSource(abc.ABC):
     def key(self, index: int) -> str:
         """A stable name of document `index` (decides its train/eval split)."""
         return f"{self.name}#{index}"
+
+    def require_documents(self, field: str | None = None) -> None:
+        """Fails, saying why, when indexing left no document (`field`: the JSONL field or
+        Parquet column the documents come from)."""
+        if self.stats.documents:
+            return
+        reasons = [f"{self.stats.empty_skipped} empty or whitespace-only"]
+        if field is not None:
+            reasons.append(f"{self.stats.missing_field} missing the field {field!r}")
+        hint = "check the files in data.source" + (" and data.text_field" if field is not None else "")
+        raise DataSourceError(f"data source {self.name!r} has no documents ({', '.join(reasons)}); {hint}")
 
     def log_stats(self) -> None:
         logger.info("data source %s: %s", self.name, self.stats.as_dict())

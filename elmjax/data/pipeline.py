@@ -54,7 +54,8 @@ def split_indices(source: sources_lib.DocumentSource, eval_fraction: float, spli
     if eval_fraction <= 0:
         held_out = np.zeros(len(source), bool)
     else:
-        held_out = np.array([is_eval_document(source.key(i), eval_fraction) for i in range(len(source))])
+        keys = (source.key(i) for i in range(len(source)))
+        held_out = np.fromiter((is_eval_document(key, eval_fraction) for key in keys), bool, len(source))
         if not held_out.any() and len(source) > 1:
             held_out[0] = True  # a tiny source still gets a non-empty held-out set
     indices = np.flatnonzero(held_out if split == "eval" else ~held_out)

@@ -20,7 +20,7 @@ import json
 
 import numpy as np
 
-from elmjax.data.base import DocumentSource, SourceStats, logger  # noqa: F401  (re-exported)
+from elmjax.data.base import DataSourceError, DocumentSource, SourceStats, logger  # noqa: F401  (re-exported)
 from elmjax.data.formats import DATA_FORMATS, source_entries
 _EXTENSIONS = {
     ".txt": "text", ".md": "text", ".text": "text",
@@ -158,6 +158,7 @@ class _OffsetIndexedSource(DocumentSource):
         self._end = np.asarray(ends, np.int64)
         self.stats.documents = len(self._file)
         self.log_stats()
+        self.require_documents(field)
 
     def _text(self, raw: bytes, stats: SourceStats | None) -> str | None:
         """The document's text, or None when it is empty (counted)."""
@@ -246,6 +247,7 @@ class ParquetSource(DocumentSource):
         self._rows = np.asarray(rows, np.int64).reshape(-1, 3)
         self.stats.documents = len(self._rows)
         self.log_stats()
+        self.require_documents(column)
 
     @staticmethod
     def _as_text(value, stats: SourceStats | None) -> str | None:

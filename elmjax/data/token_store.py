@@ -163,6 +163,7 @@ class TokenStoreSource(DocumentSource):
         stats = self.meta.get("input_stats", {})
         self.stats = SourceStats(**{k: v for k, v in stats.items() if k in SourceStats.__dataclass_fields__})
         self.stats.documents = len(self._offsets) - 1
+        self.require_documents()
 
     def __getstate__(self):  # tensorstore handles are reopened in each worker process
         state = dict(self.__dict__)
