@@ -215,3 +215,39 @@ class _FakeTokenizer:
 
     def encode(self, text):
         return [3] * len(text.split())
+
+
+def binary_bytes(size, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+
+
+@pytest.mark.parametrize("unit", ["file", "line"])
+def test_a_binary_file_given_as_text_is_refused_naming_the_file(tmp_path, unit):
+    from elmjax.data.sources import MAX_REPLACED_FRACTION
+
+    (tmp_path / "a.txt").write_text("a good text file\n" * 50)
+    (tmp_path / "model.bin.txt").write_bytes(binary_bytes(20_000))
+    with pytest.raises(ConfigError) as error:
+        TextSource(str(tmp_path / "*.txt"), unit=unit)
+    assert error.value.field == "data.source"
+    message = str(error.value)
+    assert f"{tmp_path / 'model.bin.txt'}: " in message and "not UTF-8" in message
+    assert "binary file" in message and f"{MAX_REPLACED_FRACTION:.0%}" == "1%"
+
+
+def test_a_binary_jsonl_file_is_refused_naming_the_file(tmp_path):
+    (tmp_path / "d.jsonl").write_bytes(b'{"text": "ok"}\n' + binary_bytes(5_000, seed=1))
+    with pytest.raises(ConfigError, match=r"d.jsonl: \d[\d,]* of [\d,]+ characters \(\d+\.\d%\) are"):
+        JsonlSource(str(tmp_path / "d.jsonl"), "text")
+
+
+def test_a_few_undecodable_bytes_are_still_repaired_with_a_warning(tmp_path, caplog):
+    import logging
+
+    # 20 bad bytes in 4,000 characters: 0.5%, under the refusal threshold
+    lines = [f"line {i} of plain text " + ("caf\xe9" if i % 10 == 0 else "cafe") for i in range(200)]
+    (tmp_path / "latin1.txt").write_bytes("\n".join(lines).encode("latin-1"))
+    with caplog.at_level(logging.WARNING, logger="elmjax.data"):
+        source = TextSource(str(tmp_path / "latin1.txt"), unit="file")
+    assert source.stats.replaced_bytes == 20 and len(source) == 1
+    assert "skipped/repaired documents" in caplog.text

@@ -10,7 +10,9 @@
 
 Every file source is indexed when opened: a missing file or an empty glob fails at once with
 the path; empty documents are left out of the index and undecodable bytes are replaced
-(U+FFFD). Both are counted in `source.stats` and logged, never silently dropped.
+(U+FFFD). Both are counted in `source.stats` and logged, never silently dropped. A file
+whose characters are more than MAX_REPLACED_FRACTION replacements (a binary file) and a
+source left with no document fail at once too (DataSourceError, naming the file/source).
 """
 from __future__ import annotations
 
@@ -107,6 +109,39 @@ def _decode(raw: bytes, stats: SourceStats | None) -> str:
         return text
 
 
+# A file more than this fraction of whose characters are U+FFFD replacements of bytes that
+# are not UTF-8 is refused as binary (or as text in another encoding), once it has at least
+# MIN_REPLACED_TO_REFUSE of them: a few stray bytes in a short text file are repaired.
+MAX_REPLACED_FRACTION = 0.01
+MIN_REPLACED_TO_REFUSE = 16
+
+
+class _DecodeCheck:
+    """Decodes one file's records, counting its characters and replacements, and refuses
+    the file when too many of its bytes are not UTF-8."""
+
+    def __init__(self, path: str, stats: SourceStats):
+        self.path, self.stats = path, stats
+        self.replaced_before = stats.replaced_bytes
+        self.characters = 0
+
+    def decode(self, raw: bytes) -> str:
+        text = _decode(raw, self.stats)
+        self.characters += len(text)
+        return text
+
+    def refuse_if_binary(self) -> None:
+        replaced = self.stats.replaced_bytes - self.replaced_before
+        if replaced >= MIN_REPLACED_TO_REFUSE and replaced > MAX_REPLACED_FRACTION * self.characters:
+            raise DataSourceError(
+                f"{self.path}: {replaced:,} of {self.characters:,} characters "
+                f"({replaced / self.characters:.1%}) are replacements of bytes that are not UTF-8, "
+                f"more than the {MAX_REPLACED_FRACTION:.0%} a text file may have; it looks like a "
+                "binary file or text in another encoding: remove it from data.source or convert "
+                "it to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+            )
+
+
 def _open(path: str):
     import fsspec
 
@@ -143,16 +178,20 @@ class _OffsetIndexedSource(DocumentSource):
         self.stats = SourceStats()
         files, starts, ends = [], [], []
         for file_index, path in enumerate(self._paths):
+            check = _DecodeCheck(path, self.stats)
             for start, raw in _records(path, per_line):
+                text = check.decode(raw)
                 try:
-                    text = self._text(raw, self.stats)
+                    document = self._document(text, self.stats)
                 except json.JSONDecodeError as error:
+                    check.refuse_if_binary()  # binary bytes are the likelier cause
                     raise ValueError(
                         f"{path}: the record at byte {start} is not valid JSON ({error.msg}); "
                         "JSONL needs one JSON object per line"
                     ) from None
-                if text is not None:
+                if document is not None:
                     files.append(file_index), starts.append(start), ends.append(start + len(raw))
+            check.refuse_if_binary()
         self._file = np.asarray(files, np.int32)
         self._start = np.asarray(starts, np.int64)
         self._end = np.asarray(ends, np.int64)
@@ -160,9 +199,8 @@ class _OffsetIndexedSource(DocumentSource):
         self.log_stats()
         self.require_documents(field)
 
-    def _text(self, raw: bytes, stats: SourceStats | None) -> str | None:
-        """The document's text, or None when it is empty (counted)."""
-        text = _decode(raw, stats)
+    def _document(self, text: str, stats: SourceStats | None) -> str | None:
+        """The document in a record's decoded text, or None when it is empty (counted)."""
         if self._field is not None:
             record = json.loads(text) if text.strip() else {}
             if not isinstance(record, dict):
@@ -188,7 +226,7 @@ class _OffsetIndexedSource(DocumentSource):
         with _open(self._paths[self._file[index]]) as f:
             f.seek(start)
             raw = f.read(end - start)
-        return self._text(raw, None) or ""
+        return self._document(_decode(raw, None), None) or ""
 
     def key(self, index):
         return f"{self._paths[self._file[index]]}@{self._start[index]}"
@@ -232,6 +270,7 @@ class ParquetSource(DocumentSource):
         self.stats = SourceStats()
         rows = []  # (file, row group, row)
         for file_index, path in enumerate(self._paths):
+            check = _DecodeCheck(path, self.stats)
             with _open(path) as f:
                 parquet = pq.ParquetFile(f)
                 if column not in parquet.schema_arrow.names:
@@ -242,8 +281,11 @@ class ParquetSource(DocumentSource):
                 for group in range(parquet.num_row_groups):
                     values = parquet.read_row_group(group, columns=[column]).column(0)
                     for row, value in enumerate(values.to_pylist()):
+                        if isinstance(value, bytes):
+                            value = check.decode(value)
                         if self._as_text(value, self.stats) is not None:
                             rows.append((file_index, group, row))
+            check.refuse_if_binary()
         self._rows = np.asarray(rows, np.int64).reshape(-1, 3)
         self.stats.documents = len(self._rows)
         self.log_stats()
