@@ -91,7 +91,7 @@ class _ToTokens:
 
     def __call__(self, document):
         if isinstance(document, str):
-            ids = self.tokenizer.encode(document)
+            ids = self.tokenizer.encode_array(document)  # in bounded pieces when long
         else:
             ids = document
         self.documents += 1
