@@ -60,14 +60,14 @@ def test_format_and_text_unit_names_have_one_home_in_the_data_package():
 @pytest.mark.parametrize(
     "source, weights, message",
     [
-        ("a.txt,b.txt", "1", "is '1'; need 2 positive comma-separated numbers, one per data.source "
-                             "entry (or empty for equal weights)"),
-        ("a.txt,b.txt", "1,x", "is '1,x'; need 2 positive comma-separated numbers, one per "
-                               "data.source entry (or empty for equal weights)"),
-        ("a.txt, b.txt,c.txt", "1,0,2", "is '1,0,2'; need 3 positive comma-separated numbers, one "
-                                        "per data.source entry (or empty for equal weights)"),
-        ("a.txt,b.txt", "1,inf", "is '1,inf'; need 2 positive comma-separated numbers, one per "
-                                 "data.source entry (or empty for equal weights)"),
+        ("a.txt,b.txt", "1", ("is '1'; need 2 positive comma-separated numbers, one per data.source "
+                              "entry (or empty for equal weights)")),
+        ("a.txt,b.txt", "1,x", ("is '1,x'; need 2 positive comma-separated numbers, one per "
+                                "data.source entry (or empty for equal weights)")),
+        ("a.txt, b.txt,c.txt", "1,0,2", ("is '1,0,2'; need 3 positive comma-separated numbers, one "
+                                         "per data.source entry (or empty for equal weights)")),
+        ("a.txt,b.txt", "1,inf", ("is '1,inf'; need 2 positive comma-separated numbers, one per "
+                                  "data.source entry (or empty for equal weights)")),
     ],
 )
 def test_mixture_weights_are_parsed_once_for_validate_and_the_pipeline(source, weights, message):

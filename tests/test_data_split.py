@@ -75,7 +75,7 @@ def test_sources_with_enough_documents_still_hold_out_whole_documents(tmp_path, 
     (tmp_path / "lines.txt").write_text("\n".join(texts))
     config = one_file_config(tmp_path / "lines.txt", tokenizer, text_unit="line", eval_fraction=0.1)
     held_out = split_tokens(config, "eval")
-    documents = {tuple([1, *oracle.encode(t), 2]) for t in texts}
+    documents = {(1, *oracle.encode(t), 2) for t in texts}
     pieces = np.split(held_out, np.flatnonzero(held_out == 1)[1:])
     assert pieces and all(tuple(piece) in documents for piece in pieces)
 

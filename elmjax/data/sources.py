@@ -24,6 +24,7 @@ import numpy as np
 
 from elmjax.data.base import DataSourceError, DocumentSource, SourceStats, logger  # noqa: F401  (re-exported)
 from elmjax.data.formats import DATA_FORMATS, source_entries
+
 _EXTENSIONS = {
     ".txt": "text", ".md": "text", ".text": "text",
     ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",

@@ -17,7 +17,7 @@ import json
 import os
 import pathlib
 import tempfile
-from typing import Iterable, Sequence
+from typing import ClassVar, Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -70,7 +70,7 @@ class Tokenizer(abc.ABC):
     eos_id: int
     pad_id: int  # the pad token's id, or 0 when the vocabulary has none
     stored_file_name: str  # the file `stored_file` names ("tokenizer.model", ...)
-    _by_stored_file_name: dict[str, type["Tokenizer"]] = {}
+    _by_stored_file_name: ClassVar[dict[str, type[Tokenizer]]] = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -83,11 +83,11 @@ class Tokenizer(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def from_bytes(cls, payload: bytes, name: str) -> "Tokenizer":
+    def from_bytes(cls, payload: bytes, name: str) -> Tokenizer:
         """The tokenizer `stored_file` described (its bytes; `name` says where it came from)."""
 
     @staticmethod
-    def from_stored_file(file_name: str, payload: bytes, name: str) -> "Tokenizer":
+    def from_stored_file(file_name: str, payload: bytes, name: str) -> Tokenizer:
         """Rebuilds a tokenizer from what `stored_file` returned."""
         kind = Tokenizer._by_stored_file_name.get(file_name)
         if kind is None:
@@ -207,7 +207,7 @@ class SentencePieceTokenizer(Tokenizer):
         return self.stored_file_name, self._proto
 
     @classmethod
-    def from_bytes(cls, payload: bytes, name: str) -> "SentencePieceTokenizer":
+    def from_bytes(cls, payload: bytes, name: str) -> SentencePieceTokenizer:
         return cls(payload, name=name)
 
     def __getstate__(self):
@@ -283,7 +283,7 @@ class HuggingFaceTokenizer(Tokenizer):
         return self.stored_file_name, self._json.encode()
 
     @classmethod
-    def from_bytes(cls, payload: bytes, name: str) -> "HuggingFaceTokenizer":
+    def from_bytes(cls, payload: bytes, name: str) -> HuggingFaceTokenizer:
         return cls(payload.decode(), {}, name=name)
 
     def __getstate__(self):
