@@ -47,8 +47,7 @@ REMAT_POLICIES = REMAT_POLICY_NAMES
 NONFINITE_ACTIONS = ("skip", "abort")
 HOST_MEMORY_MODES = ("auto", "on", "off")  # elmjax.training.host_memory.apply
 LR_SCHEDULES = ("cosine", "linear", "constant")
-DATA_FORMATS = ("auto", "text", "jsonl", "parquet", "token_store")
-TEXT_UNITS = ("file", "line")
+from elmjax.data.formats import DATA_FORMATS, TEXT_UNITS  # noqa: E402  (defined with the data code)
 
 
 def base_config(family: str = "openelm") -> ml_collections.ConfigDict:
@@ -281,18 +280,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _choice(config, "data", "format", DATA_FORMATS)
     _choice(config, "data", "text_unit", TEXT_UNITS)
     _require(data.text_field != "", "data.text_field", "is empty; name the JSONL field / Parquet column")
-    if str(data.mixture_weights).strip():
-        entries = [e for e in data.source.split(",") if e.strip()]
-        try:
-            weights = [float(w) for w in str(data.mixture_weights).split(",")]
-        except ValueError:
-            weights = []
-        _require(
-            len(weights) == len(entries) and all(w > 0 for w in weights),
-            "data.mixture_weights",
-            f"is {data.mixture_weights!r}; need {len(entries)} positive comma-separated "
-            "numbers, one per data.source entry (or empty for equal weights)",
-        )
+    from elmjax.data.formats import parse_mixture_weights, source_entries
+
+    try:
+        parse_mixture_weights(data.mixture_weights, len(source_entries(data.source)))
+    except ValueError as error:
+        raise ConfigError("data.mixture_weights", str(error)) from None
     _require(data.pad_id >= -1, "data.pad_id", f"is {data.pad_id}; need a token id >= 0, or -1")
     _require(
         data.pad_id < model.vocab_size,

@@ -42,3 +42,51 @@ def test_bad_data_field_is_rejected_by_name(fields, field):
 
 def test_weights_one_per_source_are_accepted():
     validate(with_data(source="a.txt, b.txt", mixture_weights="0.7,0.3"))
+
+
+def test_format_and_text_unit_names_have_one_home_in_the_data_package():
+    from elmjax import config as config_module
+    from elmjax.data import formats, sources
+
+    assert config_module.DATA_FORMATS is formats.DATA_FORMATS
+    assert config_module.TEXT_UNITS is formats.TEXT_UNITS
+    assert formats.DATA_FORMATS == ("auto", "text", "jsonl", "parquet", "token_store")
+    assert formats.TEXT_UNITS == ("file", "line")
+    spec = sources.SourceSpec("csv", "x.csv")
+    with pytest.raises(ValueError, match="allowed: auto, text, jsonl, parquet, token_store"):
+        sources.open_source(spec, with_data().data)
+
+
+@pytest.mark.parametrize(
+    "source, weights, message",
+    [
+        ("a.txt,b.txt", "1", ("is '1'; need 2 positive comma-separated numbers, one per data.source "
+                              "entry (or empty for equal weights)")),
+        ("a.txt,b.txt", "1,x", ("is '1,x'; need 2 positive comma-separated numbers, one per "
+                                "data.source entry (or empty for equal weights)")),
+        ("a.txt, b.txt,c.txt", "1,0,2", ("is '1,0,2'; need 3 positive comma-separated numbers, one "
+                                         "per data.source entry (or empty for equal weights)")),
+        ("a.txt,b.txt", "1,inf", ("is '1,inf'; need 2 positive comma-separated numbers, one per "
+                                  "data.source entry (or empty for equal weights)")),
+    ],
+)
+def test_mixture_weights_are_parsed_once_for_validate_and_the_pipeline(source, weights, message):
+    from elmjax.data import pipeline
+
+    config = with_data(source=source, mixture_weights=weights)
+    with pytest.raises(ConfigError) as by_validate:
+        validate(config)
+    assert str(by_validate.value) == f"config field `data.mixture_weights`: {message}"
+    with pytest.raises(ConfigError) as by_pipeline:
+        pipeline.mixture_weights(config.data, len([e for e in source.split(",") if e.strip()]))
+    assert by_pipeline.value.field == "data.mixture_weights"
+    assert str(by_pipeline.value) == str(by_validate.value)
+
+
+def test_mixture_weights_parse_to_floats_or_equal_weights():
+    from elmjax.data import pipeline
+    from elmjax.data.formats import parse_mixture_weights
+
+    assert parse_mixture_weights(" 0.7, 0.3 ", 2) == [0.7, 0.3]
+    assert parse_mixture_weights("", 3) == [1.0, 1.0, 1.0]
+    assert pipeline.mixture_weights(with_data(source="a.txt,b.txt", mixture_weights="3,1").data, 2) == [3.0, 1.0]

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from elmjax.config import base_config
+from elmjax.config import ConfigError, base_config
 from elmjax.data import pipeline
 from elmjax.data.sources import JsonlSource, ParquetSource, TextSource, open_source, parse_source_list
 from elmjax.data.token_store import TokenStoreSource, read_meta
@@ -174,3 +174,80 @@ def test_split_long_documents_are_counted_and_logged(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="elmjax.data"):
         list(pipeline.build_rows(validate(config), "train", process_index=0, process_count=1, num_epochs=1))
     assert "1 of " in caplog.text and "longer than a row of 17 tokens" in caplog.text
+
+
+def test_an_empty_text_source_fails_at_start_saying_why(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text("  \n\n\t\n")
+    for unit, pattern, empty in (("file", "empty.txt", 1), ("file", "*.txt", 2), ("line", "*.txt", 3)):
+        with pytest.raises(ConfigError) as error:
+            TextSource(str(tmp_path / pattern), unit=unit)
+        assert error.value.field == "data.source"
+        assert f"{pattern}' has no documents ({empty} empty or whitespace-only)" in str(error.value)
+
+
+def test_a_jsonl_source_whose_records_lack_the_field_fails_at_start_saying_why(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"body": "a"}\n{"body": "b"}\n{"text": " "}\n{"body": "c"}\n')
+    with pytest.raises(ConfigError, match=r"d.jsonl' has no documents \(1 empty or whitespace-only, "
+                                          r"3 missing the field 'text'\)"):
+        JsonlSource(str(tmp_path / "d.jsonl"), "text")
+
+
+def test_an_empty_source_in_the_pipeline_is_a_clear_error_not_a_type_error(tmp_path):
+    from elmjax.config import validate
+
+    (tmp_path / "empty.txt").write_text("")
+    config = base_config()
+    config.data.source, config.data.tokenizer = str(tmp_path / "empty.txt"), "unused.model"
+    with pytest.raises(ConfigError, match="has no documents"):
+        pipeline.build_rows(validate(config), "train", process_index=0, process_count=1, num_epochs=1,
+                            tokenizer=_FakeTokenizer())
+
+
+def test_an_empty_parquet_column_fails_at_start(tmp_path):
+    pq.write_table(pa.table({"text": [None, "  "]}), tmp_path / "p.parquet")
+    with pytest.raises(ConfigError, match=r"p.parquet' has no documents \(2 empty or whitespace-only"):
+        ParquetSource(str(tmp_path / "p.parquet"), "text")
+
+
+class _FakeTokenizer:
+    vocab_size, bos_id, eos_id, pad_id, fingerprint = 10, 1, 2, 0, "fake"
+
+    def encode(self, text):
+        return [3] * len(text.split())
+
+
+def binary_bytes(size, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+
+
+@pytest.mark.parametrize("unit", ["file", "line"])
+def test_a_binary_file_given_as_text_is_refused_naming_the_file(tmp_path, unit):
+    from elmjax.data.sources import MAX_REPLACED_FRACTION
+
+    (tmp_path / "a.txt").write_text("a good text file\n" * 50)
+    (tmp_path / "model.bin.txt").write_bytes(binary_bytes(20_000))
+    with pytest.raises(ConfigError) as error:
+        TextSource(str(tmp_path / "*.txt"), unit=unit)
+    assert error.value.field == "data.source"
+    message = str(error.value)
+    assert f"{tmp_path / 'model.bin.txt'}: " in message and "not UTF-8" in message
+    assert "binary file" in message and f"{MAX_REPLACED_FRACTION:.0%}" == "1%"
+
+
+def test_a_binary_jsonl_file_is_refused_naming_the_file(tmp_path):
+    (tmp_path / "d.jsonl").write_bytes(b'{"text": "ok"}\n' + binary_bytes(5_000, seed=1))
+    with pytest.raises(ConfigError, match=r"d.jsonl: \d[\d,]* of [\d,]+ characters \(\d+\.\d%\) are"):
+        JsonlSource(str(tmp_path / "d.jsonl"), "text")
+
+
+def test_a_few_undecodable_bytes_are_still_repaired_with_a_warning(tmp_path, caplog):
+    import logging
+
+    # 20 bad bytes in 4,000 characters: 0.5%, under the refusal threshold
+    lines = [f"line {i} of plain text " + ("caf\xe9" if i % 10 == 0 else "cafe") for i in range(200)]
+    (tmp_path / "latin1.txt").write_bytes("\n".join(lines).encode("latin-1"))
+    with caplog.at_level(logging.WARNING, logger="elmjax.data"):
+        source = TextSource(str(tmp_path / "latin1.txt"), unit="file")
+    assert source.stats.replaced_bytes == 20 and len(source) == 1
+    assert "skipped/repaired documents" in caplog.text

@@ -145,3 +145,20 @@ def test_training_is_deterministic_so_every_host_trains_the_same_tokenizer():
 
     texts = [t for _, t in embedded_documents("kjv")[:200]]
     assert train_sentencepiece(texts, 800) == train_sentencepiece(texts, 800)
+
+
+def test_a_token_store_keeps_and_gives_back_either_kind_of_tokenizer(tokenizer, tmp_path):
+    from elmjax.data.sources import SourceStats
+    from elmjax.data.token_store import TokenStoreWriter
+
+    tokenizer.save_hf_files(tmp_path / "hf")
+    for made_with in (tokenizer, open_tokenizer(tmp_path / "hf" / "tokenizer.json")):
+        root = str(tmp_path / f"store-{type(made_with).__name__}")
+        writer = TokenStoreWriter(root, made_with)
+        writer.add(made_with.encode(SAMPLES[0]))
+        writer.close(SourceStats(documents=1), ["test"])
+        config = base_config()
+        config.data.source = root
+        reloaded = load_tokenizer(config)
+        assert type(reloaded) is type(made_with) and reloaded.fingerprint == made_with.fingerprint
+        assert reloaded.encode(SAMPLES[1]) == made_with.encode(SAMPLES[1])

@@ -4,7 +4,12 @@ A SentencePiece BPE model is written twice: as `tokenizer.model` (for SentencePi
 and as an equivalent `tokenizers` BPE in `tokenizer.json`, which is what transformers and
 mlx-lm read. The BPE merge list is recovered from the SentencePiece vocabulary: every
 two-part split of a piece whose parts are both pieces is a merge, ranked by the merged
-piece's id (SentencePiece adds pieces in merge order).
+piece's score, highest first, as SentencePiece's BPE applies them. The score, not the id: a
+trained model's scores fall with the id, but LLaMA-2's tokenizer (and Mistral's) give
+whitespace-run pieces ("▁▁", "▁▁▁▁", ...) a score of -1e9 at low ids, so those merges come
+last ("a  b" is "▁a", "▁", "▁b"). Among merges of equal score SentencePiece takes the
+leftmost pair, which a BPE merge list cannot say; ranking longer pieces first reproduces
+it for runs of one symbol (a run grows from its left end), then the id decides.
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ def _sentencepiece_vocab_and_merges(sp) -> tuple[dict[str, int], list[tuple[str,
             for cut in range(1, len(piece)):
                 left, right = piece[:cut], piece[cut:]
                 if left in vocab and right in vocab:
-                    ranked.append((index, vocab[left], vocab[right], left, right))
+                    rank = (-sp.get_score(index), -len(piece), index, vocab[left], vocab[right])
+                    ranked.append((*rank, left, right))
     ranked.sort()
     return vocab, [(left, right) for *_, left, right in ranked]
 

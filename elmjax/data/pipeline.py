@@ -1,9 +1,12 @@
 """The training and evaluation input pipelines, on grain's dataset API.
 
-Per source:  documents (split train/eval by a hash of each document's key)
+Per source:  documents (split train/eval by a hash of each document's key; a source with
+     too few documents, e.g. one text file, splits each document's tokens instead, the tail
+     for eval: elmjax/data/split.py)
   -> this JAX process's shard (`ds[process_index::process_count]`)
   -> shuffle documents with the seed, a new order each epoch, repeat forever (train only)
-  -> tokenise (or read the token store), add BOS/EOS per document
+  -> tokenise (or read the token store), add BOS/EOS per document (and, under a token
+     split, keep this split's part of the document's tokens)
   -> pack into rows of seq_len + 1 tokens with grain's ConcatThenSplit packing: documents
      are concatenated and cut at row boundaries, so a long document is split over rows and
      no token is dropped; each row carries segment ids (1.. per document piece) and positions.
@@ -20,14 +23,16 @@ packing offsets, no data) and `set_state()` resumes exactly; the training loop s
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 
 import grain
 import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset
 
+from elmjax.config import ConfigError
 from elmjax.data import sources as sources_lib
-from elmjax.data.sources import logger
+from elmjax.data.base import DataSourceError, logger
+from elmjax.data.formats import parse_mixture_weights
+from elmjax.data.split import is_eval_document, plan_split, split_indices, token_part  # noqa: F401
 from elmjax.data.tokenizer import Tokenizer, load_tokenizer
 
 ROW_FEATURE = "tokens"
@@ -35,39 +40,10 @@ ROW_FEATURE = "tokens"
 
 def mixture_weights(data, num_sources: int) -> list[float]:
     """`data.mixture_weights` parsed: one positive weight per source (empty = equal)."""
-    text = str(data.mixture_weights).strip()
-    if not text:
-        return [1.0] * num_sources
     try:
-        weights = [float(w) for w in text.split(",")]
+        return parse_mixture_weights(data.mixture_weights, num_sources)
     except ValueError as error:
-        raise ValueError(
-            f"config field `data.mixture_weights`: {text!r} is not comma-separated numbers"
-        ) from error
-    if len(weights) != num_sources or any(not w > 0 for w in weights):
-        raise ValueError(
-            f"config field `data.mixture_weights`: {text!r} must hold {num_sources} positive "
-            f"weights, one per entry of data.source"
-        )
-    return weights
-
-
-def is_eval_document(key: str, eval_fraction: float) -> bool:
-    """Deterministic held-out membership from a hash of the document's key."""
-    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64 < eval_fraction
-
-
-def split_indices(source: sources_lib.DocumentSource, eval_fraction: float, split: str) -> np.ndarray:
-    """Indices of `source`'s documents in `split` ("train" or "eval")."""
-    if eval_fraction <= 0:
-        held_out = np.zeros(len(source), bool)
-    else:
-        held_out = np.array([is_eval_document(source.key(i), eval_fraction) for i in range(len(source))])
-        if not held_out.any() and len(source) > 1:
-            held_out[0] = True  # a tiny source still gets a non-empty held-out set
-    indices = np.flatnonzero(held_out if split == "eval" else ~held_out)
-    return indices
+        raise ConfigError("data.mixture_weights", str(error)) from None
 
 
 @dataclasses.dataclass
@@ -93,13 +69,15 @@ class _ToTokens:
     eos_id: int | None
     row_length: int
     source_name: str
+    split: str = "train"
+    token_split_fraction: float = 0.0  # > 0: keep only this split's part of each document
     # Counts in this process (each worker process counts its own share).
     documents: int = 0
     split_documents: int = 0
 
     def __call__(self, document):
         if isinstance(document, str):
-            ids = self.tokenizer.encode(document)
+            ids = self.tokenizer.encode_array(document)  # in bounded pieces when long
         else:
             ids = document
         self.documents += 1
@@ -116,6 +94,8 @@ class _ToTokens:
         tokens = np.concatenate(
             [np.asarray(prefix, np.int32), np.asarray(ids, np.int32), np.asarray(suffix, np.int32)]
         )
+        if self.token_split_fraction > 0:
+            tokens = token_part(tokens, self.token_split_fraction, self.split)
         return {ROW_FEATURE: tokens}
 
 
@@ -226,18 +206,16 @@ def build_rows(
                 "store's tokenizer (leave data.tokenizer empty) or re-run tools/prepare_data.py"
             )
         bos, eos = _special_ids(config, tokenizer, source)
-        to_tokens = _ToTokens(tokenizer, bos, eos, row_length, source.name)
         if spec.kind == "seqio":
+            to_tokens = _ToTokens(tokenizer, bos, eos, row_length, source.name)
             docs = source.iter_dataset(split, process_index, process_count, num_epochs)
             streams.append(pack(docs.map(to_tokens)))
             continue
-        indices = split_indices(source, data.eval_fraction, split)
-        if len(indices) < process_count:
-            raise ValueError(
-                f"data source {source.name!r} has {len(indices)} {split} documents, fewer "
-                f"than the {process_count} processes reading it; add data or lower "
-                "data.eval_fraction"
-            )
+        plan = plan_split(source, data.eval_fraction, process_count)
+        _check_split(config, source, plan, split, process_count)
+        indices = plan.indices(split)
+        fraction = plan.eval_fraction if plan.token_split else 0.0
+        to_tokens = _ToTokens(tokenizer, bos, eos, row_length, source.name, split, fraction)
         _log_split(source, split, indices, row_length)
         docs = grain.MapDataset.source(_Documents(source, indices))
         docs = docs[process_index::process_count]
@@ -254,6 +232,30 @@ def build_rows(
     if len(streams) == 1:
         return streams[0]
     return grain.IterDataset.mix(streams, weights)
+
+
+def _check_split(config, source, plan, split: str, process_count: int) -> None:
+    """Each process needs a document of `split`; building the training pipeline also checks
+    the eval split when evaluation is on, so a run fails at start, not at its first eval."""
+    checks = [split]
+    if split == "train" and getattr(config.get("eval", None), "every_steps", 0):
+        checks.append("eval")
+    for name in checks:
+        count = len(plan.indices(name))
+        if count >= process_count:
+            continue
+        if name == "eval" and config.data.eval_fraction <= 0:
+            raise DataSourceError(
+                f"is 0, so no document is held out, but eval.every_steps="
+                f"{config.eval.every_steps} evaluates on held-out data; raise data.eval_fraction "
+                "(e.g. 0.01) or set eval.every_steps=0",
+                field="data.eval_fraction",
+            )
+        raise DataSourceError(
+            f"data source {source.name!r} has {count} {name} documents, fewer than the "
+            f"{process_count} processes reading it; add data (or split it into more files, or "
+            "use data.text_unit=line)"
+        )
 
 
 def _log_split(source, split: str, indices: np.ndarray, row_length: int) -> None:

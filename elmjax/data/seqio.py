@@ -14,7 +14,7 @@ from __future__ import annotations
 import grain
 import numpy as np
 
-from elmjax.data.sources import DocumentSource, SourceStats
+from elmjax.data.base import DocumentSource, SourceStats
 
 
 def _import_seqio():

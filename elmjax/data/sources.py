@@ -10,41 +10,26 @@
 
 Every file source is indexed when opened: a missing file or an empty glob fails at once with
 the path; empty documents are left out of the index and undecodable bytes are replaced
-(U+FFFD). Both are counted in `source.stats` and logged, never silently dropped.
+(U+FFFD). Both are counted in `source.stats` and logged, never silently dropped. A file
+whose characters are more than MAX_REPLACED_FRACTION replacements (a binary file) and a
+source left with no document fail at once too (DataSourceError, naming the file/source).
 """
 from __future__ import annotations
 
-import abc
 import dataclasses
 import functools
 import json
-import logging
 
 import numpy as np
 
-logger = logging.getLogger("elmjax.data")
+from elmjax.data.base import DataSourceError, DocumentSource, SourceStats, logger  # noqa: F401  (re-exported)
+from elmjax.data.formats import DATA_FORMATS, source_entries
 
-FORMATS = ("auto", "text", "jsonl", "parquet", "token_store")
-TEXT_UNITS = ("file", "line")
 _EXTENSIONS = {
     ".txt": "text", ".md": "text", ".text": "text",
     ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
     ".parquet": "parquet",
 }  # fmt: skip
-
-
-@dataclasses.dataclass
-class SourceStats:
-    """What a source held, and what was skipped or repaired while indexing it."""
-
-    documents: int = 0  # documents in the index (non-empty)
-    empty_skipped: int = 0  # empty / whitespace-only documents left out
-    undecodable_documents: int = 0  # documents with bytes that are not UTF-8
-    replaced_bytes: int = 0  # U+FFFD characters written in place of undecodable bytes
-    missing_field: int = 0  # JSONL records without data.text_field (skipped)
-
-    def as_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +45,7 @@ def parse_source_list(data) -> list[SourceSpec]:
     """`config.data.source` -> one SourceSpec per comma-separated entry."""
     from elmjax.data.corpus import EMBEDDED_CORPORA
 
-    entries = [e.strip() for e in str(data.source).split(",") if e.strip()]
+    entries = source_entries(data.source)
     if not entries:
         raise ValueError("config field `data.source`: is empty; give `embedded` or paths/globs")
     specs = []
@@ -94,7 +79,7 @@ def _infer_format(entry: str) -> str:
     raise ValueError(
         f"config field `data.format`: is 'auto' but the format of {entry!r} cannot be told "
         f"from its extension (known: {', '.join(sorted(_EXTENSIONS))}); set data.format to "
-        f"one of {', '.join(FORMATS[1:])}"
+        f"one of {', '.join(DATA_FORMATS[1:])}"
     )
 
 
@@ -125,35 +110,43 @@ def _decode(raw: bytes, stats: SourceStats | None) -> str:
         return text
 
 
+# A file more than this fraction of whose characters are U+FFFD replacements of bytes that
+# are not UTF-8 is refused as binary (or as text in another encoding), once it has at least
+# MIN_REPLACED_TO_REFUSE of them: a few stray bytes in a short text file are repaired.
+MAX_REPLACED_FRACTION = 0.01
+MIN_REPLACED_TO_REFUSE = 16
+
+
+class _DecodeCheck:
+    """Decodes one file's records, counting its characters and replacements, and refuses
+    the file when too many of its bytes are not UTF-8."""
+
+    def __init__(self, path: str, stats: SourceStats):
+        self.path, self.stats = path, stats
+        self.replaced_before = stats.replaced_bytes
+        self.characters = 0
+
+    def decode(self, raw: bytes) -> str:
+        text = _decode(raw, self.stats)
+        self.characters += len(text)
+        return text
+
+    def refuse_if_binary(self) -> None:
+        replaced = self.stats.replaced_bytes - self.replaced_before
+        if replaced >= MIN_REPLACED_TO_REFUSE and replaced > MAX_REPLACED_FRACTION * self.characters:
+            raise DataSourceError(
+                f"{self.path}: {replaced:,} of {self.characters:,} characters "
+                f"({replaced / self.characters:.1%}) are replacements of bytes that are not UTF-8, "
+                f"more than the {MAX_REPLACED_FRACTION:.0%} a text file may have; it looks like a "
+                "binary file or text in another encoding: remove it from data.source or convert "
+                "it to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+            )
+
+
 def _open(path: str):
     import fsspec
 
     return fsspec.open(path, "rb").open()
-
-
-class DocumentSource(abc.ABC):
-    """A random-access list of documents. Subclasses set `name`, `stats`, `tokenized`."""
-
-    name: str
-    stats: SourceStats
-    tokenized = False  # True: documents are int token arrays (no BOS/EOS)
-
-    @abc.abstractmethod
-    def __len__(self) -> int:
-        """Number of documents."""
-
-    @abc.abstractmethod
-    def __getitem__(self, index: int):
-        """Document `index`: a str, or an int token array when `tokenized`."""
-
-    def key(self, index: int) -> str:
-        """A stable name of document `index` (decides its train/eval split)."""
-        return f"{self.name}#{index}"
-
-    def log_stats(self) -> None:
-        logger.info("data source %s: %s", self.name, self.stats.as_dict())
-        if self.stats.empty_skipped or self.stats.undecodable_documents or self.stats.missing_field:
-            logger.warning("data source %s skipped/repaired documents: %s", self.name, self.stats.as_dict())
 
 
 class EmbeddedSource(DocumentSource):
@@ -186,25 +179,29 @@ class _OffsetIndexedSource(DocumentSource):
         self.stats = SourceStats()
         files, starts, ends = [], [], []
         for file_index, path in enumerate(self._paths):
+            check = _DecodeCheck(path, self.stats)
             for start, raw in _records(path, per_line):
+                text = check.decode(raw)
                 try:
-                    text = self._text(raw, self.stats)
+                    document = self._document(text, self.stats)
                 except json.JSONDecodeError as error:
+                    check.refuse_if_binary()  # binary bytes are the likelier cause
                     raise ValueError(
                         f"{path}: the record at byte {start} is not valid JSON ({error.msg}); "
                         "JSONL needs one JSON object per line"
                     ) from None
-                if text is not None:
+                if document is not None:
                     files.append(file_index), starts.append(start), ends.append(start + len(raw))
+            check.refuse_if_binary()
         self._file = np.asarray(files, np.int32)
         self._start = np.asarray(starts, np.int64)
         self._end = np.asarray(ends, np.int64)
         self.stats.documents = len(self._file)
         self.log_stats()
+        self.require_documents(field)
 
-    def _text(self, raw: bytes, stats: SourceStats | None) -> str | None:
-        """The document's text, or None when it is empty (counted)."""
-        text = _decode(raw, stats)
+    def _document(self, text: str, stats: SourceStats | None) -> str | None:
+        """The document in a record's decoded text, or None when it is empty (counted)."""
         if self._field is not None:
             record = json.loads(text) if text.strip() else {}
             if not isinstance(record, dict):
@@ -230,7 +227,7 @@ class _OffsetIndexedSource(DocumentSource):
         with _open(self._paths[self._file[index]]) as f:
             f.seek(start)
             raw = f.read(end - start)
-        return self._text(raw, None) or ""
+        return self._document(_decode(raw, None), None) or ""
 
     def key(self, index):
         return f"{self._paths[self._file[index]]}@{self._start[index]}"
@@ -274,6 +271,7 @@ class ParquetSource(DocumentSource):
         self.stats = SourceStats()
         rows = []  # (file, row group, row)
         for file_index, path in enumerate(self._paths):
+            check = _DecodeCheck(path, self.stats)
             with _open(path) as f:
                 parquet = pq.ParquetFile(f)
                 if column not in parquet.schema_arrow.names:
@@ -284,11 +282,15 @@ class ParquetSource(DocumentSource):
                 for group in range(parquet.num_row_groups):
                     values = parquet.read_row_group(group, columns=[column]).column(0)
                     for row, value in enumerate(values.to_pylist()):
+                        if isinstance(value, bytes):
+                            value = check.decode(value)
                         if self._as_text(value, self.stats) is not None:
                             rows.append((file_index, group, row))
+            check.refuse_if_binary()
         self._rows = np.asarray(rows, np.int64).reshape(-1, 3)
         self.stats.documents = len(self._rows)
         self.log_stats()
+        self.require_documents(column)
 
     @staticmethod
     def _as_text(value, stats: SourceStats | None) -> str | None:
@@ -328,6 +330,7 @@ def open_source(spec: SourceSpec, data) -> DocumentSource:
         return JsonlSource(spec.location, data.text_field)
     if spec.kind == "parquet":
         return ParquetSource(spec.location, data.text_field)
+    # Imported here so that reading text files needs neither tensorstore nor grain.
     if spec.kind == "token_store":
         from elmjax.data.token_store import TokenStoreSource
 
@@ -336,4 +339,4 @@ def open_source(spec: SourceSpec, data) -> DocumentSource:
         from elmjax.data.seqio import SeqioSource
 
         return SeqioSource(spec.location)
-    raise ValueError(f"config field `data.format`: is {spec.kind!r}; allowed: {', '.join(FORMATS)}")
+    raise ValueError(f"config field `data.format`: is {spec.kind!r}; allowed: {', '.join(DATA_FORMATS)}")

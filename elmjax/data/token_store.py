@@ -17,7 +17,7 @@ import os
 import numpy as np
 import tensorstore as ts
 
-from elmjax.data.sources import DocumentSource, SourceStats
+from elmjax.data.base import DocumentSource, SourceStats
 
 META = "elmjax_token_store.json"
 SHARD_TOKENS = 1 << 22
@@ -106,10 +106,7 @@ class TokenStoreWriter:
         array = array.resize(exclusive_max=[len(offsets)], expand_only=True).result()
         array.write(offsets).result()
         tok = self._tokenizer
-        is_json = type(tok).__name__ == "HuggingFaceTokenizer"
-        tokenizer_file = "tokenizer.json" if is_json else "tokenizer.model"
-        state = tok.__getstate__()
-        payload = state["json"].encode() if is_json else state["proto"]
+        tokenizer_file, payload = tok.stored_file()  # rebuilt by Tokenizer.from_stored_file
         self._kv.write(tokenizer_file, payload).result()
         meta = {
             "format": "elmjax-token-store-1",
@@ -140,16 +137,12 @@ def read_meta(root: str) -> dict:
     return json.loads(bytes(result.value))
 
 
-def load_store_tokenizer(root: str):
-    """The tokenizer saved inside the store."""
-    from elmjax.data.tokenizer import HuggingFaceTokenizer, SentencePieceTokenizer
-
+def read_stored_tokenizer(root: str) -> tuple[str, bytes]:
+    """(file name, bytes) of the tokenizer saved inside the store; the tokenizer module
+    rebuilds it (`elmjax.data.tokenizer.load_store_tokenizer`)."""
     meta = read_meta(root)
     kv = ts.KvStore.open(kvstore_url(root), context=_CONTEXT).result()
-    payload = bytes(kv.read(meta["tokenizer_file"]).result().value)
-    if meta["tokenizer_file"].endswith(".json"):
-        return HuggingFaceTokenizer(payload.decode(), {}, name=root)
-    return SentencePieceTokenizer(payload, name=root)
+    return meta["tokenizer_file"], bytes(kv.read(meta["tokenizer_file"]).result().value)
 
 
 class TokenStoreSource(DocumentSource):
@@ -170,6 +163,7 @@ class TokenStoreSource(DocumentSource):
         stats = self.meta.get("input_stats", {})
         self.stats = SourceStats(**{k: v for k, v in stats.items() if k in SourceStats.__dataclass_fields__})
         self.stats.documents = len(self._offsets) - 1
+        self.require_documents()
 
     def __getstate__(self):  # tensorstore handles are reopened in each worker process
         state = dict(self.__dict__)

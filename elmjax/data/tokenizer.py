@@ -17,10 +17,29 @@ import json
 import os
 import pathlib
 import tempfile
-from typing import Iterable, Sequence
+from typing import ClassVar, Iterable, Sequence
 
+import numpy as np
 import sentencepiece as spm
 import tokenizers
+
+from elmjax.data.base import logger
+
+# Texts longer than this are tokenized in pieces of at most this many characters
+# (Tokenizer.encode_array), so tokenizing a document needs memory independent of its length.
+MAX_CHUNK_CHARS = 1 << 16
+_FORCED_CUT_TRIES = 64  # cuts tried, a character apart, when a piece has no space to end at
+
+
+def _space_between_words(text: str, low: int, high: int) -> int | None:
+    """The last index i in [low, high) with text[i] == " " between two non-space characters."""
+    i = text.rfind(" ", low, high)
+    while i > 0:
+        if i + 1 < len(text) and not text[i - 1].isspace() and not text[i + 1].isspace():
+            return i
+        i = text.rfind(" ", low, i)
+    return None
+
 
 # Changing any of these changes the cache key, so cached tokenizers are retrained.
 _SPM_SETTINGS = dict(
@@ -50,14 +69,106 @@ class Tokenizer(abc.ABC):
     bos_id: int
     eos_id: int
     pad_id: int  # the pad token's id, or 0 when the vocabulary has none
+    stored_file_name: str  # the file `stored_file` names ("tokenizer.model", ...)
+    _by_stored_file_name: ClassVar[dict[str, type[Tokenizer]]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "stored_file_name" in cls.__dict__:
+            Tokenizer._by_stored_file_name[cls.stored_file_name] = cls
 
     @abc.abstractmethod
+    def stored_file(self) -> tuple[str, bytes]:
+        """(file name, bytes) that define this tokenizer, as a token store keeps them."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_bytes(cls, payload: bytes, name: str) -> Tokenizer:
+        """The tokenizer `stored_file` described (its bytes; `name` says where it came from)."""
+
+    @staticmethod
+    def from_stored_file(file_name: str, payload: bytes, name: str) -> Tokenizer:
+        """Rebuilds a tokenizer from what `stored_file` returned."""
+        kind = Tokenizer._by_stored_file_name.get(file_name)
+        if kind is None:
+            raise ValueError(
+                f"{name}: unknown tokenizer file {file_name!r}; known: "
+                f"{', '.join(sorted(Tokenizer._by_stored_file_name))}"
+            )
+        return kind.from_bytes(payload, name)
+
+    @abc.abstractmethod
+    def _encode(self, text: str) -> list[int]:
+        """Token ids of the whole of `text` at once, without BOS/EOS."""
+
+    def _encode_many(self, texts: list[str]) -> list[list[int]]:
+        """`_encode` of each text (implementations may use several threads)."""
+        return [self._encode(text) for text in texts]
+
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, without BOS/EOS."""
+        """Token ids of `text`, without BOS/EOS (a long text is tokenized in pieces, see
+        `encode_array`)."""
+        if len(text) <= MAX_CHUNK_CHARS:
+            return self._encode(text)
+        return self.encode_array(text).tolist()
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """`encode` as an int32 array. A text longer than MAX_CHUNK_CHARS is tokenized in
+        pieces of at most that many characters, so memory does not grow with the document
+        (SentencePiece needs ~40 bytes per character at once, more with a large vocabulary).
+        A piece ends at a space between two non-space characters where it can: no token
+        spans such a space (tokens do not continue across a word start), so the ids are
+        those of the whole text. A text without such a space for MAX_CHUNK_CHARS / 2
+        characters is cut where the cut keeps the text whole, and its ids may differ from
+        whole-text tokenization next to the cut."""
+        if len(text) <= MAX_CHUNK_CHARS:
+            return np.asarray(self._encode(text), np.int32)
+        pieces, start = [], 0
+        while start < len(text):
+            end = len(text) if len(text) - start <= MAX_CHUNK_CHARS else self._next_cut(text, start)
+            if start == 0:
+                ids = self._encode(text[:end])
+            else:
+                ids = self._encode_after(text, start, end)
+                if ids is None:  # (rare) no cut was found whose context survives
+                    logger.warning("a %d-character document was cut where its tokens may differ", len(text))
+                    ids = self._encode(text[start:end])
+            pieces.append(np.asarray(ids, np.int32))
+            start = end
+        return np.concatenate(pieces)
+
+    def _encode_after(self, text: str, start: int, end: int) -> list[int] | None:
+        """Ids of text[start:end], a piece that continues the text before it: encoded after
+        the character before it (a one-character context), whose ids are then dropped. A
+        piece encoded alone would be tokenized as a document's start (SentencePiece adds its
+        "▁" dummy prefix). None when the context's ids do not come out unchanged in front,
+        i.e. when a token spans the cut."""
+        context = self._encode(text[start - 1])
+        ids = self._encode(text[start - 1 : end])
+        return ids[len(context) :] if ids[: len(context)] == context else None
+
+    def _next_cut(self, text: str, start: int) -> int:
+        """Where the piece that starts at `start` ends (see `encode_array`)."""
+        low, high = start + MAX_CHUNK_CHARS // 2, start + MAX_CHUNK_CHARS
+        cut = _space_between_words(text, low, high)
+        if cut is not None:
+            return cut
+        for cut in range(high, high - _FORCED_CUT_TRIES, -1):
+            if self._encode_after(text, cut, min(cut + _FORCED_CUT_TRIES, len(text))) is not None:
+                return cut
+        return high
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """`encode` of each text (implementations may use several threads)."""
-        return [self.encode(text) for text in texts]
+        """`encode` of each text (short texts may be encoded by several threads)."""
+        texts = list(texts)
+        out: list[list[int] | None] = [None] * len(texts)
+        short = [i for i, text in enumerate(texts) if len(text) <= MAX_CHUNK_CHARS]
+        for i, ids in zip(short, self._encode_many([texts[i] for i in short])):
+            out[i] = ids
+        for i, text in enumerate(texts):
+            if out[i] is None:
+                out[i] = self.encode(text)
+        return out
 
     @abc.abstractmethod
     def decode(self, ids: Iterable[int]) -> str:
@@ -76,6 +187,8 @@ class Tokenizer(abc.ABC):
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model (e.g. LLaMA's tokenizer.model, as OpenELM uses)."""
 
+    stored_file_name = "tokenizer.model"
+
     def __init__(self, model_proto: bytes, name: str = "tokenizer.model"):
         self._proto = model_proto
         self.name = name
@@ -90,17 +203,24 @@ class SentencePieceTokenizer(Tokenizer):
         path = pathlib.Path(path)
         return cls(path.read_bytes(), name=str(path))
 
+    def stored_file(self) -> tuple[str, bytes]:
+        return self.stored_file_name, self._proto
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, name: str) -> SentencePieceTokenizer:
+        return cls(payload, name=name)
+
     def __getstate__(self):
         return {"proto": self._proto, "name": self.name}
 
     def __setstate__(self, state):
         self.__init__(state["proto"], state["name"])
 
-    def encode(self, text: str) -> list[int]:
+    def _encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self._sp.encode(list(texts))
+    def _encode_many(self, texts: list[str]) -> list[list[int]]:
+        return self._sp.encode(texts)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
@@ -128,6 +248,7 @@ class HuggingFaceTokenizer(Tokenizer):
     _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>", "<|endoftext|>")
     _EOS_NAMES = ("</s>", "<|end_of_text|>", "<eos>", "<|endoftext|>")
     _PAD_NAMES = ("<pad>", "<|padding|>", "[PAD]")
+    stored_file_name = "tokenizer.json"
 
     def __init__(self, json_text: str, special: dict | None = None, name: str = "tokenizer.json"):
         self._json = json_text
@@ -158,17 +279,24 @@ class HuggingFaceTokenizer(Tokenizer):
         special = json.loads(config_path.read_text()) if config_path.exists() else {}
         return cls(path.read_text(encoding="utf-8"), special, name=str(path))
 
+    def stored_file(self) -> tuple[str, bytes]:
+        return self.stored_file_name, self._json.encode()
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, name: str) -> HuggingFaceTokenizer:
+        return cls(payload.decode(), {}, name=name)
+
     def __getstate__(self):
         return {"json": self._json, "special": self._special, "name": self.name}
 
     def __setstate__(self, state):
         self.__init__(state["json"], state["special"], state["name"])
 
-    def encode(self, text: str) -> list[int]:
+    def _encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+    def _encode_many(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
@@ -248,6 +376,13 @@ def embedded_tokenizer(vocab_size: int, corpora: Sequence[str]) -> SentencePiece
     return SentencePieceTokenizer.from_file(path)
 
 
+def load_store_tokenizer(root: str) -> Tokenizer:
+    """The tokenizer saved inside the token store at `root`."""
+    from elmjax.data.token_store import read_stored_tokenizer
+
+    return Tokenizer.from_stored_file(*read_stored_tokenizer(root), name=root)
+
+
 def load_tokenizer(config) -> Tokenizer:
     """The tokenizer a run uses: `config.data.tokenizer`, or the embedded corpus's own."""
     from elmjax.data.sources import parse_source_list
@@ -256,8 +391,6 @@ def load_tokenizer(config) -> Tokenizer:
         return open_tokenizer(config.data.tokenizer)
     specs = parse_source_list(config.data)
     if specs and all(spec.kind == "token_store" for spec in specs):
-        from elmjax.data.token_store import load_store_tokenizer
-
         tokenizers_ = [load_store_tokenizer(spec.location) for spec in specs]
         if len({t.fingerprint for t in tokenizers_}) > 1:
             raise ValueError(

@@ -1,0 +1,119 @@
+"""The modules of elmjax/data import each other in one direction only: no cycle, counting
+every import (module-level and function-local, `import x` and `from x import y`)."""
+import ast
+import pathlib
+
+import pytest
+
+import elmjax.data
+
+PACKAGE = "elmjax.data"
+DATA_DIR = pathlib.Path(elmjax.data.__file__).parent
+
+
+def data_modules() -> dict[str, pathlib.Path]:
+    """elmjax.data and each module under it (subpackages included) -> its file."""
+    modules = {}
+    for path in sorted(DATA_DIR.rglob("*.py")):
+        parts = path.relative_to(DATA_DIR).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        modules[".".join((PACKAGE, *parts))] = path
+    return modules
+
+
+def _resolve(module: str, node: ast.ImportFrom, is_package: bool) -> str:
+    """The absolute module name an ImportFrom names (relative imports resolved)."""
+    if node.level == 0:
+        return node.module or ""
+    base = module.split(".")
+    base = base if is_package else base[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def imports_of(module: str, path: pathlib.Path, known: set[str]) -> set[str]:
+    """The elmjax.data modules that `module` imports anywhere in its file."""
+    found = set()
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    for node in ast.walk(tree):  # every statement, inside functions and classes too
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            target = _resolve(module, node, path.name == "__init__.py")
+            # `from elmjax.data import sources`: the module elmjax.data.sources when it is one
+            names = [
+                f"{target}.{alias.name}" if f"{target}.{alias.name}" in known else target
+                for alias in node.names
+            ]
+        else:
+            continue
+        for name in names:
+            # `import elmjax.data.a.b` imports the deepest module of ours that it names
+            while name and name not in known:
+                name = name.rpartition(".")[0]
+            if name.startswith(PACKAGE) and name != module:
+                found.add(name)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = data_modules()
+    known = set(modules)
+    return {name: imports_of(name, path, known) for name, path in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle as [a, b, ..., a], or None (depth-first search, white/grey/black)."""
+    state = {node: 0 for node in graph}  # 0 unvisited, 1 on the stack, 2 done
+    stack: list[str] = []
+
+    def visit(node):
+        state[node] = 1
+        stack.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target, 2) == 1:
+                return stack[stack.index(target) :] + [target]
+            if state.get(target) == 0:
+                cycle = visit(target)
+                if cycle:
+                    return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if state[node] == 0:
+            cycle = visit(node)
+            if cycle:
+                return cycle
+    return None
+
+
+def test_the_checker_sees_local_and_package_relative_imports(tmp_path):
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}
+    assert find_cycle(graph) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+    source = (
+        "def f():\n    from elmjax.data import sources, corpus\n"
+        "import elmjax.data.tokenizer as t\nfrom . import pipeline\nfrom .seqio import X\n"
+    )
+    (tmp_path / "m.py").write_text(source)
+    known = {f"{PACKAGE}.{m}" for m in ("m", "sources", "corpus", "tokenizer", "pipeline", "seqio")}
+    assert imports_of(f"{PACKAGE}.m", tmp_path / "m.py", known) == known - {f"{PACKAGE}.m"}
+
+
+def test_the_data_package_import_graph_has_no_cycle():
+    graph = import_graph()
+    assert f"{PACKAGE}.sources" in graph and f"{PACKAGE}.tokenizer" in graph
+    cycle = find_cycle(graph)
+    if cycle:
+        edges = "\n".join(f"  {m}: {', '.join(sorted(graph[m])) or '-'}" for m in sorted(graph))
+        pytest.fail(f"import cycle: {' -> '.join(cycle)}\nimports:\n{edges}")
+
+
+@pytest.mark.parametrize("module", ["token_store", "seqio"])
+def test_token_store_and_seqio_use_only_the_source_interface_not_sources(module):
+    graph = import_graph()
+    assert f"{PACKAGE}.sources" not in graph[f"{PACKAGE}.{module}"]
+    assert f"{PACKAGE}.tokenizer" not in graph[f"{PACKAGE}.{module}"]
