@@ -18,6 +18,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from elmjax import models
+from elmjax.data.formats import DATA_FORMATS, TEXT_UNITS, parse_mixture_weights, source_entries
 from elmjax.layers.remat import REMAT_POLICY_NAMES
 from elmjax.validation import ConfigError, at_least, choice, require
 
@@ -47,7 +48,6 @@ REMAT_POLICIES = REMAT_POLICY_NAMES
 NONFINITE_ACTIONS = ("skip", "abort")
 HOST_MEMORY_MODES = ("auto", "on", "off")  # elmjax.training.host_memory.apply
 LR_SCHEDULES = ("cosine", "linear", "constant")
-from elmjax.data.formats import DATA_FORMATS, TEXT_UNITS  # noqa: E402  (defined with the data code)
 
 
 def base_config(family: str = "openelm") -> ml_collections.ConfigDict:
@@ -280,8 +280,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _choice(config, "data", "format", DATA_FORMATS)
     _choice(config, "data", "text_unit", TEXT_UNITS)
     _require(data.text_field != "", "data.text_field", "is empty; name the JSONL field / Parquet column")
-    from elmjax.data.formats import parse_mixture_weights, source_entries
-
     try:
         parse_mixture_weights(data.mixture_weights, len(source_entries(data.source)))
     except ValueError as error:

@@ -10,7 +10,7 @@ import abc
 import dataclasses
 import logging
 
-from elmjax.config import ConfigError
+from elmjax.validation import ConfigError
 
 logger = logging.getLogger("elmjax.data")
 

@@ -28,7 +28,7 @@ import grain
 import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset
 
-from elmjax.config import ConfigError
+from elmjax.validation import ConfigError
 from elmjax.data import sources as sources_lib
 from elmjax.data.base import DataSourceError, logger
 from elmjax.data.formats import parse_mixture_weights
