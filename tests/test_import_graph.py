@@ -1,21 +1,26 @@
-"""The modules of elmjax/data import each other in one direction only: no cycle, counting
-every import (module-level and function-local, `import x` and `from x import y`)."""
+"""elmjax's modules import each other in one direction only: no cycle, counting every import
+(module-level and function-local, `import x` and `from x import y`); and every module imports
+on its own, in any order."""
 import ast
+import os
 import pathlib
+import random
+import subprocess
+import sys
 
 import pytest
 
-import elmjax.data
+import elmjax
 
-PACKAGE = "elmjax.data"
-DATA_DIR = pathlib.Path(elmjax.data.__file__).parent
+PACKAGE = "elmjax"
+PACKAGE_DIR = pathlib.Path(elmjax.__file__).parent
 
 
-def data_modules() -> dict[str, pathlib.Path]:
-    """elmjax.data and each module under it (subpackages included) -> its file."""
+def package_modules() -> dict[str, pathlib.Path]:
+    """elmjax and each module under it (subpackages included) -> its file."""
     modules = {}
-    for path in sorted(DATA_DIR.rglob("*.py")):
-        parts = path.relative_to(DATA_DIR).with_suffix("").parts
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        parts = path.relative_to(PACKAGE_DIR).with_suffix("").parts
         if parts[-1] == "__init__":
             parts = parts[:-1]
         modules[".".join((PACKAGE, *parts))] = path
@@ -33,7 +38,7 @@ def _resolve(module: str, node: ast.ImportFrom, is_package: bool) -> str:
 
 
 def imports_of(module: str, path: pathlib.Path, known: set[str]) -> set[str]:
-    """The elmjax.data modules that `module` imports anywhere in its file."""
+    """The elmjax modules that `module` imports anywhere in its file."""
     found = set()
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     for node in ast.walk(tree):  # every statement, inside functions and classes too
@@ -58,7 +63,7 @@ def imports_of(module: str, path: pathlib.Path, known: set[str]) -> set[str]:
 
 
 def import_graph() -> dict[str, set[str]]:
-    modules = data_modules()
+    modules = package_modules()
     known = set(modules)
     return {name: imports_of(name, path, known) for name, path in modules.items()}
 
@@ -99,13 +104,14 @@ def test_the_checker_sees_local_and_package_relative_imports(tmp_path):
         "import elmjax.data.tokenizer as t\nfrom . import pipeline\nfrom .seqio import X\n"
     )
     (tmp_path / "m.py").write_text(source)
-    known = {f"{PACKAGE}.{m}" for m in ("m", "sources", "corpus", "tokenizer", "pipeline", "seqio")}
-    assert imports_of(f"{PACKAGE}.m", tmp_path / "m.py", known) == known - {f"{PACKAGE}.m"}
+    known = {f"elmjax.data.{m}" for m in ("m", "sources", "corpus", "tokenizer", "pipeline", "seqio")}
+    assert imports_of("elmjax.data.m", tmp_path / "m.py", known) == known - {"elmjax.data.m"}
 
 
-def test_the_data_package_import_graph_has_no_cycle():
+def test_the_package_import_graph_has_no_cycle():
     graph = import_graph()
-    assert f"{PACKAGE}.sources" in graph and f"{PACKAGE}.tokenizer" in graph
+    assert "elmjax.data.sources" in graph and "elmjax.training.loop" in graph
+    assert "elmjax.models.openelm.family" in graph["elmjax.models.openelm"]
     cycle = find_cycle(graph)
     if cycle:
         edges = "\n".join(f"  {m}: {', '.join(sorted(graph[m])) or '-'}" for m in sorted(graph))
@@ -115,5 +121,23 @@ def test_the_data_package_import_graph_has_no_cycle():
 @pytest.mark.parametrize("module", ["token_store", "seqio"])
 def test_token_store_and_seqio_use_only_the_source_interface_not_sources(module):
     graph = import_graph()
-    assert f"{PACKAGE}.sources" not in graph[f"{PACKAGE}.{module}"]
-    assert f"{PACKAGE}.tokenizer" not in graph[f"{PACKAGE}.{module}"]
+    assert "elmjax.data.sources" not in graph[f"elmjax.data.{module}"]
+    assert "elmjax.data.tokenizer" not in graph[f"elmjax.data.{module}"]
+
+
+def test_shared_layers_know_no_family():
+    """elmjax/layers and elmjax/kernels never import a family's folder (only the registry)."""
+    for module, imported in import_graph().items():
+        if module.startswith(("elmjax.layers", "elmjax.kernels", "elmjax.parallel")):
+            assert not [m for m in imported if m.startswith("elmjax.models.") and m != "elmjax.models.registry"], module
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_every_module_imports_in_any_order(seed):
+    """One fresh interpreter imports every module, in a shuffled order."""
+    names = sorted(package_modules())
+    random.Random(seed).shuffle(names)
+    code = "import importlib\nfor name in %r:\n    importlib.import_module(name)\n" % names
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr[-3000:]
