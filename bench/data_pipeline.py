@@ -15,7 +15,6 @@ Prints a Markdown table (for bench/README.md) and writes JSON with --json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -32,10 +31,9 @@ TARGET_MFU = 0.5
 
 
 def load_config(path: str):
-    spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    from elmjax.config import load_config_file
+
+    return load_config_file(path)
 
 
 def loader_tokens_per_second(config, batches: int, warmup: int = 5) -> float:
@@ -97,19 +95,13 @@ def train_step_tokens_per_second(config, steps: int) -> float:
 
 
 def flops_per_token(model_config, seq_len: int) -> tuple[float, int]:
-    """SPEC §4: 6 * N_nonembedding + sum over layers of 6 * seq * q_heads_i * head_dim."""
-    from elmjax.models.openelm.layerwise import schedule_from_config
+    """(SPEC §4 training FLOPs per token without the output head, non-embedding parameters):
+    the counter MFU uses (elmjax.training.metrics)."""
+    from elmjax.layers.decoder import abstract_model, count_params
+    from elmjax.training.metrics import flops_per_token as spec_flops_per_token
 
-    d, hd = model_config.model_dim, model_config.head_dim
-    n_nonembedding = d  # final norm
-    attention = 0.0
-    for layer in schedule_from_config(model_config):
-        q, kv, ffn = layer.num_query_heads, layer.num_kv_heads, layer.ffn_dim
-        n_nonembedding += d * (q + 2 * kv) * hd + q * hd * d  # qkv_proj, out_proj
-        n_nonembedding += d * 2 * ffn + ffn * d  # proj_1, proj_2
-        n_nonembedding += 2 * d + 2 * hd  # attn/ffn norms, q/k norms
-        attention += 6 * seq_len * q * hd
-    return 6 * n_nonembedding + attention, n_nonembedding
+    n_nonembedding = count_params(abstract_model(model_config)) - model_config.vocab_size * model_config.model_dim
+    return spec_flops_per_token(model_config, seq_len, include_output_head=False), n_nonembedding
 
 
 def main(argv=None) -> int:

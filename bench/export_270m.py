@@ -12,7 +12,6 @@ compared with one float32 copy of the weights.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -66,10 +65,9 @@ def make_checkpoint(workdir: str) -> int:
     from elmjax.layers.decoder import abstract_model, count_params
     from tests.export_support import random_params
 
-    spec = importlib.util.spec_from_file_location("config_270m", os.path.join(_REPO, "configs", "270m.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    from elmjax.config import load_config_file
+
+    config = load_config_file(os.path.join(_REPO, "configs", "270m.py"))
     load_tokenizer(config)  # train + cache the 32000-piece tokenizer outside the timings
     nbytes = count_params(abstract_model(config.model)) * 4
     if latest_complete_step(workdir) is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib
+import pathlib
 import statistics
 import time
 
@@ -22,8 +22,10 @@ import numpy as np
 from flax import nnx
 
 from elmjax.inference import generate as gen
-from elmjax.config import validate
+from elmjax.config import load_config_file, validate
 from elmjax.layers.decoder import build_model, count_params
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Prompt and new tokens per config: the 270M recompute baseline is slow on a 2-core CPU.
 DEFAULT_LENGTHS = {"tiny": (16, 112), "270m": (16, 16)}
@@ -96,7 +98,7 @@ def main():
     rows = []
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s)")
     for name in args.configs.split(","):
-        config = validate(importlib.import_module(f"configs.{name}").get_config())
+        config = validate(load_config_file(ROOT / "configs" / f"{name}.py"))
         model = build_model(config.model, seed=0)
         print(f"{name}: {count_params(model):,} parameters", flush=True)
         prompt_len, new_tokens = DEFAULT_LENGTHS.get(name, (16, 32))

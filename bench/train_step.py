@@ -33,12 +33,9 @@ LABELS = {"jax": "elmjax", "torch": "pytorch", "torch_reuse": "pytorch + glibc r
 
 
 def load_config(name: str):
-    import importlib.util
+    from elmjax.config import load_config_file
 
-    spec = importlib.util.spec_from_file_location("bench_config", ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config_file(ROOT / "configs" / f"{name}.py")
     if SHAPES[name]:
         config.train.batch_size, config.train.seq_len = SHAPES[name]
     config.train.grad_accum_steps = 1

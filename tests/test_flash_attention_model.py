@@ -1,5 +1,4 @@
 """The model's attention dispatch, and a tiny-model train loss + gradient with pallas vs xla."""
-import importlib.util
 from pathlib import Path
 
 import jax
@@ -8,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from elmjax.config import validate
+from elmjax.config import load_config_file, validate
 from elmjax.kernels.reference import attention
 from elmjax.layers.attention import dot_product_attention
 from elmjax.layers.decoder import build_model
@@ -18,10 +17,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def tiny_config(impl: str):
-    spec = importlib.util.spec_from_file_location("tiny_config", CONFIGS / "tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config_file(CONFIGS / "tiny.py")
     config.model.attention_impl = impl
     config.train.batch_size, config.train.seq_len = 2, 40
     return validate(config)

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from configs import tiny as tiny_config
+from elmjax.config import load_config_file
 from elmjax.training import metrics as mt
 from elmjax.layers.decoder import abstract_model, count_params
 from elmjax.models.openelm.layerwise import schedule_from_config
@@ -15,13 +16,9 @@ FFN = [768, 1024, 1280, 1536, 1792, 2048, 2560, 2816, 3072, 3328, 3584, 3840, 43
 
 
 def config_270m():
-    import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("c270m", Path(__file__).parents[1] / "configs" / "270m.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config_file(Path(__file__).parents[1] / "configs" / "270m.py")
 
 
 def test_270m_flops_per_token_is_spec_section_4_per_layer():

@@ -12,7 +12,6 @@ from flax import nnx
 from elmjax import models, trainable
 from elmjax.config import ConfigError, family_config, validate
 from elmjax.layers.decoder import abstract_model, build_model
-from elmjax.layers.init import param
 from elmjax.layers.linear import Linear
 from elmjax.models.family import LayerSpec, ModelFamily
 from elmjax.training import metrics as mt

@@ -1,12 +1,11 @@
 """Layer-wise scaling reproduces the published OpenELM shapes and parameter counts (SPEC §1)."""
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 
-from elmjax.config import validate
+from elmjax.config import load_config_file, validate
 from elmjax.layers.decoder import abstract_model, count_params
 from elmjax.models.openelm.layerwise import interpolate_multipliers, make_divisible, schedule_from_config
 
@@ -14,10 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return validate(module.get_config())
+    return validate(load_config_file(os.path.join(ROOT, "configs", f"{name}.py")))
 
 
 def expand(runs):

@@ -12,18 +12,10 @@ metadata (elmjax_token_store.json) and printed.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 
 from tqdm import tqdm
-
-
-def _load_config(path: str):
-    spec = importlib.util.spec_from_file_location("elmjax_user_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def prepare(config, output: str, *, overwrite: bool = False, batch_docs: int = 256) -> dict:
@@ -64,9 +56,9 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing store")
     args = parser.parse_args(argv)
 
-    from elmjax.config import ConfigError, validate
+    from elmjax.config import ConfigError, load_config_file, validate
 
-    config = _load_config(args.config)
+    config = load_config_file(args.config)
     for name in ("source", "format", "text_field", "text_unit", "tokenizer"):
         if getattr(args, name) is not None:
             config.data[name] = getattr(args, name)
