@@ -13,11 +13,13 @@ reduces over, and keeps its running sums in VMEM scratch, so a grid step holds o
   per-query logsumexp and delta are lane-dense rows.
 
 Causal masking skips fully masked tiles with `pl.when`, and the index maps clamp the block
-index of a skipped step to the last (forward, dq) or next (dk/dv) visible block, so the
-pipeline issues no DMA for it. Per-query vectors (logsumexp, delta) live in HBM as
-[batch, heads, 1, seq] float32 rows and segment ids as [batch, 1, seq] int32 rows: lane-dense
-(a [..., seq, 1] column would be padded to 128 lanes in HBM); a kernel that needs a column
-transposes its [1, block] row in VMEM.
+index of a skipped step to the last (forward, dq) or next (dk/dv) visible block: the TPU
+pipeline copies a block only when its index changes, so a skipped step loads nothing (the
+same device as the index maps of jax's ops/tpu/flash_attention).
+
+Per-query vectors (logsumexp, delta) live in HBM as [batch, heads, 1, seq] float32 rows and
+segment ids as [batch, 1, seq] int32 rows: lane-dense (XLA tiles a [..., seq, 1] column
+T(8,128), 128x its size); a kernel that needs a column transposes its [1, block] row.
 """
 from __future__ import annotations
 
