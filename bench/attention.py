@@ -10,6 +10,17 @@ head_dim (QK^T and PV), halved when causal; forward+backward = 3.5 x forward.
 
 On CPU the Pallas kernel runs in interpret mode, so its times say nothing about the kernel's
 speed on an accelerator; the script prints that warning with the table.
+
+Without a TPU, `--tpu-topology v5p:2x2x1` compiles forward+backward for that TPU with
+libtpu's compiler (needs jax[tpu]; nothing runs) and prints, per kernel, the compile time,
+XLA's cost analysis (flops, bytes, `optimal_seconds`) and temp memory, for elmjax's kernel
+and, where they cover the case (no GQA, segment ids or ALiBi), jax's own TPU kernels
+(splash_attention, ops/tpu/flash_attention). `optimal_seconds` is the compiler's ESTIMATE,
+and it sees inside a Pallas call only through the call's declared pl.CostEstimate: elmjax's
+kernels declare forward and backward, jax's flash_attention only its forward, splash none.
+
+  PYTHONPATH=. python bench/attention.py --tpu-topology v5p:2x2x1 --batch 4 --seqs 8192 \
+      --heads 32 --kv-heads 32 --head-dim 128
 """
 from __future__ import annotations
 
@@ -107,6 +118,95 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def tpu_compile_estimates(args) -> list[dict]:
+    """Compile forward+backward (jax.vjp with a cotangent) for `args.tpu_topology` on one of
+    its devices, per kernel and seq; rows of compile seconds and the compiled cost analysis."""
+    import os
+
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from elmjax.kernels.flash_attention import flash_attention
+
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=args.tpu_topology).devices
+    replicated = NamedSharding(Mesh(devices[:1], ("x",)), PartitionSpec())
+    dtype = jnp.dtype(args.dtype)
+    scale = args.head_dim**-0.5
+    rows = []
+    for seq in [int(s) for s in args.seqs.split(",")]:
+        bshd = (args.batch, seq, args.heads, args.head_dim)
+        kv_bshd = (args.batch, seq, args.kv_heads, args.head_dim)
+        impls = {"elmjax": (lambda q, k, v: flash_attention(
+            q, k, v, causal=args.causal, backend="mosaic_tpu"), bshd, kv_bshd)}
+        if args.heads == args.kv_heads:  # jax's kernels: [batch, heads, seq, head_dim], MHA
+            from jax.experimental.pallas.ops.tpu import flash_attention as jax_flash
+            from jax.experimental.pallas.ops.tpu.splash_attention import (
+                splash_attention_kernel as splash,
+                splash_attention_mask as splash_mask,
+            )
+
+            bhsd = (args.batch, args.heads, seq, args.head_dim)
+            impls["jax_flash_128"] = (lambda q, k, v: jax_flash.flash_attention(
+                q, k, v, causal=args.causal, sm_scale=scale), bhsd, bhsd)
+            mask_cls = splash_mask.CausalMask if args.causal else splash_mask.FullMask
+            mask = splash_mask.MultiHeadMask([mask_cls((seq, seq)) for _ in range(args.heads)])
+            for block in (128, 512):
+                if seq % block:
+                    continue
+                kernel = splash.make_splash_mha(
+                    mask, head_shards=1, q_seq_shards=1,
+                    block_sizes=splash.BlockSizes(*(min(block, seq),) * 3, *(min(block, seq),) * 5),
+                )
+                impls[f"splash_{block}"] = (
+                    lambda q, k, v, kernel=kernel: jax.vmap(kernel)(q * scale, k, v), bhsd, bhsd
+                )
+        for name, (attend, q_shape, kv_shape) in impls.items():
+            q = jax.ShapeDtypeStruct(q_shape, dtype, sharding=replicated)
+            kv = jax.ShapeDtypeStruct(kv_shape, dtype, sharding=replicated)
+
+            def fwd_bwd(q, k, v, dout, attend=attend):
+                out, vjp = jax.vjp(attend, q, k, v)
+                return (out, *vjp(dout))
+
+            row = {"seq": seq, "impl": name}
+            start = time.perf_counter()
+            try:
+                compiled = jax.jit(fwd_bwd).lower(q, kv, kv, q).compile()
+                analysis = compiled.cost_analysis()
+                analysis = analysis[0] if isinstance(analysis, list) else analysis
+                row.update(
+                    compile_s=time.perf_counter() - start,
+                    flops=analysis.get("flops", 0.0),
+                    bytes=analysis.get("bytes accessed", 0.0),
+                    optimal_seconds=analysis.get("optimal_seconds", float("nan")),
+                    temp_mib=compiled.memory_analysis().temp_size_in_bytes / 2**20,
+                )
+            except Exception as error:
+                row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:100]}"
+            rows.append(row)
+    return rows
+
+
+def estimates_markdown(rows: list[dict], args) -> str:
+    flops = lambda seq: attention_flops(args.batch, seq, args.heads, args.head_dim, args.causal, True)
+    lines = [
+        "| seq | impl | compile s | XLA flops | vs 3.5x-fwd convention | XLA bytes | optimal_seconds (estimate) | temp MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['seq']} | {r['impl']} | {r['error']} ||||||")
+            continue
+        lines.append(
+            f"| {r['seq']} | {r['impl']} | {r['compile_s']:.1f} | {r['flops']:.3g} "
+            f"| {r['flops'] / flops(r['seq']):.2f} | {r['bytes']:.3g} | {r['optimal_seconds']:.3g} "
+            f"| {r['temp_mib']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def main():
     on_cpu = jax.default_backend() == "cpu"
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -124,7 +224,26 @@ def main():
         "--memory-seq", type=int, default=0,
         help="instead of timing, report the compiled forward+backward temp memory at this seq",
     )
+    parser.add_argument(
+        "--tpu-topology",
+        help="instead of timing, compile for this TPU topology (e.g. v5p:2x2x1, v5e:2x2) with "
+        "libtpu's compiler and print the compiler's cost and time estimates",
+    )
     args = parser.parse_args()
+
+    if args.tpu_topology:
+        print(
+            f"TPU compile-only ({args.tpu_topology}), jax {jax.__version__}: batch {args.batch}, "
+            f"q heads {args.heads}, kv heads {args.kv_heads}, head_dim {args.head_dim}, "
+            f"{args.dtype}, causal={args.causal}, forward+backward. optimal_seconds is the "
+            "compiler's estimate, blind to a Pallas kernel's insides beyond its declared cost."
+        )
+        rows = tpu_compile_estimates(args)
+        print(estimates_markdown(rows, args))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"topology": args.tpu_topology, "args": vars(args), "rows": rows}, f, indent=2)
+        return
 
     devices = jax.devices()
     print(f"device: {devices[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")

@@ -1,5 +1,9 @@
 """The Pallas flash-attention kernel (interpret mode on CPU) against the reference oracle.
 
+Interpret mode runs the "streamed" kernels (the TPU structure: K/V blocks on an arbitrary
+grid axis, statistics in scratch); tests marked with `kernels` also run the "loop" kernels
+(the Triton structure) through the private `_kernels` switch.
+
 Tolerances (elementwise, on outputs and on dq/dk/dv of a random linear loss):
 - float32 inputs: |kernel - reference| <= 5e-5 + 5e-5 * |reference|.
 - bfloat16 inputs: |kernel - float32 reference on the same bf16-rounded inputs|
@@ -61,14 +65,16 @@ def outputs_and_grads(attend, q, k, v, w):
 
 
 def check_against_reference(dtype, seed, batch, seq, heads, kv_heads, head_dim, causal,
-                            num_segments, use_alibi, scale, block_q, block_k):
+                            num_segments, use_alibi, scale, block_q, block_k, kernels=None):
     q, k, v, w, segment_ids = make_inputs(seed, batch, seq, heads, kv_heads, head_dim, dtype, num_segments)
     options = dict(
         segment_ids=segment_ids, causal=causal, scale=scale,
         alibi_slopes=alibi_slopes(heads) if use_alibi else None,
     )
     kernel = outputs_and_grads(
-        lambda q, k, v: flash_attention(q, k, v, block_q=block_q, block_k=block_k, **options), q, k, v, w
+        lambda q, k, v: flash_attention(
+            q, k, v, block_q=block_q, block_k=block_k, _kernels=kernels, **options
+        ), q, k, v, w,
     )
     f32 = lambda x: x.astype(jnp.float32)
     oracle = outputs_and_grads(lambda q, k, v: attention(q, k, v, **options), f32(q), f32(k), f32(v), w)
@@ -131,7 +137,76 @@ def test_bfloat16_matches_float32_reference(seed, batch, seq, heads, causal, num
     run_case(jnp.bfloat16, seed, batch, seq, heads, causal, num_segments, use_alibi, scale, blocks)
 
 
-def test_causal_kernels_never_touch_fully_masked_blocks():
+# (seq, heads, kv_heads, head_dim, block_q, block_k): several blocks each way, square and
+# non-square tiles, a length that is not a multiple of either block, GQA 4 and 1.
+SEVERAL_BLOCKS = [(96, 8, 2, 16, 16, 32), (100, 4, 1, 32, 32, 16), (64, 2, 2, 16, 16, 16)]
+
+
+@pytest.mark.parametrize("kernels", ["streamed", "loop"])
+@pytest.mark.parametrize("case", SEVERAL_BLOCKS, ids=lambda c: f"s{c[0]}h{c[1]}kv{c[2]}b{c[4]}x{c[5]}")
+def test_several_kv_blocks_with_causal_skipping_segments_and_alibi(kernels, case):
+    """Values and gradients over many (q block, kv block) tiles: causal skipping, packed
+    documents whose boundaries fall inside tiles, ALiBi and the muP scale, float32."""
+    seq, heads, kv_heads, head_dim, block_q, block_k = case
+    check_against_reference(
+        jnp.float32, seq, 2, seq, heads, kv_heads, head_dim, causal=True, num_segments=4,
+        use_alibi=True, scale=1.0 / head_dim, block_q=block_q, block_k=block_k, kernels=kernels,
+    )
+
+
+@pytest.mark.parametrize("kernels", ["streamed", "loop"])
+def test_bfloat16_non_causal_several_blocks(kernels):
+    check_against_reference(
+        jnp.bfloat16, 11, 1, 80, 8, 2, 32, causal=False, num_segments=3, use_alibi=False,
+        scale=None, block_q=16, block_k=32, kernels=kernels,
+    )
+
+
+@pytest.mark.parametrize("kernels", ["streamed", "loop"])
+def test_fewer_queries_than_keys_align_causal_mask_to_the_end(kernels):
+    """q_len < kv_len (a chunk after a prefix): query i sits at key position kv_len - q_len + i,
+    so the causal block ranges and clamped index maps use that offset."""
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.normal(size=(1, 40, 4, 16)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(1, 72, 2, 16)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(1, 72, 2, 16)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+    slopes = alibi_slopes(4)
+    kernel = outputs_and_grads(
+        lambda q, k, v: flash_attention(
+            q, k, v, alibi_slopes=slopes, block_q=16, block_k=16, _kernels=kernels
+        ), q, k, v, w,
+    )
+    oracle = outputs_and_grads(lambda q, k, v: attention(q, k, v, alibi_slopes=slopes), q, k, v, w)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), kernel, oracle):
+        np.testing.assert_allclose(got, want, **F32_TOL, err_msg=name)
+
+
+def test_causal_index_maps_fetch_each_visible_block_once():
+    """The streamed kernels' clamped index maps: walking the grid in order, a new K/V block
+    (forward, dq) or q block (dk/dv) is fetched exactly once per visible tile, never for a
+    skipped one."""
+    from elmjax.kernels.flash_streamed import _kv_block_for, _q_block_for
+    from elmjax.kernels.flash_tiles import FlashConfig, visible_tiles
+
+    for q_len, kv_len, block_q, block_k in [(64, 64, 16, 16), (96, 96, 16, 32), (40, 72, 16, 8)]:
+        cfg = FlashConfig(
+            scale=1.0, causal=True, block_q=block_q, block_k=block_k, q_len=q_len, kv_len=kv_len,
+            q_pad=-(-q_len // block_q) * block_q, kv_pad=-(-kv_len // block_k) * block_k,
+            groups=1, has_segments=False, has_alibi=False, backend="interpret",
+        )
+        steps = [(i, j) for i in range(cfg.num_q_blocks) for j in range(cfg.num_kv_blocks)]
+        fetched = [(i, int(_kv_block_for(cfg, i, j))) for i, j in steps]
+        fetches = sum(a != b for a, b in zip([None] + fetched, fetched))
+        assert fetches == visible_tiles(cfg)
+        steps = [(j, i) for j in range(cfg.num_kv_blocks) for i in range(cfg.num_q_blocks)]
+        fetched = [(j, int(_q_block_for(cfg, j, i))) for j, i in steps]
+        fetches = sum(a != b for a, b in zip([None] + fetched, fetched))
+        assert fetches == visible_tiles(cfg)
+
+
+@pytest.mark.parametrize("kernels", ["streamed", "loop"])
+def test_causal_kernels_never_touch_fully_masked_blocks(kernels):
     """NaNs placed where a query block's causal mask is all False must not reach it.
 
     Masking alone does not stop NaN (0 * NaN = NaN in p @ v), so finite rows prove the
@@ -144,7 +219,9 @@ def test_causal_kernels_never_touch_fully_masked_blocks():
 
     def run(causal, q, v):
         return outputs_and_grads(
-            lambda q, k, v: flash_attention(q, k, v, causal=causal, block_q=8, block_k=8), q, k, v, w
+            lambda q, k, v: flash_attention(
+                q, k, v, causal=causal, block_q=8, block_k=8, _kernels=kernels
+            ), q, k, v, w,
         )
 
     out, dq, _, _ = run(True, q, poisoned_v)  # forward and dq kernels: query block 0

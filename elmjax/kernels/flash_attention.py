@@ -3,16 +3,21 @@
 `flash_attention(query, key, value, ...)` computes the same function as
 `elmjax.kernels.reference.attention` without materialising the [q_len, kv_len] logits:
 
-- forward: one program per (batch, query head, query block) loops over key blocks with an
-  online softmax (running max `m`, running sum `l`, float32 accumulator) and saves the
-  logsumexp `m + log(l)` for the backward;
-- causal masking stops that loop at the diagonal, so fully masked key blocks are never
+- forward: an online softmax over key blocks (running max `m`, running sum `l`, float32
+  accumulator) per query block; it saves the logsumexp `m + log(l)` for the backward;
+- causal masking skips key blocks past the diagonal, so fully masked tiles are never
   loaded or multiplied (flash_tiles.causal_kv_block_end);
 - GQA: query head h reads kv head h // groups through the BlockSpec index_map, so kv heads
   are never repeated in memory; the dk/dv kernel sums over the group's query heads;
 - lengths that are not a multiple of the block are padded here and the padded keys masked;
-- the backward is a `jax.custom_vjp` whose dq and dk/dv kernels are also Pallas
-  (flash_attention_bwd.py).
+- the backward is a `jax.custom_vjp` whose dq and dk/dv kernels are also Pallas.
+
+Two kernel families (flash_tiles.FlashConfig.kernels):
+- "streamed" (Mosaic TPU, and interpret mode on CPU): K/V blocks stream through an
+  innermost "arbitrary" grid axis with the softmax statistics in VMEM scratch, so VMEM use
+  is independent of the sequence length (flash_streamed.py);
+- "loop" (Triton GPU): one program per query block loops over key blocks in the kernel
+  (below and flash_attention_bwd.py).
 
 Backends: `triton` (GPU), `mosaic_tpu` (TPU), `interpret` (CPU, or anywhere for debugging);
 the default follows `jax.default_backend()`.
@@ -26,21 +31,30 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from elmjax.kernels.flash_attention_bwd import flash_backward
+from elmjax.kernels import flash_streamed
+from elmjax.kernels.flash_attention_bwd import flash_backward as loop_backward
 from elmjax.kernels.flash_tiles import (
     BACKENDS,
     MASK_VALUE,
     FlashConfig,
     call_kwargs,
     causal_kv_block_end,
+    cost_estimate,
     default_backend,
     scalar_table_spec,
     tile_logits,
 )
 
 # (block_q, block_k) per backend. Triton: 64x64 keeps the backward's tiles in shared memory
-# for head_dim 128; TPU: 128 fills the MXU; interpret: 128 (tests pass smaller blocks).
-DEFAULT_BLOCKS = {"triton": (64, 64), "mosaic_tpu": (128, 128), "interpret": (128, 128)}
+# for head_dim 128. TPU: 512x512 tiles: few grid steps (each has a fixed overhead), K/V
+# re-read once per 512 queries, and a step's VMEM (double-buffered q/k/v/do tiles, float32
+# accumulators, a few [512, 512] float32 temporaries) compiles within the default scoped
+# VMEM limit on v4, v5e and v5p (tests/test_flash_attention_tpu.py). interpret: 128 (tests
+# pass smaller blocks).
+DEFAULT_BLOCKS = {"triton": (64, 64), "mosaic_tpu": (512, 512), "interpret": (128, 128)}
+# On TPU a block that does not cover the whole (padded) sequence must be a multiple of 128
+# (it is the lane dimension of a tile or of a logsumexp row); these are tried largest first.
+TPU_BLOCK_CHOICES = (512, 384, 256, 128)
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
@@ -103,10 +117,14 @@ def _flash_forward(cfg: FlashConfig, q, k, v, q_seg, kv_seg, slopes):
             pl.BlockSpec((None, bq, 1), lambda b, h, i: (b, i, 0)),
             pl.BlockSpec((None, 1, kv_pad), lambda b, h, i: (b, 0, 0)),
         ]
-        extra += [q_seg, kv_seg]
+        extra += [q_seg[:, :, None], kv_seg[:, None, :]]
     if cfg.has_alibi:
         in_specs.append(scalar_table_spec(cfg))
         extra.append(slopes)
+    cost = cost_estimate(
+        cfg, batch * heads, head_dim, matmuls=2,
+        bytes_accessed=2 * q.size * q.dtype.itemsize + (2 * k.size * k.dtype.itemsize) * groups,
+    )
     return pl.pallas_call(
         functools.partial(_forward_kernel, cfg=cfg),
         grid=(batch, heads, cfg.num_q_blocks),
@@ -116,23 +134,30 @@ def _flash_forward(cfg: FlashConfig, q, k, v, q_seg, kv_seg, slopes):
             jax.ShapeDtypeStruct(q.shape, q.dtype),
             jax.ShapeDtypeStruct((batch, heads, q_pad, 1), jnp.float32),
         ],
-        **call_kwargs(cfg, 3, "flash_attention_fwd"),
+        **call_kwargs(cfg, 3, "flash_attention_fwd", cost),
     )(q, k, v, *extra)
+
+
+def _forward(cfg: FlashConfig, *args):
+    if cfg.kernels == "streamed":
+        return flash_streamed.flash_forward(cfg, *args)
+    return _flash_forward(cfg, *args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _flash_core(q, k, v, q_seg, kv_seg, slopes, cfg):
-    return _flash_forward(cfg, q, k, v, q_seg, kv_seg, slopes)[0]
+    return _forward(cfg, q, k, v, q_seg, kv_seg, slopes)[0]
 
 
 def _flash_core_fwd(q, k, v, q_seg, kv_seg, slopes, cfg):
-    out, lse = _flash_forward(cfg, q, k, v, q_seg, kv_seg, slopes)
+    out, lse = _forward(cfg, q, k, v, q_seg, kv_seg, slopes)
     return out, (q, k, v, q_seg, kv_seg, slopes, out, lse)
 
 
 def _flash_core_bwd(cfg, residuals, dout):
     q, k, v, q_seg, kv_seg, slopes, out, lse = residuals
-    dq, dk, dv = flash_backward(cfg, q, k, v, q_seg, kv_seg, slopes, out, lse, dout)
+    backward = flash_streamed.flash_backward if cfg.kernels == "streamed" else loop_backward
+    dq, dk, dv = backward(cfg, q, k, v, q_seg, kv_seg, slopes, out, lse, dout)
     # Segment ids are integers and ALiBi slopes are fixed constants: no cotangent.
     return dq, dk, dv, None, None, None
 
@@ -144,14 +169,24 @@ def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
-def _fit_block(block: int, length: int, backend: str) -> int:
-    """The block size actually used for a sequence of `length`: never larger than needed.
+def _fit_block(block: int | None, default: int, length: int, backend: str) -> int:
+    """The block size used for a sequence of `length`; `block` None picks `default`.
 
-    Triton wants power-of-two tiles of at least 16; Mosaic and interpret want multiples of 8.
+    Never larger than needed. Triton wants power-of-two tiles of at least 16; interpret
+    multiples of 8. Mosaic TPU: a sequence up to the default is one block (a multiple of
+    16, bfloat16's sublane tile); a longer one gets the largest of TPU_BLOCK_CHOICES that
+    pads it by at most 1/8, so e.g. 640 takes 128 (no padding) rather than 512 (1024).
     """
     if backend == "triton":
-        return min(block, max(16, pl.next_power_of_2(length)))
-    return min(block, _round_up(length, 8))
+        return min(block or default, max(16, pl.next_power_of_2(length)))
+    if backend == "mosaic_tpu" and block is None:
+        if length <= default:
+            return _round_up(length, 16)
+        for choice in (c for c in TPU_BLOCK_CHOICES if c <= default):
+            if _round_up(length, choice) - length <= length // 8:
+                return choice
+        return TPU_BLOCK_CHOICES[-1]
+    return min(block or default, _round_up(length, 8))
 
 
 def _check_inputs(query, key, value, segment_ids, kv_segment_ids, alibi_slopes, causal):
@@ -202,6 +237,7 @@ def flash_attention(
     block_q: int | None = None,
     block_k: int | None = None,
     backend: str | None = None,
+    _kernels: str | None = None,
 ):
     """Memory-linear softmax attention; differentiable in query, key and value.
 
@@ -217,6 +253,7 @@ def flash_attention(
       block_q, block_k: tile sizes; default per backend (DEFAULT_BLOCKS), shrunk for short
         sequences.
       backend: "triton", "mosaic_tpu" or "interpret"; default from jax.default_backend().
+      _kernels: tests only: "loop" runs the Triton kernels' structure in interpret mode.
     Returns:
       [batch, q_len, num_query_heads, head_dim] in the query's dtype. Softmax statistics and
       matmul accumulation are float32 for every input dtype.
@@ -225,14 +262,22 @@ def flash_attention(
     backend = backend or default_backend()
     if backend not in BACKENDS:
         raise ValueError(f"flash_attention backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    kernels = _kernels or ("loop" if backend == "triton" else "streamed")
+    if kernels not in ("streamed", "loop") or (backend, kernels) == ("triton", "streamed"):
+        raise ValueError(f"_kernels={_kernels!r} cannot run on backend {backend!r}")
     batch, q_len, heads, head_dim = query.shape
     kv_len, kv_heads = key.shape[1], key.shape[2]
     default_q, default_k = DEFAULT_BLOCKS[backend]
-    bq = _fit_block(block_q or default_q, q_len, backend)
-    bk = _fit_block(block_k or default_k, kv_len, backend)
-    for name, block in (("block_q", bq), ("block_k", bk)):
+    bq = _fit_block(block_q, default_q, q_len, backend)
+    bk = _fit_block(block_k, default_k, kv_len, backend)
+    for name, block, length in (("block_q", bq, q_len), ("block_k", bk, kv_len)):
         if block % 8 or (backend == "triton" and block & (block - 1)):
             raise ValueError(f"{name}={block} must be a multiple of 8 (a power of two on Triton)")
+        if backend == "mosaic_tpu" and block % 128 and block < length:
+            raise ValueError(
+                f"{name}={block} must be a multiple of 128 on TPU when it does not cover the "
+                f"whole sequence ({length})"
+            )
     cfg = FlashConfig(
         scale=float(head_dim**-0.5 if scale is None else scale),
         causal=bool(causal),
@@ -246,6 +291,7 @@ def flash_attention(
         has_segments=segment_ids is not None,
         has_alibi=alibi_slopes is not None,
         backend=backend,
+        kernels=kernels,
         num_warps=4 if head_dim <= 64 else 8,
     )
     # Triton tiles must be powers of two: zero columns change neither q.k nor the kept output.
@@ -261,8 +307,8 @@ def flash_attention(
     if segment_ids is not None:
         kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
         # Padded rows get id 0; padded keys are masked by position, padded queries sliced off.
-        q_seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, cfg.q_pad - q_len)))[:, :, None]
-        kv_seg = jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, cfg.kv_pad - kv_len)))[:, None, :]
+        q_seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, cfg.q_pad - q_len)))
+        kv_seg = jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, cfg.kv_pad - kv_len)))
     if alibi_slopes is not None:
         slopes = lax.stop_gradient(alibi_slopes.astype(jnp.float32))
     out = _flash_core(q, k, v, q_seg, kv_seg, slopes, cfg)

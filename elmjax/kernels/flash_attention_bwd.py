@@ -18,6 +18,7 @@ from jax.experimental import pallas as pl
 from elmjax.kernels.flash_tiles import (
     FlashConfig,
     call_kwargs,
+    cost_estimate,
     causal_kv_block_end,
     causal_q_block_start,
     scalar_table_spec,
@@ -115,7 +116,7 @@ def flash_backward(cfg: FlashConfig, q, k, v, q_seg, kv_seg, slopes, out, lse, d
     """dq, dk, dv of the padded BHSD attention; arguments as saved by the forward.
 
     q/out/dout [batch, q_heads, q_pad, head_dim], k/v [batch, kv_heads, kv_pad, head_dim],
-    lse [batch, q_heads, q_pad, 1] float32; q_seg [batch, q_pad, 1], kv_seg [batch, 1, kv_pad]
+    lse [batch, q_heads, q_pad, 1] float32; q_seg [batch, q_pad], kv_seg [batch, kv_pad]
     int32 or None; slopes [q_heads] float32 or None.
     """
     batch, heads, q_pad, head_dim = q.shape
@@ -125,7 +126,9 @@ def flash_backward(cfg: FlashConfig, q, k, v, q_seg, kv_seg, slopes, out, lse, d
         dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True
     )
     bq, bk, kv_pad, groups = cfg.block_q, cfg.block_k, cfg.kv_pad, cfg.groups
-    extra = [x for x in (q_seg, kv_seg) if cfg.has_segments] + ([slopes] if cfg.has_alibi else [])
+    segs = [q_seg[:, :, None], kv_seg[:, None, :]] if cfg.has_segments else []
+    extra = segs + ([slopes] if cfg.has_alibi else [])
+    q_bytes, kv_bytes = q.size * q.dtype.itemsize, k.size * k.dtype.itemsize
 
     # dq: grid over (batch, query head, query block).
     row_block = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i: (b, h, i, 0))
@@ -145,7 +148,10 @@ def flash_backward(cfg: FlashConfig, q, k, v, q_seg, kv_seg, slopes, out, lse, d
         in_specs=[row_block, kv_full, kv_full, row_block, col_block, col_block, *extra_specs],
         out_specs=row_block,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        **call_kwargs(cfg, 3, "flash_attention_dq"),
+        **call_kwargs(cfg, 3, "flash_attention_dq", cost_estimate(
+            cfg, batch * heads, head_dim, matmuls=3,
+            bytes_accessed=3 * q_bytes + 2 * kv_bytes * groups,
+        )),
     )(q, k, v, dout, lse, delta, *extra)
 
     # dk, dv: grid over (batch, kv head, key block); the kv head's query heads are one block.
@@ -166,6 +172,8 @@ def flash_backward(cfg: FlashConfig, q, k, v, q_seg, kv_seg, slopes, out, lse, d
         in_specs=[group_rows, kv_block, kv_block, group_rows, group_cols, group_cols, *extra_specs],
         out_specs=[kv_block, kv_block],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        **call_kwargs(cfg, 3, "flash_attention_dkv"),
+        **call_kwargs(cfg, 3, "flash_attention_dkv", cost_estimate(
+            cfg, batch * heads, head_dim, matmuls=4, bytes_accessed=2 * q_bytes + 4 * kv_bytes,
+        )),
     )(q, k, v, dout, lse, delta, *extra)
     return dq, dk, dv

@@ -6,9 +6,12 @@ inside a kernel; the remaining helpers build the backend-specific pallas_call ar
 
 Inside the kernels every array is in [batch, heads, seq, head_dim] layout ("BHSD"), so a
 block's last two dims are (seq, head_dim): what TPU tiling wants, and plain strides on GPU.
-Per-row vectors (logsumexp, delta, query segment ids) are stored as [..., seq, 1] columns and
-key segment ids as [batch, 1, seq] rows, so that they broadcast against a [block_q, block_k]
-tile without any in-kernel reshape.
+
+Two kernel families share these pieces:
+- "streamed" (Mosaic TPU, and interpret mode): K/V blocks stream through an innermost grid
+  axis, so VMEM holds a few tiles whatever the sequence length (flash_streamed.py);
+- "loop" (Triton): one program per query block loops over key blocks inside the kernel
+  (flash_attention.py, flash_attention_bwd.py).
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ class FlashConfig:
     has_segments: bool
     has_alibi: bool
     backend: str  # one of BACKENDS
+    kernels: str = "streamed"  # "streamed" (TPU, interpret) or "loop" (Triton)
     num_warps: int = 4  # Triton only
     num_stages: int = 2  # Triton only
 
@@ -65,20 +69,27 @@ class FlashConfig:
         return self.kv_pad != self.kv_len
 
 
-def tile_logits(cfg: FlashConfig, q, k, q_start, k_start, q_seg=None, kv_seg=None, slope=None):
+def tile_logits(cfg: FlashConfig, q, k, q_start, k_start, q_seg=None, kv_seg=None, slope=None,
+                *, keys_major: bool = False):
     """Scaled logits of one tile, float32 [block_q, block_k], with ALiBi and masks applied.
 
     q [block_q, head_dim] and k [block_k, head_dim] are tiles starting at query row `q_start`
     and key row `k_start`; q_seg [block_q, 1] and kv_seg [1, block_k] are their segment ids;
     `slope` is this head's ALiBi slope (a scalar). Masked logits become MASK_VALUE.
+
+    keys_major=True gives the transposed tile, [block_k, block_q] = k @ q^T (the dk/dv
+    kernel's orientation, where per-query vectors are lane-dense rows); then q_seg is a
+    [1, block_q] row and kv_seg a [block_k, 1] column.
     """
-    logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    a, b = (k, q) if keys_major else (q, k)
+    logits = lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     logits = logits * cfg.scale
     shape = logits.shape
+    q_axis, k_axis = (1, 0) if keys_major else (0, 1)
     if cfg.causal or cfg.has_alibi or cfg.keys_padded:
         # Absolute positions: query row r sits at key position r + offset.
-        q_pos = q_start + cfg.offset + lax.broadcasted_iota(jnp.int32, shape, 0)
-        k_pos = k_start + lax.broadcasted_iota(jnp.int32, shape, 1)
+        q_pos = q_start + cfg.offset + lax.broadcasted_iota(jnp.int32, shape, q_axis)
+        k_pos = k_start + lax.broadcasted_iota(jnp.int32, shape, k_axis)
     if cfg.has_alibi:
         logits = logits - slope * (q_pos - k_pos).astype(jnp.float32)
     mask = None
@@ -88,7 +99,7 @@ def tile_logits(cfg: FlashConfig, q, k, q_start, k_start, q_seg=None, kv_seg=Non
         valid = k_pos < cfg.kv_len
         mask = valid if mask is None else mask & valid
     if cfg.has_segments:
-        same = q_seg == kv_seg  # [block_q, 1] == [1, block_k] -> [block_q, block_k]
+        same = q_seg == kv_seg  # a column == a row -> the tile's shape
         mask = same if mask is None else mask & same
     if mask is not None:
         logits = jnp.where(mask, logits, MASK_VALUE)
@@ -114,8 +125,22 @@ def causal_q_block_start(cfg: FlashConfig, kv_block):
     return lax.div(first_row, cfg.block_q)
 
 
-def compiler_params(cfg: FlashConfig, num_dims: int):
-    """Backend compiler parameters for a grid of `num_dims` independent dimensions."""
+def visible_tiles(cfg: FlashConfig) -> int:
+    """(query block, key block) tiles one head computes: all, or those not fully masked by
+    causality (the diagonal's partial tiles count whole). A Python int, for cost estimates."""
+    if not cfg.causal:
+        return cfg.num_q_blocks * cfg.num_kv_blocks
+    return sum(
+        min((i * cfg.block_q + cfg.block_q - 1 + cfg.offset) // cfg.block_k + 1, cfg.num_kv_blocks)
+        for i in range(cfg.num_q_blocks)
+    )
+
+
+def compiler_params(cfg: FlashConfig, semantics):
+    """Backend compiler parameters; `semantics` is the grid's TPU dimension semantics, or
+    an int n for n independent ("parallel") dimensions."""
+    if isinstance(semantics, int):
+        semantics = ("parallel",) * semantics
     if cfg.backend == "triton":
         from jax.experimental.pallas import triton as pltriton
 
@@ -123,7 +148,7 @@ def compiler_params(cfg: FlashConfig, num_dims: int):
     if cfg.backend == "mosaic_tpu":
         from jax.experimental.pallas import tpu as pltpu
 
-        return pltpu.CompilerParams(dimension_semantics=("parallel",) * num_dims)
+        return pltpu.CompilerParams(dimension_semantics=tuple(semantics))
     return None
 
 
@@ -139,12 +164,31 @@ def scalar_table_spec(cfg: FlashConfig):
     return pl.BlockSpec()
 
 
-def call_kwargs(cfg: FlashConfig, num_dims: int, name: str) -> dict:
-    """The keyword arguments every flash pallas_call shares."""
+def call_kwargs(cfg: FlashConfig, semantics, name: str, cost=None) -> dict:
+    """The keyword arguments every flash pallas_call shares.
+
+    `cost` is the kernel's pl.CostEstimate: XLA cannot see inside a custom call, so without
+    it the compiled cost analysis (flops, optimal_seconds) leaves attention out.
+    """
     return dict(
-        compiler_params=compiler_params(cfg, num_dims),
+        compiler_params=compiler_params(cfg, semantics),
         interpret=cfg.backend == "interpret",
         name=name,
+        cost_estimate=cost,
+    )
+
+
+def cost_estimate(cfg: FlashConfig, num_heads: int, head_dim: int, matmuls: int,
+                  bytes_accessed: int):
+    """pl.CostEstimate of a kernel that, on every visible tile of `num_heads` (batch x heads)
+    attention heads, does `matmuls` products of [block_q, block_k] by head_dim (2 flops per
+    multiply-add) and one exp per logit."""
+    tiles = num_heads * visible_tiles(cfg)
+    logits = tiles * cfg.block_q * cfg.block_k
+    return pl.CostEstimate(
+        flops=int(2 * matmuls * logits * head_dim),
+        transcendentals=int(logits),
+        bytes_accessed=int(bytes_accessed),
     )
 
 
