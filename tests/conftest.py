@@ -3,6 +3,9 @@ import os
 
 # Must happen before jax initialises its CPU backend; single-device tests use device 0.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Tests run on the CPU; with libtpu installed (the TPU compile tests) JAX would otherwise try
+# to open a TPU and take libtpu's lock. Compiling for abstract TPU devices works regardless.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

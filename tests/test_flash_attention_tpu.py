@@ -34,7 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 from elmjax.kernels.flash_attention import flash_attention  # noqa: E402
-from elmjax.model.positions import alibi_slopes  # noqa: E402
+from elmjax.layers.positions import alibi_slopes  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
