@@ -330,14 +330,3 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         "would only repeat all compute; set mesh.expert=1",
     )
     return config
-
-
-def validate_for_cli(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """`validate` for command-line tools: a bad field prints one clear line and exits 2."""
-    import sys
-
-    try:
-        return validate(config)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None

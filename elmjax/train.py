@@ -1,6 +1,9 @@
 """Pretraining: `python -m elmjax.train --config=configs/tiny.py --workdir=DIR`.
 
-Any config field can be overridden (`--config.train.steps=100`). Re-running the same
+Any config field can be overridden (`--config.train.steps=100`); the fields, their defaults
+and allowed values are in elmjax/config.py (shared sections) and the model family's
+`model_fields()` (elmjax/models/<family>/family.py); `--config=FILE --help` does not list
+them, `python tools/count_params.py --config=FILE` shows a config's model. Re-running the same
 command resumes from the newest complete checkpoint in DIR. `--dry_run` compiles the step
 for the configured mesh and reports memory instead of training. Multi-process: pass
 --coordinator/--num_processes/--process_id (or nothing on TPU pods / SLURM, where
@@ -9,13 +12,13 @@ for the configured mesh and reports memory instead of training. Multi-process: p
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file (a get_config() module).")
+from elmjax import cli
+
+cli.define_config_flag(cli.default_config_path("tiny.py"))
 flags.DEFINE_string("workdir", None, "Run directory; default config.train.workdir or runs/<config name>.")
 flags.DEFINE_bool("dry_run", False, "Compile the train step and report memory; do not train.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (auto-detected cluster).")
@@ -62,14 +65,10 @@ def _default_workdir(config) -> Path:
 
 def main(argv) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from elmjax.config import ConfigError, validate
+        cli.fail(f"unexpected arguments: {argv[1:]}; flags take the form --name=value")
+    from elmjax.config import validate
 
-    try:
-        config = validate(FLAGS.config)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    config = validate(FLAGS.config)
     from elmjax.training import host_memory
 
     # Before anything starts the XLA backend and its threads (see elmjax/training/host_memory.py).
@@ -80,27 +79,20 @@ def main(argv) -> None:
     if FLAGS.dry_run:
         from elmjax.training.setup import dry_run
 
-        try:
-            dry_run(config)
-        except ConfigError as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(2)
+        dry_run(config)
         return
     workdir = Path(FLAGS.workdir) if FLAGS.workdir else _default_workdir(config)
     if not FLAGS.workdir:
         print(f"no --workdir given; using {workdir}")
-    from elmjax.training.checkpoint import CheckpointError
     from elmjax.training.loop import train
 
     try:
         train(config, workdir)
-    except (CheckpointError, ConfigError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except FloatingPointError as error:  # train.nonfinite=abort
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(3)
+    except FloatingPointError as error:  # train.nonfinite=abort: exit 3, not a config problem
+        if FLAGS.debug:
+            raise
+        cli.fail(str(error), code=3)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

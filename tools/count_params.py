@@ -10,15 +10,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from elmjax import models, trainable  # noqa: E402
-from elmjax.config import validate_for_cli  # noqa: E402
+from elmjax import cli, models, trainable  # noqa: E402
+from elmjax.config import validate  # noqa: E402
 from elmjax.layers.decoder import abstract_model  # noqa: E402
 from elmjax.training.metrics import flops_per_token  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
+cli.define_config_flag(None)
 
 
 def describe(config) -> list[str]:
@@ -41,10 +38,12 @@ def describe(config) -> list[str]:
 
 def main(argv):
     del argv
-    if _CONFIG.value is None:
-        raise app.UsageError("--config=PATH is required, e.g. --config=configs/3b.py")
-    print("\n".join(describe(validate_for_cli(_CONFIG.value))))
+    from absl import flags
+
+    if flags.FLAGS.config is None:
+        cli.fail("--config=PATH is required, e.g. --config=configs/3b.py")
+    print("\n".join(describe(validate(flags.FLAGS.config))))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 
 from elmjax import trainable
+from elmjax.validation import ConfigError
 from elmjax.layers.decoder import abstract_model, build_model
 from elmjax.parallel import sharding as shd
 from elmjax.training import checkpoint as ckpt
@@ -46,6 +47,7 @@ def _abstract_with(shardings, tree):
 def build_setup(config, devices=None) -> Setup:
     """Mesh, shardings and the abstract train state for `config` (allocates nothing)."""
     mesh = shd.make_mesh(config.mesh, devices)
+    _check_batch_splits(config, mesh)
     model = abstract_model(config.model)
     graphdef, train_state, frozen_state = trainable.split(model, config.model)
     param_shardings = shd.param_shardings(train_state, mesh, config.mesh.rules)
@@ -63,6 +65,23 @@ def build_setup(config, devices=None) -> Setup:
         abstract_frozen=_abstract_with(frozen_shardings, nnx.to_pure_dict(frozen_state)),
         num_params=num_params, num_trainable=num_trainable,
     )
+
+
+def _check_batch_splits(config, mesh) -> None:
+    """Each micro-batch's rows must split evenly over the mesh axes the batch is sharded on."""
+    spec = shd.batch_sharding(mesh, config.mesh.rules).spec[0]
+    axes = () if spec is None else ((spec,) if isinstance(spec, str) else tuple(spec))
+    ways = 1
+    for axis in axes:
+        ways *= mesh.shape[axis]
+    accum = config.train.grad_accum_steps
+    micro = config.train.batch_size // accum
+    if micro % ways:
+        raise ConfigError(
+            "train.batch_size",
+            f"is {config.train.batch_size}: {accum} micro-batch(es) of {micro} rows do not split over the "
+            f"{ways} devices of mesh axes ({', '.join(axes)}); use a multiple of {ways * accum}",
+        )
 
 
 def fresh_variables(setup: Setup):

@@ -1,0 +1,123 @@
+"""What every elmjax command shares: a `--config` flag whose problems are one-line errors,
+and a main wrapper that turns the errors a user can fix into one line and exit code 2.
+
+`--debug` (on commands that use `run`) shows the traceback instead.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+from elmjax.validation import ConfigError
+
+# The repository's configs/: the default --config resolves here when the working directory
+# has no configs/ folder of its own (running from another directory).
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+flags.DEFINE_bool("debug", False, "Show the full traceback of an error instead of one line.")
+
+
+def default_config_path(name: str) -> str:
+    """`configs/<name>` relative to the working directory if it exists there, else the
+    repository's copy."""
+    local = Path("configs") / name
+    return str(local if local.exists() or not (REPO_CONFIGS / name).exists() else REPO_CONFIGS / name)
+
+
+def fail(message: str, code: int = 2):
+    """Prints `error: message` to stderr and exits with `code`."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def describe_flag_error(error: BaseException, argv) -> str:
+    """One line for an error raised while parsing the command line (the config file and its
+    `--config.a.b=value` overrides)."""
+    config_arg = next((a for a in argv if a.startswith("--config=")), None)
+    path = config_arg.split("=", 1)[1].split(":")[0] if config_arg else "the default config"
+    text = str(error)
+    if isinstance(error, SyntaxError):
+        return f"config file {error.filename or path} line {error.lineno}: {error.msg}; fix the file"
+    if isinstance(error, OSError) or "No such file" in text or "failure to load" in text:
+        return (f"config file {path} cannot be loaded ({text.strip().splitlines()[-1].strip()}); "
+                "pass --config=PATH to a Python file with get_config()")
+    if "has no attribute 'get_config'" in text:
+        return f"config file {path} defines no get_config(); it must define get_config() returning an ml_collections.ConfigDict"
+    unknown = re.search(r"'(\w+)'\\*n?.*?Did you mean \"(\w+)\"", text.replace("\\'", "'"))
+    if isinstance(error, (AttributeError, KeyError)):
+        key = unknown.group(1) if unknown else text.strip("'\"\\").split("'")[0]
+        override = next((a.split("=")[0] for a in argv if a.startswith("--config.") and
+                         a.split("=")[0].endswith(f".{key}")), f"--config.…{key}")
+        hint = f" (did you mean {unknown.group(2)!r}?)" if unknown else ""
+        return f"{override} is not a config field{hint}; the fields are listed in elmjax/config.py and the family's model_fields()"
+    if isinstance(error, flags.Error):
+        return text.splitlines()[0]
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def parse_flags(argv):
+    """`flags_parser` for `absl.app.run`: command-line errors become one line (exit 2)."""
+    try:
+        rest = flags.FLAGS(argv)
+    except SystemExit:
+        raise
+    except Exception as error:  # noqa: BLE001 - every parse failure is the user's to fix
+        if "--debug" in argv:
+            raise
+        fail(describe_flag_error(error, argv))
+    if "config" in flags.FLAGS:
+        flag = flags.FLAGS["config"]
+        value = flag.value
+        if type(value).__name__ == "_ErrorConfig":  # ml_collections' stand-in for a file that failed to load
+            try:
+                value.to_dict()  # raises the loading error
+            except Exception as error:  # noqa: BLE001
+                if "--debug" in argv:
+                    raise
+                fail(describe_flag_error(error, argv))
+        if value is None and (flag.present or flag.default is not None):
+            fail("get_config() of the config file returned None; it must return an ml_collections.ConfigDict")
+    return rest
+
+
+def define_config_flag(default: str | None, help_text: str = "Config file (a Python file with get_config()).") -> None:
+    """`--config` (a config file; `--config.a.b=value` overrides a field). ml_collections reads
+    the overrides from sys.argv when the flag is defined, so an unknown field fails here: as
+    one line."""
+    from ml_collections import config_flags
+
+    try:
+        config_flags.DEFINE_config_file("config", default, help_text, lock_config=True)
+    except Exception as error:  # noqa: BLE001
+        if "--debug" in sys.argv:
+            raise
+        fail(describe_flag_error(error, sys.argv))
+
+
+def user_errors() -> tuple[type, ...]:
+    """The exception types whose message tells a user what to fix (bad config, data or
+    checkpoint path, a missing optional package)."""
+    from elmjax.training.checkpoint import CheckpointError
+
+    return (ConfigError, CheckpointError, ValueError, OSError, ImportError)
+
+
+def run(main) -> None:
+    """`absl.app.run(main)` with one-line errors (exit 2) for what a user can fix; `--debug`
+    shows tracebacks."""
+
+    def guarded(argv):
+        try:
+            return main(argv)
+        except user_errors() as error:
+            if flags.FLAGS.debug:
+                raise
+            if isinstance(error, ImportError) and getattr(error, "name", None):
+                fail(f"{error} — an optional dependency is missing; install the extra that provides it "
+                     "(see README.md, Set up: e.g. pip install -e \".[export]\" or \".[eval]\")")
+            fail(str(error) if isinstance(error, ConfigError) else f"{error} (run with --debug for the traceback)")
+
+    app.run(guarded, flags_parser=parse_flags)

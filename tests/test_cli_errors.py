@@ -1,0 +1,66 @@
+"""Mistakes on the command line end in one line that names the problem and the fix, exit
+code 2, and no traceback (`--debug` shows it)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train(*args, cwd=ROOT, devices=1):
+    env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "HOME": str(Path.home())}
+    return subprocess.run([sys.executable, "-m", "elmjax.train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def one_line_error(result) -> str:
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    return errors[0]
+
+
+@pytest.fixture
+def config_files(tmp_path):
+    files = {
+        "broken.py": "def get_config(:\n",
+        "no_get_config.py": "x = 1\n",
+        "returns_none.py": "def get_config():\n    return None\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--config.train.stepz=3"], "error: --config.train.stepz is not a config field (did you mean 'steps'?)"),
+    (["--config=MISSING.py"], "cannot be loaded ([Errno 2] No such file or directory"),
+    (["--config=DIR/broken.py"], "line 1: invalid syntax; fix the file"),
+    (["--config=DIR/no_get_config.py"], "defines no get_config(); it must define get_config()"),
+    (["--config=DIR/returns_none.py"], "get_config() of the config file returned None"),
+    (["--config.train.steps=many"], "flag --config.train.steps=many: invalid literal for int()"),
+    (["--config.model.family=gpt"], "config field `model.family`: is 'gpt'; known families: openelm"),
+])
+def test_config_mistakes_are_one_line_errors(config_files, args, expected):
+    args = [a.replace("DIR", str(config_files)).replace("MISSING", str(config_files / "missing")) for a in args]
+    assert expected in one_line_error(train(*args, "--dry_run"))
+
+
+def test_batch_that_does_not_split_over_the_mesh_names_train_batch_size():
+    error = one_line_error(train("--dry_run", "--config.train.batch_size=12", "--config.mesh.data=8", devices=8))
+    assert "config field `train.batch_size`: is 12" in error and "use a multiple of 8" in error
+
+
+def test_debug_shows_the_traceback():
+    result = train("--config.train.stepz=3", "--debug")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_default_config_works_from_another_directory(tmp_path):
+    result = train("--dry_run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "compile time" in result.stdout
