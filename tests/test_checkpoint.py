@@ -198,3 +198,70 @@ def test_init_from_another_run_takes_its_params_with_a_fresh_optimizer(saved, tm
     # every group's adamw = chain(scale_by_adam, ...): all first moments start at zero
     for group in state["opt_state"].inner_states.values():
         assert all(not np.any(leaf) for leaf in jax.tree.leaves(jax.device_get(group.inner_state[0].mu)))
+
+
+def test_bytes_changed_in_an_array_file_are_detected_and_the_step_before_is_used(saved, tmp_path, caplog):
+    """In-place damage that orbax cannot see (the file keeps its size and format) fails the
+    checksums written with the step: the step is set aside and the one before it restored."""
+    workdir = copy_run(saved, tmp_path)
+    data_file = max((workdir / "checkpoints" / "2" / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
+    raw = bytearray(data_file.read_bytes())
+    middle = len(raw) // 2
+    raw[middle:middle + 64] = np.random.default_rng(0).integers(0, 256, 64, dtype=np.uint8).tobytes()
+    data_file.write_bytes(bytes(raw))
+    setup = build_setup(micro())
+    with caplog.at_level(logging.WARNING, logger="elmjax.training.checkpoint"):
+        step, state, kind = ckpt.restore_train_state(workdir, setup.abstract_state, data_iterator())
+    assert (step, kind) == (1, "train")
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), saved[2])  # step 1 holds the same state
+    assert "checkpoints/2 is unreadable" in caplog.text
+    assert ckpt.complete_steps(workdir) == [1]
+
+
+def test_changed_bytes_are_caught_when_export_reads_the_parameters(saved, tmp_path):
+    workdir = copy_run(saved, tmp_path)
+    data_file = max((workdir / "checkpoints" / "2" / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
+    raw = bytearray(data_file.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data_file.write_bytes(bytes(raw))
+    with pytest.raises(ckpt.CheckpointError, match="differ from what step 2 wrote"):
+        ckpt.restore_params(workdir)
+
+
+@pytest.mark.parametrize("lost", ["state", "state/_METADATA"])
+def test_a_step_missing_its_state_is_set_aside_with_a_warning(saved, tmp_path, caplog, lost):
+    """Left in place, the step's number could never be saved again (StepAlreadyExistsError)."""
+    workdir = copy_run(saved, tmp_path)
+    target = workdir / "checkpoints" / "2" / lost
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    setup = build_setup(micro())
+    with caplog.at_level(logging.WARNING, logger="elmjax.training.checkpoint"):
+        step, _, _ = ckpt.restore_train_state(workdir, setup.abstract_state, data_iterator())
+    assert step == 1
+    assert "checkpoints/2 is incomplete" in caplog.text
+    assert [p.name.split(".")[0] for p in (workdir / "checkpoints").iterdir() if "damaged" in p.name] == ["2"]
+    config = micro()
+    save_steps(workdir, config, [2], jax.device_put(saved[2]), data_iterator())  # step 2 can be saved again
+    assert ckpt.complete_steps(workdir) == [1, 2]
+
+
+def test_an_unreadable_step_directory_is_skipped_with_a_warning(saved, tmp_path):
+    """A user who cannot read one step (another user's files, mode 000) still sees the others."""
+    import os
+    import subprocess
+    import sys
+
+    workdir = copy_run(saved, tmp_path)
+    os.chmod(workdir / "checkpoints" / "2", 0o000)
+    code = ("import logging; logging.basicConfig(); from elmjax.training import checkpoint as c; "
+            f"print(c.complete_steps({str(workdir)!r}))")
+    command = [sys.executable, "-c", code]
+    if os.getuid() == 0:  # root reads everything: drop the capabilities that let it
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(command, capture_output=True, text=True, cwd=root, timeout=120,
+                            env={**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"})
+    os.chmod(workdir / "checkpoints" / "2", 0o755)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[1]"
+    assert f"cannot read checkpoint {workdir}/checkpoints/2 (Permission denied); skipping it" in result.stderr

@@ -26,11 +26,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from grain import checkpoint as grain_checkpoint
 
+from elmjax.training import checksums
 from elmjax.tree import path_name
 
 log = logging.getLogger("elmjax.training.checkpoint")
 
 CHECKPOINTS = "checkpoints"
+CHECKSUMS = "checksums"  # item of a step: {array path: checksum} (elmjax/training/checksums.py)
 _STEP_MARKER = "_CHECKPOINT_METADATA"  # orbax writes it when a step is finalised
 
 
@@ -57,19 +59,45 @@ def prepare_workdir(workdir) -> Path:
 
 
 def _is_complete(step_dir: Path) -> bool:
+    """Whether orbax finalised `step_dir` with its state and config; False (with a warning
+    naming the path) for a step directory this process cannot read."""
     state = step_dir / "state"
-    return (step_dir / _STEP_MARKER).is_file() and (state / "_METADATA").is_file() and (step_dir / "config").is_dir()
+    try:
+        return (step_dir / _STEP_MARKER).is_file() and (state / "_METADATA").is_file() and (step_dir / "config").is_dir()
+    except OSError as error:  # e.g. PermissionError for another user's directory
+        log.warning("cannot read checkpoint %s (%s); skipping it", step_dir, error.strerror or error)
+        return False
 
 
-def complete_steps(path) -> list[int]:
-    """Finalised steps under a workdir (or its checkpoints dir), oldest first."""
+def _step_dirs(path) -> list[Path]:
     root = Path(path)
     if (root / CHECKPOINTS).is_dir():
         root = root / CHECKPOINTS
     if not root.is_dir():
         return []
-    steps = [int(p.name) for p in root.iterdir() if p.name.isdigit() and _is_complete(p)]
-    return sorted(steps)
+    return sorted((p for p in root.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+
+
+def complete_steps(path) -> list[int]:
+    """Finalised steps under a workdir (or its checkpoints dir), oldest first."""
+    return [int(p.name) for p in _step_dirs(path) if _is_complete(p)]
+
+
+def set_aside_incomplete_steps(path) -> None:
+    """Sets aside step directories that orbax would take as existing but that cannot be
+    restored (a deleted `state`, a lost `_METADATA`): left in place, the next save of that
+    step number would fail with StepAlreadyExistsError on every rerun. Readable ones only: an
+    unreadable directory is skipped with a warning and left alone."""
+    for step_dir in _step_dirs(path):
+        try:
+            readable = os.access(step_dir, os.R_OK | os.X_OK) and all(
+                os.access(p, os.R_OK) for p in step_dir.iterdir()
+            )
+        except OSError:
+            readable = False
+        if readable and not _is_complete(step_dir):
+            log.warning("checkpoint %s is incomplete (no state or metadata); setting it aside", step_dir)
+            _set_aside(step_dir)
 
 
 def latest_complete_step(path) -> int | None:
@@ -132,6 +160,7 @@ def save(manager, step: int, state, data_iterator, config, *, force: bool = Fals
     items = {
         "state": ocp.args.StandardSave(state),
         "config": ocp.args.JsonSave(config_to_dict(config)),
+        CHECKSUMS: ocp.args.JsonSave(checksums.checksums(state)),
     }
     if data_iterator is not None:
         items["data"] = grain_checkpoint.CheckpointSave(data_iterator)
@@ -153,6 +182,7 @@ def restore_train_state(workdir, abstract_state, data_iterator):
     restore. Damaged newer steps are skipped with a warning.
     """
     root = checkpoint_dir(workdir)
+    set_aside_incomplete_steps(root)
     for step in reversed(complete_steps(root)):
         step_dir = root / str(step)
         train_checkpoint = is_train_checkpoint(step_dir)
@@ -169,13 +199,33 @@ def restore_train_state(workdir, abstract_state, data_iterator):
                 restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
                     step_dir.absolute(), args=ocp.args.Composite(**items)
                 )
+                verify(step_dir, restored["state"])
                 return step, restored["state"], "train"
             params = _restore_params_onto(step_dir, abstract_state["params"])
+            verify(step_dir, {"params": params})
             return step, {"params": params}, "params"
         except Exception as error:  # a damaged step: fall back to the one before it
             log.warning("checkpoint %s is unreadable (%s: %s); skipping it", step_dir, type(error).__name__, error)
             _set_aside(step_dir)
     return None, None, None
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A step's arrays do not match the checksums written with them."""
+
+
+def verify(step_dir: Path, restored_state) -> None:
+    """Raises DamagedCheckpointError when restored arrays differ from what the step wrote
+    (checksums item); steps written before checksums existed are not checked."""
+    table = Path(step_dir) / CHECKSUMS / "metadata"
+    if not table.is_file():
+        return
+    bad = checksums.mismatches(json.loads(table.read_text()), restored_state)
+    if bad:
+        raise DamagedCheckpointError(
+            f"{len(bad)} array(s) differ from what step {Path(step_dir).name} wrote (e.g. {bad[0]}): "
+            "the files were changed after the save"
+        )
 
 
 def _leaf_shapes(tree) -> dict[str, tuple]:
@@ -239,7 +289,9 @@ def restore_params_for_init(path, abstract_params):
     """
     step_dir = _resolve_step_dir(path, None)
     _check_matches(step_dir, {"params": abstract_params}, resuming=False)
-    return step_dir, _restore_params_onto(step_dir, abstract_params)
+    params = _restore_params_onto(step_dir, abstract_params)
+    verify(step_dir, {"params": params})
+    return step_dir, params
 
 
 def _restore_params_onto(step_dir: Path, abstract_params):
@@ -297,6 +349,7 @@ def restore_params(path, step=None):
         (step_dir / "state").absolute(),
         args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
     )
+    verify(step_dir, {"params": restored["params"]})
     log.info("restored parameters from %s", step_dir)
     config = read_config(step_dir)
     return config, _with_frozen(config, _int_keys(restored["params"]))
@@ -356,6 +409,7 @@ def save_params_checkpoint(workdir, config, params, step: int = 0) -> Path:
         args=ocp.args.Composite(
             state=ocp.args.StandardSave({"params": params}),
             config=ocp.args.JsonSave(config_to_dict(config)),
+            **{CHECKSUMS: ocp.args.JsonSave(checksums.checksums({"params": params}))},
         ),
         force=True,
     )
