@@ -5,6 +5,7 @@ and a main wrapper that turns the errors a user can fix into one line and exit c
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -27,9 +28,15 @@ def default_config_path(name: str) -> str:
     return str(local if local.exists() or not (REPO_CONFIGS / name).exists() else REPO_CONFIGS / name)
 
 
-def fail(message: str, code: int = 2):
-    """Prints `error: message` to stderr and exits with `code`."""
+def fail(message: str, code: int = 2, *, immediately: bool = False):
+    """Prints `error: message` to stderr and exits with `code`. `immediately` skips the
+    interpreter's teardown, whose background storage threads would otherwise print tracebacks
+    of their own after a failed save."""
     print(f"error: {message}", file=sys.stderr)
+    if immediately:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     raise SystemExit(code)
 
 
@@ -118,6 +125,10 @@ def run(main) -> None:
             if isinstance(error, ImportError) and getattr(error, "name", None):
                 fail(f"{error} — an optional dependency is missing; install the extra that provides it "
                      "(see README.md, Set up: e.g. pip install -e \".[export]\" or \".[eval]\")")
-            fail(str(error) if isinstance(error, ConfigError) else f"{error} (run with --debug for the traceback)")
+            from elmjax.training.checkpoint import CheckpointError, SaveFailedError
+
+            if isinstance(error, (ConfigError, CheckpointError)):
+                fail(str(error), immediately=isinstance(error, SaveFailedError))
+            fail(f"{error} (run with --debug for the traceback)")
 
     app.run(guarded, flags_parser=parse_flags)

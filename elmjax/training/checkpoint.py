@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shutil
 import time
 from pathlib import Path
 
@@ -152,11 +154,72 @@ def make_manager(workdir, checkpoint_config) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(checkpoint_dir(workdir).absolute(), options=options)
 
 
+class SaveFailedError(CheckpointError):
+    """A checkpoint could not be written (disk full, permissions, storage errors)."""
+
+
+def _root_cause(error: BaseException) -> str:
+    """The first OS error's reason in `error`'s chain (e.g. "No space left on device"), else
+    its first line."""
+    seen, pending = set(), [error]
+    while pending:
+        current = pending.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.strerror:
+            return current.strerror
+        code = re.search(r"os_error_code='(\d+)'", str(current))  # tensorstore's wording of an OS error
+        if code:
+            return os.strerror(int(code.group(1)))
+        pending += [current.__cause__, current.__context__, *getattr(current, "exceptions", ())]
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _save_failed(manager, step: int, error: BaseException) -> SaveFailedError:
+    good = latest_complete_step(Path(manager.directory))
+    where = f"the last good checkpoint is step {good}" if good is not None else "no checkpoint was completed yet"
+    return SaveFailedError(
+        f"saving checkpoint step {step} failed: {_root_cause(error)}; {where} in {manager.directory}, "
+        "and re-running the same command resumes from it once the cause is fixed"
+    )
+
+
+def _check_free_space(manager, step: int, state) -> None:
+    """Fails before writing when a local checkpoint directory has less free space than the
+    step needs (its arrays plus 5%): a full disk then reads as one line, at the step that does
+    not fit, instead of a failure inside orbax's background threads surfacing a save later."""
+    directory = Path(str(manager.directory))
+    if "://" in str(manager.directory) or not directory.exists():
+        return
+    needed = int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state)) * 1.05) + 2**20
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        good = latest_complete_step(directory)
+        where = f"the last good checkpoint is step {good}" if good is not None else "no checkpoint was completed yet"
+        raise SaveFailedError(
+            f"saving checkpoint step {step} needs about {needed / 2**20:.1f} MiB but {directory} has "
+            f"{free / 2**20:.1f} MiB free (No space left on device); {where}; free space or lower "
+            "checkpoint.max_to_keep, then re-run the same command to resume from it"
+        )
+
+
+def wait(manager) -> None:
+    """Waits for the save in flight; its failure is a one-line SaveFailedError naming the step."""
+    try:
+        manager.wait_until_finished()
+    except Exception as error:  # noqa: BLE001 - any storage failure ends in the same advice
+        raise _save_failed(manager, getattr(manager, "_elmjax_saving", -1), error) from error
+
+
 def save(manager, step: int, state, data_iterator, config, *, force: bool = False) -> bool:
     """Starts saving `step` (in the background when async); returns whether a save began.
 
-    The data-iterator state is captured before returning, so training may go on at once.
+    The data-iterator state is captured before returning, so training may go on at once. A
+    failure of the previous (background) save, or of this one, is a SaveFailedError.
     """
+    wait(manager)  # orbax waits for the previous save anyway; this way its failure names its step
+    _check_free_space(manager, step, state)
     items = {
         "state": ocp.args.StandardSave(state),
         "config": ocp.args.JsonSave(config_to_dict(config)),
@@ -164,7 +227,11 @@ def save(manager, step: int, state, data_iterator, config, *, force: bool = Fals
     }
     if data_iterator is not None:
         items["data"] = grain_checkpoint.CheckpointSave(data_iterator)
-    return manager.save(step, args=ocp.args.Composite(**items), force=force)
+    manager._elmjax_saving = step
+    try:
+        return manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except Exception as error:  # noqa: BLE001
+        raise _save_failed(manager, step, error) from error
 
 
 def _set_aside(step_dir: Path) -> None:

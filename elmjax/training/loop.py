@@ -124,7 +124,7 @@ def train(config, workdir, log=print) -> dict:
                     f"gradient; their updates were skipped (train.nonfinite={config.train.nonfinite})")
                 if config.train.nonfinite == "abort":
                     ckpt.save(manager, step, state, data, config, force=True)
-                    manager.wait_until_finished()
+                    ckpt.wait(manager)
                     raise FloatingPointError(f"non-finite loss or gradient at or before step {step}; aborting "
                                              "(set --config.train.nonfinite=skip to skip such updates)")
                 seen_nonfinite = nonfinite
@@ -140,7 +140,7 @@ def train(config, workdir, log=print) -> dict:
         if stopping:
             log(f"{stop.describe()}: saving step {step} and exiting")
             break
-    manager.wait_until_finished()
+    ckpt.wait(manager)
     manager.close()
     writer.close()
     if primary and config.train.sample_at_end and step >= config.train.steps:
