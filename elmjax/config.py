@@ -104,6 +104,7 @@ def base_config(family: str = "openelm") -> ml_collections.ConfigDict:
     train.log_every = 10  # steps between metrics lines
     train.stop_check_every = 1  # steps between multi-process agreements on SIGTERM/SIGINT
     train.nonfinite = "skip"  # one of NONFINITE_ACTIONS
+    train.max_nonfinite_streak = 20  # with nonfinite=skip: stop after this many skipped steps in a row
     train.sample_at_end = True  # print a short generated sample when training ends
     train.workdir = ""  # where the run writes; "" = runs/<config file name>; --workdir overrides
     train.init_from = ""  # workdir or step dir whose params start a fresh run (new optimizer)
@@ -245,6 +246,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     )
     _require(train.z_loss >= 0, "train.z_loss", f"is {train.z_loss}; need >= 0")
     _choice(config, "train", "nonfinite", NONFINITE_ACTIONS)
+    at_least(train, "train", "max_nonfinite_streak", 1)
     _choice(config, "train", "reuse_host_memory", HOST_MEMORY_MODES)
     _require(
         isinstance(train.workdir, str), "train.workdir", f"is {train.workdir!r}; need a path string"

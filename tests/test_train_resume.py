@@ -154,3 +154,19 @@ def test_nonfinite_abort_stops_with_a_message_and_skip_keeps_going(tmp_path, cac
     assert skipped.returncode == 0, skipped.stderr[-3000:]
     assert "update" in skipped.stdout and "skipped" in skipped.stdout
     assert metrics_by_step(tmp_path / "skip")[3]["nonfinite_steps"] == 2
+
+
+def test_skipping_stops_after_too_many_nonfinite_steps_in_a_row(tmp_path, cache):
+    """With nonfinite=skip, a state that stays non-finite would skip every remaining step and
+    exit 0; after train.max_nonfinite_streak skips in a row it stops (exit 3) with advice."""
+    blow_up = ["--config.optim.peak_lr=1e30", "--config.optim.init_lr=1e30",
+               "--config.optim.warmup_steps=0", "--config.optim.schedule=constant",
+               "--config.optim.clip_norm=0", "--config.train.steps=8",
+               "--config.train.nonfinite=skip", "--config.train.max_nonfinite_streak=2"]
+    result = run(train_command(tmp_path / "streak", *blow_up), env(cache))
+    assert result.returncode == 3, result.stderr[-3000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: 2 steps in a row up to step 3 had a non-finite loss or gradient")
+    assert "the parameters are those of step 1" in error and "--config.optim.peak_lr (now 1e+30)" in error
+    assert f"--config.train.init_from={tmp_path / 'streak'}/checkpoints/STEP" in error
+    assert max(metrics_by_step(tmp_path / "streak")) == 3

@@ -122,11 +122,11 @@ def train(config, workdir, log=print) -> dict:
             if nonfinite > seen_nonfinite:
                 log(f"warning: {nonfinite - seen_nonfinite} step(s) up to {step} had a non-finite loss or "
                     f"gradient; their updates were skipped (train.nonfinite={config.train.nonfinite})")
-                if config.train.nonfinite == "abort":
-                    ckpt.save(manager, step, state, data, config, force=True)
+                streak = int(jax.device_get(state["nonfinite_streak"]))
+                if config.train.nonfinite == "abort" or streak >= config.train.max_nonfinite_streak:
+                    ckpt.save(manager, step, state, data, config, force=True)  # skipped steps changed nothing
                     ckpt.wait(manager)
-                    raise FloatingPointError(f"non-finite loss or gradient at or before step {step}; aborting "
-                                             "(set --config.train.nonfinite=skip to skip such updates)")
+                    raise FloatingPointError(_nonfinite_advice(config, workdir, step, streak))
                 seen_nonfinite = nonfinite
             interval_start, interval_steps = time.perf_counter(), 0
         # Saved before the held-out evaluation, so a failing evaluation loses no trained step.
@@ -146,6 +146,19 @@ def train(config, workdir, log=print) -> dict:
     if primary and config.train.sample_at_end and step >= config.train.steps:
         _print_sample(config, state, frozen, setup, log)
     return last
+
+
+def _nonfinite_advice(config, workdir, step: int, streak: int) -> str:
+    """Why training stopped on non-finite values, and what to try."""
+    if config.train.nonfinite == "abort":
+        what = f"non-finite loss or gradient at or before step {step} (train.nonfinite=abort)"
+    else:
+        what = (f"{streak} steps in a row up to step {step} had a non-finite loss or gradient and were "
+                f"skipped (train.max_nonfinite_streak={config.train.max_nonfinite_streak}); the parameters "
+                f"are those of step {step - streak}")
+    return (f"{what}. Try a lower --config.optim.peak_lr (now {config.optim.peak_lr:g}) or a longer "
+            f"--config.optim.warmup_steps (now {config.optim.warmup_steps}), or restart from an earlier "
+            f"checkpoint in a new --workdir with --config.train.init_from={workdir}/checkpoints/STEP")
 
 
 def _print_sample(config, state, frozen, setup, log) -> None:

@@ -6,6 +6,7 @@ The train state is a plain dict pytree, so optax, orbax and `jax.jit` see only a
   opt_state        optax state of `make_optimizer`
   step             int32 scalar: optimizer steps taken
   nonfinite_steps  int32 scalar: steps whose update was skipped for a non-finite loss/grad
+  nonfinite_streak int32 scalar: how many of the latest steps in a row were skipped
 
 The frozen variables (what the trainable filter leaves out; usually none) are a separate
 pure dict passed beside the state: they take part in the forward pass only.
@@ -39,6 +40,7 @@ def init_train_state(params, optimizer) -> dict:
         "opt_state": optimizer.init(params),
         "step": jnp.zeros((), jnp.int32),
         "nonfinite_steps": jnp.zeros((), jnp.int32),
+        "nonfinite_streak": jnp.zeros((), jnp.int32),
     }
 
 
@@ -145,6 +147,7 @@ def train_step(state, frozen, batch, *, graphdef, optimizer, schedule, z_loss_we
         "opt_state": new_opt_state,
         "step": state["step"] + 1,
         "nonfinite_steps": state["nonfinite_steps"] + (~finite).astype(jnp.int32),
+        "nonfinite_streak": jnp.where(finite, 0, state["nonfinite_streak"] + 1).astype(jnp.int32),
     }
     metrics = {
         "loss": loss,
@@ -175,6 +178,7 @@ def state_shardings(abstract_state, param_shardings, mesh):
         "opt_state": opt_shardings,
         "step": replicated,
         "nonfinite_steps": replicated,
+        "nonfinite_streak": replicated,
     }
 
 
