@@ -107,6 +107,7 @@ def base_config(family: str = "openelm") -> ml_collections.ConfigDict:
     train.max_nonfinite_streak = 20  # with nonfinite=skip: stop after this many skipped steps in a row
     train.sample_at_end = True  # print a short generated sample when training ends
     train.workdir = ""  # where the run writes; "" = runs/<config file name>; --workdir overrides
+    train.allow_config_change = False  # resume even if fields that change the computation differ
     train.init_from = ""  # workdir or step dir whose params start a fresh run (new optimizer)
     train.reuse_host_memory = "auto"  # one of HOST_MEMORY_MODES; "auto" = on when JAX runs on CPU
 

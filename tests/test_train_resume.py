@@ -94,13 +94,6 @@ def test_metrics_jsonl_tensorboard_and_console(straight_run):
     assert "measured float32" in result.stdout  # the CPU peak behind MFU, reported once
 
 
-def test_rerunning_a_finished_run_trains_nothing_more(straight_run, cache):
-    workdir, _ = straight_run
-    again = run(train_command(workdir), env(cache))
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "resumed from" in again.stdout and "step 9" not in again.stdout
-
-
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, cache):
     workdir = tmp_path / "preempted"
     process = subprocess.Popen(
@@ -170,3 +163,52 @@ def test_skipping_stops_after_too_many_nonfinite_steps_in_a_row(tmp_path, cache)
     assert "the parameters are those of step 1" in error and "--config.optim.peak_lr (now 1e+30)" in error
     assert f"--config.train.init_from={tmp_path / 'streak'}/checkpoints/STEP" in error
     assert max(metrics_by_step(tmp_path / "streak")) == 3
+
+
+def copy_workdir(straight_run, tmp_path):
+    import shutil
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(straight_run[0], workdir)
+    return workdir
+
+
+def test_rerunning_a_finished_run_says_so_without_compiling(straight_run, tmp_path, cache):
+    workdir = copy_workdir(straight_run, tmp_path)
+    result = run(train_command(workdir), env(cache))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{workdir} already holds the final checkpoint (step 8 of 8); nothing to train" in result.stdout
+    assert "compiled" not in result.stdout
+    assert f"python -m elmjax.generate --checkpoint {workdir}" in result.stdout
+
+
+def test_a_finished_run_ends_with_where_its_outputs_are_and_what_to_run_next(straight_run):
+    _, result = straight_run
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("done: step 8 of 8 in ") for line in lines)
+    assert any("checkpoints/" in line or "checkpoints (steps 4, 8)" in line for line in lines)
+    assert any("tensorboard --logdir" in line for line in lines)
+    progress = [line for line in lines if line.startswith("step ")]
+    assert progress and all(" elapsed, ETA " in line for line in progress)
+    assert progress[-1].endswith("ETA 0:00:00")
+
+
+def test_resuming_with_a_changed_batch_is_refused_naming_the_fields(straight_run, tmp_path, cache):
+    workdir = copy_workdir(straight_run, tmp_path)
+    result = run(train_command(workdir, "--config.train.batch_size=16", "--config.train.steps=12"), env(cache))
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: config field `train.allow_config_change`: resuming")
+    assert "train.batch_size 8 -> 16; train.steps 8 -> 12" in error
+    allowed = run(train_command(workdir, "--config.train.steps=10", "--config.train.allow_config_change=true"),
+                  env(cache))
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "config changed since checkpoint step 8: train.allow_config_change False -> True; train.steps 8 -> 10" in allowed.stdout
+    assert "step 10/10" in allowed.stdout
+
+
+def test_resuming_with_a_changed_log_interval_is_logged_and_allowed(straight_run, tmp_path, cache):
+    workdir = copy_workdir(straight_run, tmp_path)
+    result = run(train_command(workdir, "--config.train.log_every=2"), env(cache))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "config changed since checkpoint step 8: train.log_every 1 -> 2" in result.stdout

@@ -16,6 +16,7 @@ from elmjax.data.pipeline import make_eval_iterator, make_train_iterator
 from elmjax.training import checkpoint as ckpt
 from elmjax.training import metrics as mt
 from elmjax.training import step as ts
+from elmjax.training import run_state
 from elmjax.training import setup as setup_lib
 
 
@@ -66,9 +67,17 @@ def heldout_loss(setup, eval_step, params, frozen) -> dict:
 
 def train(config, workdir, log=print) -> dict:
     """Trains to `config.train.steps`, resuming from WORKDIR; returns the last metrics."""
+    run_start = time.perf_counter()
     workdir = ckpt.prepare_workdir(workdir)
     primary = jax.process_index() == 0
     log = log if primary else (lambda *args: None)
+    saved_step = run_state.check_resume_config(workdir, config, log)
+    if saved_step is not None and saved_step >= config.train.steps:
+        log(f"{workdir} already holds the final checkpoint (step {saved_step} of {config.train.steps}); "
+            "nothing to train (raise --config.train.steps to train further)")
+        for line in run_state.finished_summary(workdir, config, saved_step, None, {})[1:]:
+            log(line)
+        return {}
     if primary:
         (workdir / "config.json").write_text(config.to_json(indent=2))
     setup = setup_lib.build_setup(config)
@@ -110,8 +119,10 @@ def train(config, workdir, log=print) -> dict:
                 "mfu": mt.mfu(tokens_per_sec, flops_per_token, peak, peak_units),
                 "step_time": elapsed / interval_steps, "nonfinite_steps": nonfinite,
                 "batch_crc32": zlib.crc32(local["inputs"].tobytes()),
+                "elapsed": time.perf_counter() - run_start,
                 **{name: value for name, value in metrics.items() if name.startswith("aux/")},
             }
+            last["eta"] = last["step_time"] * (config.train.steps - step)
             if on_cpu and last["mfu"] and last["mfu"] > 1.0 and not remeasured:  # peak measured under load
                 remeasured, peak = True, mt.remeasure_cpu_peak()
                 log(f"MFU above 100%: the peak was measured while the host was busier; "
@@ -145,6 +156,9 @@ def train(config, workdir, log=print) -> dict:
     writer.close()
     if primary and config.train.sample_at_end and step >= config.train.steps:
         _print_sample(config, state, frozen, setup, log)
+    if step >= config.train.steps:
+        for line in run_state.finished_summary(workdir, config, step, time.perf_counter() - run_start, last):
+            log(line)
     return last
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from datetime import timedelta
 import time
 from pathlib import Path
 
@@ -140,10 +141,13 @@ def _plain(value):
 
 
 def console_line(step: int, total_steps: int, metrics: dict) -> str:
-    """`step 120/600 | loss 5.4321 | lr 2.9e-03 | gnorm 0.81 | 5,432 tok/s | mfu 41.2% | 0.38 s/step`."""
+    """`step 120/600 | loss 5.4321 | lr 2.9e-03 | gnorm 0.81 | 5,432 tok/s | mfu 41.2% | 0.38 s/step
+    | 0:00:45 elapsed, ETA 0:03:02` (elapsed and ETA when the metrics have them)."""
     parts = [f"step {step}/{total_steps}", f"loss {metrics['loss']:.4f}", f"lr {metrics['lr']:.2e}",
              f"gnorm {metrics['grad_norm']:.3g}", f"{metrics['tokens_per_sec']:,.0f} tok/s"]
     if metrics.get("mfu") is not None:
         parts.append(f"mfu {100 * metrics['mfu']:.1f}%")
     parts.append(f"{metrics['step_time']:.3f} s/step")
+    if metrics.get("elapsed") is not None and metrics.get("eta") is not None:
+        parts.append(f"{timedelta(seconds=round(metrics['elapsed']))} elapsed, ETA {timedelta(seconds=round(metrics['eta']))}")
     return " | ".join(parts)

@@ -1,0 +1,83 @@
+"""What a re-run of the same command finds in its workdir: a finished run, or a config that
+changed since the checkpoint it would resume from, and what the run tells the user at the end.
+"""
+from __future__ import annotations
+
+import datetime
+
+from elmjax.training import checkpoint as ckpt
+from elmjax.validation import ConfigError
+
+# Fields a resumed run may change without changing what its remaining steps compute: logging,
+# checkpoint and evaluation cadence, placement (a checkpoint restores onto any mesh), kernels
+# and rematerialisation (same math), loader parallelism.
+RESUME_SAFE_PREFIXES = (
+    "train.log_every", "train.stop_check_every", "train.sample_at_end", "train.workdir",
+    "train.reuse_host_memory", "train.nonfinite", "train.max_nonfinite_streak",
+    "train.allow_config_change", "train.init_from", "checkpoint.", "eval.", "mesh.",
+    "model.attention_impl", "model.remat_policy", "data.num_workers", "data.prefetch",
+)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(saved, current) -> list[tuple[str, object, object]]:
+    """(field, saved value, current value) for every field that differs, in field order."""
+    before, after = _flat(ckpt.config_to_dict(saved)), _flat(ckpt.config_to_dict(current))
+    return [(k, before.get(k), after.get(k)) for k in sorted(before.keys() | after.keys()) if before.get(k) != after.get(k)]
+
+
+def check_resume_config(workdir, config, log) -> int | None:
+    """Compares `config` with the config of the training checkpoint the run would resume from.
+
+    Logs every changed field; raises ConfigError for changes that alter what the resumed steps
+    compute, unless `train.allow_config_change`. Returns that checkpoint's step (None if none).
+    """
+    step = ckpt.latest_complete_step(workdir)
+    if step is None or not ckpt.is_train_checkpoint(ckpt.checkpoint_dir(workdir) / str(step)):
+        return None
+    changes = config_changes(ckpt.read_config(ckpt.checkpoint_dir(workdir) / str(step)), config)
+    if not changes:
+        return step
+    described = [f"{field} {old!r} -> {new!r}" for field, old, new in changes]
+    log(f"config changed since checkpoint step {step}: {'; '.join(described)}")
+    breaking = [text for (field, _, _), text in zip(changes, described) if not field.startswith(RESUME_SAFE_PREFIXES)]
+    if breaking and not config.train.allow_config_change:
+        raise ConfigError(
+            "train.allow_config_change",
+            f"resuming {workdir} (step {step}) with changes that alter what the remaining steps compute "
+            f"({'; '.join(breaking)}), so the run would no longer match an uninterrupted one; re-run with "
+            "the saved values, pass --config.train.allow_config_change=true to accept them, or use a new --workdir",
+        )
+    return step
+
+
+def duration(seconds: float) -> str:
+    """`1:02:03`."""
+    return str(datetime.timedelta(seconds=int(round(seconds))))
+
+
+def finished_summary(workdir, config, step: int, seconds: float | None, last: dict) -> list[str]:
+    """Where the run's outputs are and what to run next."""
+    steps = ckpt.complete_steps(workdir)
+    head = f"done: step {step} of {config.train.steps}"
+    if seconds is not None:
+        head += f" in {duration(seconds)}"
+    if last.get("loss") is not None:
+        head += f" (last loss {last['loss']:.4f})"
+    return [
+        head,
+        f"  checkpoints  {ckpt.checkpoint_dir(workdir)} (steps {', '.join(map(str, steps))})",
+        f"  metrics      {workdir}/metrics.jsonl; TensorBoard: tensorboard --logdir {workdir}/tensorboard",
+        f"  next         python -m elmjax.generate --checkpoint {workdir} --prompt \"The\"",
+        f"               python -m elmjax.evaluate --checkpoint {workdir} --tasks openelm_zero_shot --limit 100",
+        f"               python tools/export.py --checkpoint {workdir} --to torch --out {workdir}/hf",
+    ]
