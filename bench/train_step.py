@@ -96,8 +96,8 @@ def jax_worker(name: str) -> None:
     import jax.numpy as jnp
 
     from elmjax.training import step as ts
-    from elmjax.training.setup import (build_setup, compile_train_step, compiled_flops, fresh_params,
-                                    global_batch, memory_report)
+    from elmjax.training.dry_run import compiled_flops, memory_report
+    from elmjax.training.setup import build_setup, compile_train_step, fresh_params, global_batch
 
     setup = build_setup(config, jax.devices()[:1])
     holder = {"state": jax.jit(lambda p: ts.init_train_state(p, setup.optimizer),

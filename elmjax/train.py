@@ -21,6 +21,8 @@ from elmjax import cli
 cli.define_config_flag(cli.default_config_path("tiny.py"))
 flags.DEFINE_string("workdir", None, "Run directory; default config.train.workdir or runs/<config name>.")
 flags.DEFINE_bool("dry_run", False, "Compile the train step and report memory; do not train.")
+flags.DEFINE_string("topology", None, "With --dry_run: compile for abstract TPU devices of this topology "
+                    "(e.g. v5p:2x2x1) with the TPU compiler; needs libtpu (pip install -e '.[tpu]').")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (auto-detected cluster).")
 flags.DEFINE_string("coordinator", None, "host:port of process 0, for a manual multi-process run.")
 flags.DEFINE_integer("num_processes", None, "Number of processes of a manual multi-process run.")
@@ -77,10 +79,12 @@ def main(argv) -> None:
     _enable_compilation_cache()
     _init_distributed()
     if FLAGS.dry_run:
-        from elmjax.training.setup import dry_run
+        from elmjax.training.dry_run import dry_run
 
-        dry_run(config)
+        dry_run(config, topology=FLAGS.topology)
         return
+    if FLAGS.topology:
+        cli.fail("--topology needs --dry_run: it compiles for TPU chips that are not here")
     workdir = Path(FLAGS.workdir) if FLAGS.workdir else _default_workdir(config)
     if not FLAGS.workdir:
         print(f"no --workdir given; using {workdir}")

@@ -192,10 +192,11 @@ def cost_estimate(cfg: FlashConfig, num_heads: int, head_dim: int, matmuls: int,
     )
 
 
-def default_backend() -> str:
-    """The kernel backend for jax's default platform: Triton on GPU, Mosaic on TPU."""
-    platform = jax.default_backend()
-    if platform == "gpu":
+def default_backend(platform: str | None = None) -> str:
+    """The kernel backend for `platform` (default: jax's default platform): Triton on GPU,
+    Mosaic on TPU, interpret mode elsewhere."""
+    platform = platform or jax.default_backend()
+    if platform in ("gpu", "cuda", "rocm"):
         return "triton"
     if platform == "tpu":
         return "mosaic_tpu"

@@ -11,6 +11,7 @@ from elmjax.layers import kv_cache
 from elmjax.layers.linear import Linear
 from elmjax.layers.norms import make_norm
 from elmjax.layers.positions import alibi_slopes, apply_rope
+from elmjax.parallel import sharding
 from elmjax.parallel.sharding import constrain
 
 
@@ -34,26 +35,31 @@ def dot_product_attention(
     ids, no ALiBi, 16-bit inputs), `auto` (pallas on GPU/TPU, xla on CPU). A combination an
     implementation cannot run raises ValueError; nothing falls back silently.
     """
+    # The platform the step is compiled for: the active mesh's devices (a TPU dry run compiles
+    # for TPU devices from a CPU host), else jax's default backend.
+    active = sharding.active_rules()
+    platform = active[0].devices.flat[0].platform if active is not None else jax.default_backend()
     if impl == "auto":
-        impl = "xla" if jax.default_backend() == "cpu" else "pallas"
+        impl = "xla" if platform == "cpu" else "pallas"
     if impl == "xla":
         return reference.attention(
             query, key, value, segment_ids=segment_ids, causal=causal,
             alibi_slopes=alibi_slopes, scale=scale,
         )
     if impl == "pallas":
-        from elmjax.parallel import sharding
         from elmjax.kernels.flash_attention import flash_attention
         from elmjax.kernels.flash_sharded import shard_mapped_attention
+        from elmjax.kernels.flash_tiles import default_backend
+
+        backend = default_backend(platform)
 
         def attend(q, k, v, seg, slopes):
             return flash_attention(
-                q, k, v, segment_ids=seg, causal=causal, alibi_slopes=slopes, scale=scale
+                q, k, v, segment_ids=seg, causal=causal, alibi_slopes=slopes, scale=scale, backend=backend
             )
 
         # Under sharding rules (the train step) the kernel runs per shard: XLA cannot
         # partition a Pallas call.
-        active = sharding.active_rules()
         if active is None:
             return attend(query, key, value, segment_ids, alibi_slopes)
         mesh, rules = active
@@ -62,8 +68,8 @@ def dot_product_attention(
         )
     if impl == "cudnn":
         problems = []
-        if jax.default_backend() != "gpu":
-            problems.append(f"it needs a CUDA GPU (default backend is {jax.default_backend()!r})")
+        if platform not in ("gpu", "cuda"):
+            problems.append(f"it needs a CUDA GPU (the platform is {platform!r})")
         if query.dtype not in (jnp.bfloat16, jnp.float16):
             problems.append(f"it needs bfloat16/float16 inputs (got {query.dtype})")
         if segment_ids is not None:

@@ -14,6 +14,7 @@ import jax
 
 from elmjax.data.pipeline import make_eval_iterator, make_train_iterator
 from elmjax.training import checkpoint as ckpt
+from elmjax.training import memory
 from elmjax.training import metrics as mt
 from elmjax.training import step as ts
 from elmjax.training import run_state
@@ -84,6 +85,7 @@ def train(config, workdir, log=print) -> dict:
     log(f"workdir {workdir.resolve()} | mesh {dict(setup.mesh.shape)} | {setup.num_params:,} parameters"
         + ("" if setup.num_trainable == setup.num_params else f" ({setup.num_trainable:,} trainable)"))
     data = make_train_iterator(config)
+    memory.check_fits(setup)  # before restoring or compiling anything
     step, state, frozen = setup_lib.initial_state(setup, workdir, data, log)
     train_step, compile_seconds = setup_lib.compile_train_step(setup)
     eval_step = ts.make_jit_eval_step(

@@ -23,17 +23,31 @@ import numpy as np
 
 from elmjax import models
 
-# Dense peak FLOP/s per device for the compute dtypes used in training (bf16 where listed).
-_KNOWN_PEAKS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100": 312e12,
+# device_kind -> (dense bf16 peak FLOP/s, memory bytes) per chip (SPEC §6). TPU kinds are
+# matched exactly (a v5p reports "TPU v5", a v5e "TPU v5 lite"); GPU kinds by prefix.
+GiB = 2**30
+ACCELERATORS = {
+    "TPU v4": (275e12, 32 * GiB),
+    "TPU v5 lite": (197e12, 16 * GiB),
+    "TPU v5e": (197e12, 16 * GiB),
+    "TPU v5": (459e12, 95 * GiB),
+    "TPU v5p": (459e12, 95 * GiB),
+    "TPU v6 lite": (918e12, 32 * GiB),
+    "TPU v6e": (918e12, 32 * GiB),
+    "NVIDIA H100": (989e12, 80 * GiB),
+    "NVIDIA H200": (989e12, 141 * GiB),
+    "NVIDIA A100": (312e12, 80 * GiB),
 }
+
+
+def accelerator_spec(device_kind: str) -> tuple[float, int] | None:
+    """(peak FLOP/s, memory bytes) of a device kind, or None if unknown."""
+    if device_kind in ACCELERATORS:
+        return ACCELERATORS[device_kind]
+    for name, spec in ACCELERATORS.items():
+        if name.startswith("NVIDIA") and device_kind.startswith(name):
+            return spec
+    return None
 
 
 def layer_flops_per_token(model_config, seq_len: int) -> list[float]:
@@ -89,9 +103,9 @@ def device_peak_flops(device=None) -> tuple[float | None, str]:
         if _measured_cpu_peak is None:
             _measured_cpu_peak = measure_matmul_peak()
         return _measured_cpu_peak, "measured float32 2048^3 matmul on this host"
-    for name, peak in _KNOWN_PEAKS.items():
-        if device.device_kind.startswith(name):
-            return peak, f"datasheet peak of {name}"
+    spec = accelerator_spec(device.device_kind)
+    if spec is not None:
+        return spec[0], f"datasheet peak of {device.device_kind}"
     return None, f"no known peak for {device.device_kind!r}; MFU not reported"
 
 

@@ -1,5 +1,5 @@
 """Everything the training loop needs before its first step: mesh, sharded train state
-(fresh, resumed or fine-tuned), the compiled step, and the `--dry_run` report."""
+(fresh, resumed or fine-tuned), and the compiled step."""
 from __future__ import annotations
 
 import dataclasses
@@ -156,46 +156,3 @@ def compile_train_step(setup: Setup):
     start = time.perf_counter()
     compiled = jitted.lower(setup.abstract_state, setup.abstract_frozen, abstract_batch(setup)).compile()
     return compiled, time.perf_counter() - start
-
-
-def memory_report(compiled) -> dict:
-    """Per-device bytes from XLA's memory analysis of a compiled step."""
-    analysis = compiled.memory_analysis()
-    if analysis is None:
-        return {}
-    report = {
-        "argument_bytes": analysis.argument_size_in_bytes,
-        "output_bytes": analysis.output_size_in_bytes,
-        "alias_bytes": analysis.alias_size_in_bytes,
-        "temp_bytes": analysis.temp_size_in_bytes,
-    }
-    report["total_bytes"] = (
-        report["argument_bytes"] + report["output_bytes"] - report["alias_bytes"] + report["temp_bytes"]
-    )
-    return report
-
-
-def compiled_flops(compiled) -> float | None:
-    """FLOPs of one call of `compiled` from XLA's cost analysis (summed over devices' shards)."""
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0] if analysis else None
-    return None if not analysis else analysis.get("flops")
-
-
-def dry_run(config, log=print) -> dict:
-    """Builds, lowers and compiles the train step for the configured mesh; trains nothing."""
-    setup = build_setup(config)
-    compiled, seconds = compile_train_step(setup)
-    memory = memory_report(compiled)
-    gib = 2.0**30
-    log(f"mesh {dict(setup.mesh.shape)} on {setup.mesh.devices.size} {jax.devices()[0].platform} devices")
-    log(f"parameters: {setup.num_params:,} ({setup.num_trainable:,} trainable)")
-    log(f"batch {config.train.batch_size} x {config.train.seq_len} tokens, "
-        f"grad_accum_steps {config.train.grad_accum_steps}, remat {config.model.remat_policy}")
-    log(f"compile time: {seconds:.1f} s")
-    if memory:
-        log(f"per-device memory (XLA estimate): {memory['total_bytes'] / gib:.2f} GiB "
-            f"(arguments {memory['argument_bytes'] / gib:.2f}, outputs {memory['output_bytes'] / gib:.2f}, "
-            f"aliased {memory['alias_bytes'] / gib:.2f}, temporaries {memory['temp_bytes'] / gib:.2f})")
-    return {"num_params": setup.num_params, "compile_seconds": seconds, **memory}

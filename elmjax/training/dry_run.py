@@ -1,0 +1,110 @@
+"""`python -m elmjax.train --dry_run [--topology=v5p:2x2x1]`: compile the real train step for
+the configured mesh and report memory, FLOPs and compile time; trains nothing.
+
+Without `--topology` the mesh is this host's devices. With it, the mesh is made of abstract
+TPU devices (`jax.experimental.topologies`; needs libtpu: `pip install -e ".[tpu]"`) and the
+real TPU compiler runs on this machine: its memory analysis says whether the step fits a
+chip's HBM, and its cost analysis gives FLOPs and an estimated step time (`optimal_seconds`,
+a roofline estimate of the compiler, not a measurement), hence an estimated MFU.
+"""
+from __future__ import annotations
+
+import os
+
+
+from elmjax.training import memory
+from elmjax.training.metrics import accelerator_spec, flops_per_token
+from elmjax.training.setup import build_setup, compile_train_step
+
+GiB = 2.0**30
+
+
+def tpu_devices(topology: str):
+    """Abstract TPU devices of a topology name such as `v5p:2x2x1` (nothing runs on them)."""
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server: this is not a TPU VM
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+
+    try:
+        return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+    except Exception as error:  # noqa: BLE001 - no libtpu, or a name it does not know
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"--topology={topology}: the TPU compiler cannot describe it ({reason}); install it with "
+            "pip install -e \".[tpu]\" and give a name such as v5p:2x2x1, v5e:2x2 or v4:2x2x1"
+        ) from None
+
+
+def memory_report(compiled) -> dict:
+    """Per-device bytes from XLA's memory analysis of a compiled step."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return {}
+    report = {
+        "argument_bytes": analysis.argument_size_in_bytes,
+        "output_bytes": analysis.output_size_in_bytes,
+        "alias_bytes": analysis.alias_size_in_bytes,
+        "temp_bytes": analysis.temp_size_in_bytes,
+    }
+    report["total_bytes"] = (
+        report["argument_bytes"] + report["output_bytes"] - report["alias_bytes"] + report["temp_bytes"]
+    )
+    return report
+
+
+def cost_report(compiled) -> dict:
+    """XLA's cost analysis of one device's program: flops, and `optimal_seconds` (the
+    compiler's estimate of the step time) where the backend gives it."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    if not analysis:
+        return {}
+    report = {"flops": analysis.get("flops")}
+    if analysis.get("optimal_seconds") is not None:
+        report["optimal_seconds"] = analysis["optimal_seconds"]
+    return report
+
+
+def compiled_flops(compiled) -> float | None:
+    """FLOPs of one device's compiled step (XLA's cost analysis)."""
+    return cost_report(compiled).get("flops")
+
+
+def dry_run(config, topology: str | None = None, log=print) -> dict:
+    """Builds, lowers and compiles the train step; logs and returns the figures."""
+    devices = tpu_devices(topology) if topology else None
+    setup = build_setup(config, devices)
+    bound = memory.check_fits(setup)
+    compiled, seconds = compile_train_step(setup)
+    device = setup.mesh.devices.flat[0]
+    chips = setup.mesh.devices.size
+    report = {"num_params": setup.num_params, "compile_seconds": seconds, "platform": device.platform,
+              "device_kind": device.device_kind, "devices": chips, "lower_bound_bytes": bound["total"],
+              **memory_report(compiled), **cost_report(compiled)}
+    tokens = config.train.batch_size * config.train.seq_len
+    report["spec_flops_per_device"] = flops_per_token(config.model, config.train.seq_len) * tokens / chips
+    log(f"mesh {dict(setup.mesh.shape)} on {chips} {device.platform} devices ({device.device_kind})"
+        + (f", topology {topology} (abstract devices; the real TPU compiler)" if topology else ""))
+    log(f"parameters: {setup.num_params:,} ({setup.num_trainable:,} trainable)")
+    log(f"batch {config.train.batch_size} x {config.train.seq_len} tokens, grad_accum_steps "
+        f"{config.train.grad_accum_steps}, remat {config.model.remat_policy}, attention {config.model.attention_impl}")
+    log(f"compile time: {seconds:.1f} s")
+    if "total_bytes" in report:
+        capacity, source = memory.device_capacity(device)
+        fits = "" if capacity is None else (
+            f"; {'fits' if report['total_bytes'] <= capacity else 'does NOT fit'} in {capacity / GiB:.1f} GiB ({source})")
+        log(f"per-device memory (XLA estimate): {report['total_bytes'] / GiB:.2f} GiB "
+            f"(arguments {report['argument_bytes'] / GiB:.2f}, outputs {report['output_bytes'] / GiB:.2f}, "
+            f"aliased {report['alias_bytes'] / GiB:.2f}, temporaries {report['temp_bytes'] / GiB:.2f}){fits}; "
+            f"analytic lower bound {bound['total'] / GiB:.2f} GiB")
+    if report.get("flops"):
+        log(f"compiled FLOPs per device per step: {report['flops']:.4g} "
+            f"({report['flops'] / report['spec_flops_per_device']:.2f}x SPEC §4's {report['spec_flops_per_device']:.4g})")
+    spec = accelerator_spec(device.device_kind)
+    if report.get("optimal_seconds") and report["optimal_seconds"] > 0 and spec is not None:
+        report["estimated_mfu"] = report["spec_flops_per_device"] / report["optimal_seconds"] / spec[0]
+        log(f"estimated step time (compiler's optimal_seconds, an estimate): {report['optimal_seconds']:.4f} s; "
+            f"estimated MFU {100 * report['estimated_mfu']:.1f}% of {spec[0] / 1e12:.0f} TFLOP/s per chip "
+            f"({tokens / report['optimal_seconds']:,.0f} tokens/s estimated)")
+    return report
