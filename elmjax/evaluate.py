@@ -8,6 +8,9 @@ from elmjax import cli
 
 
 def main(argv):
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's progress bars would wrap the results table
     from elmjax.inference.evaluate import main as evaluate_main  # lm-eval: the `eval` extra
 
     return evaluate_main(argv)

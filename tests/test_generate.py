@@ -197,3 +197,13 @@ def test_continuation_text_keeps_the_space_before_the_first_new_word():
     prompt, new = tokenizer.encode("In the"), tokenizer.encode("In the beginning")[len(tokenizer.encode("In the")):]
     assert tokenizer.decode(new) == "beginning"  # why continuation_text exists
     assert gen.continuation_text(tokenizer, prompt, new) == " beginning"
+
+
+def test_reading_a_checkpoint_logs_no_orbax_item_metadata_warning(checkpoint, caplog):
+    import logging
+
+    from elmjax.training.checkpoint import load_model
+
+    with caplog.at_level(logging.WARNING):
+        load_model(checkpoint)
+    assert "Metadata file does not exist" not in caplog.text

@@ -33,6 +33,17 @@ from elmjax.tree import path_name
 
 log = logging.getLogger("elmjax.training.checkpoint")
 
+
+class _NoItemMetadataWarning(logging.Filter):
+    """Orbax warns on every read of a step's `state` item that the item has no
+    `_CHECKPOINT_METADATA` of its own; the step directory has it, so the warning says nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Metadata file does not exist" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_NoItemMetadataWarning())
+
 CHECKPOINTS = "checkpoints"
 CHECKSUMS = "checksums"  # item of a step: {array path: checksum} (elmjax/training/checksums.py)
 _STEP_MARKER = "_CHECKPOINT_METADATA"  # orbax writes it when a step is finalised
