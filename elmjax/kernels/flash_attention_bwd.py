@@ -18,26 +18,17 @@ from jax.experimental import pallas as pl
 from elmjax.kernels.flash_tiles import (
     FlashConfig,
     call_kwargs,
-    cost_estimate,
     causal_kv_block_end,
     causal_q_block_start,
+    cost_estimate,
     scalar_table_spec,
+    split_optional_refs,
     tile_logits,
 )
 
 # dot_general dimension numbers: contract rows of both operands (a^T @ b), and a @ b^T.
 _TN = (((0,), (0,)), ((), ()))
 _NT = (((1,), (1,)), ((), ()))
-
-
-def _split_optional(cfg: FlashConfig, refs):
-    """(q_seg_ref, kv_seg_ref, slopes_ref, rest) from the optional inputs at the head of refs."""
-    q_seg_ref = kv_seg_ref = slopes_ref = None
-    if cfg.has_segments:
-        q_seg_ref, kv_seg_ref, *refs = refs
-    if cfg.has_alibi:
-        slopes_ref, *refs = refs
-    return q_seg_ref, kv_seg_ref, slopes_ref, refs
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: FlashConfig):
@@ -47,7 +38,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: Flas
     lse/delta [block_q, 1]; optional q_seg [block_q, 1], kv_seg [1, kv_pad], slopes [heads];
     output dq [block_q, head_dim].
     """
-    q_seg_ref, kv_seg_ref, slopes_ref, (dq_ref,) = _split_optional(cfg, refs)
+    q_seg_ref, kv_seg_ref, slopes_ref, (dq_ref,) = split_optional_refs(cfg, refs)
     q_block = pl.program_id(2)
     q_start = q_block * cfg.block_q
     q, do = q_ref[...], do_ref[...]
@@ -79,7 +70,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: Fla
     kv_seg [1, block_k], slopes [heads]; outputs dk, dv [block_k, head_dim]. Summing over
     the group here is what makes dk/dv of a shared kv head correct for GQA.
     """
-    q_seg_ref, kv_seg_ref, slopes_ref, (dk_ref, dv_ref) = _split_optional(cfg, refs)
+    q_seg_ref, kv_seg_ref, slopes_ref, (dk_ref, dv_ref) = split_optional_refs(cfg, refs)
     kv_head, kv_block = pl.program_id(1), pl.program_id(2)
     k_start = kv_block * cfg.block_k
     k, v = k_ref[...], v_ref[...]

@@ -38,6 +38,7 @@ from elmjax.kernels.flash_tiles import (
     causal_q_block_start,
     cost_estimate,
     scalar_table_spec,
+    split_optional_refs,
     tile_logits,
     visible_tiles,
 )
@@ -51,16 +52,6 @@ def _scratch(shape):
     from jax.experimental.pallas import tpu as pltpu
 
     return pltpu.VMEM(shape, jnp.float32)
-
-
-def _split_optional(cfg: FlashConfig, refs):
-    """(q_seg_ref, kv_seg_ref, slopes_ref, rest) from the optional inputs at the head of refs."""
-    q_seg_ref = kv_seg_ref = slopes_ref = None
-    if cfg.has_segments:
-        q_seg_ref, kv_seg_ref, *refs = refs
-    if cfg.has_alibi:
-        slopes_ref, *refs = refs
-    return q_seg_ref, kv_seg_ref, slopes_ref, refs
 
 
 def _column(row):
@@ -106,7 +97,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, cfg: FlashConfig):
     scratch m, l [block_q, 1], acc [block_q, head_dim].
     """
     q_seg_ref, kv_seg_ref, slopes_ref, (o_ref, lse_ref, m_ref, l_ref, acc_ref) = (
-        _split_optional(cfg, refs)
+        split_optional_refs(cfg, refs)
     )
     head, q_block, kv_block = pl.program_id(1), pl.program_id(2), pl.program_id(3)
 
@@ -200,7 +191,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: Flas
     optional q_seg [1, block_q], kv_seg [1, block_k], slopes [heads]; output dq
     [block_q, head_dim]; scratch dq_acc [block_q, head_dim].
     """
-    q_seg_ref, kv_seg_ref, slopes_ref, (dq_ref, dq_acc_ref) = _split_optional(cfg, refs)
+    q_seg_ref, kv_seg_ref, slopes_ref, (dq_ref, dq_acc_ref) = split_optional_refs(cfg, refs)
     head, q_block, kv_block = pl.program_id(1), pl.program_id(2), pl.program_id(3)
 
     @pl.when(kv_block == 0)
@@ -236,7 +227,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: Fla
     dk_acc, dv_acc [block_k, head_dim]. Tiles are keys-major: [block_k, block_q].
     """
     q_seg_ref, kv_seg_ref, slopes_ref, (dk_ref, dv_ref, dk_acc_ref, dv_acc_ref) = (
-        _split_optional(cfg, refs)
+        split_optional_refs(cfg, refs)
     )
     kv_head, kv_block = pl.program_id(1), pl.program_id(2)
     group, q_block = pl.program_id(3), pl.program_id(4)

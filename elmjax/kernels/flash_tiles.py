@@ -201,3 +201,13 @@ def default_backend(platform: str | None = None) -> str:
     if platform == "tpu":
         return "mosaic_tpu"
     return "interpret"
+
+
+def split_optional_refs(cfg: FlashConfig, refs):
+    """(q_seg_ref, kv_seg_ref, slopes_ref, rest) from the optional inputs at the head of refs."""
+    q_seg_ref = kv_seg_ref = slopes_ref = None
+    if cfg.has_segments:
+        q_seg_ref, kv_seg_ref, *refs = refs
+    if cfg.has_alibi:
+        slopes_ref, *refs = refs
+    return q_seg_ref, kv_seg_ref, slopes_ref, refs
