@@ -127,7 +127,7 @@ class _SeqioIterDataset(grain.IterDataset):
     def __init__(self, provider, split, shuffle, seed, shard_index, shard_count, num_epochs):
         super().__init__()
         self._provider = provider
-        self._read = dict(split=split, shuffle=shuffle, seed=seed, num_epochs=num_epochs)
+        self._read = {"split": split, "shuffle": shuffle, "seed": seed, "num_epochs": num_epochs}
         self._shard = (shard_index, shard_count)
 
     def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
