@@ -207,6 +207,7 @@ def build_rows(
             )
         bos, eos = _special_ids(config, tokenizer, source)
         if spec.kind == "seqio":
+            _check_seqio_vocabulary(config, tokenizer, source)
             to_tokens = _ToTokens(tokenizer, bos, eos, row_length, source.name)
             docs = source.iter_dataset(split, process_index, process_count, num_epochs)
             streams.append(pack(docs.map(to_tokens)))
@@ -232,6 +233,28 @@ def build_rows(
     if len(streams) == 1:
         return streams[0]
     return grain.IterDataset.mix(streams, weights)
+
+
+def _check_seqio_vocabulary(config, tokenizer: Tokenizer, source) -> None:
+    """A seqio Task brings its own token ids: they must fit the model's embedding, and be
+    those of `data.tokenizer` (which samples and exports decode with); a tokenizer of another
+    size is another vocabulary. seqio's `extra_ids` (sentinels) are not in the model file."""
+    size = source.vocab_size
+    if size > config.model.vocab_size:
+        raise ConfigError(
+            "model.vocab_size",
+            f"is {config.model.vocab_size} but {source.name}'s vocabulary has {size} tokens; "
+            "raise model.vocab_size to at least that",
+        )
+    extra = int(getattr(source.vocabulary, "extra_ids", 0) or 0)
+    if tokenizer.vocab_size not in (size, size - extra):
+        model_file = source.vocabulary_file()
+        raise ConfigError(
+            "data.tokenizer",
+            f"{tokenizer.name!r} has {tokenizer.vocab_size} tokens but {source.name}'s "
+            f"vocabulary has {size}; set data.tokenizer to the Task vocabulary's model file"
+            + (f" ({model_file})" if model_file else ""),
+        )
 
 
 def _check_split(config, source, plan, split: str, process_count: int) -> None:

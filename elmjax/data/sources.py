@@ -338,5 +338,5 @@ def open_source(spec: SourceSpec, data) -> DocumentSource:
     if spec.kind == "seqio":
         from elmjax.data.seqio import SeqioSource
 
-        return SeqioSource(spec.location)
+        return SeqioSource(spec.location, seed=data.seed)
     raise ValueError(f"config field `data.format`: is {spec.kind!r}; allowed: {', '.join(DATA_FORMATS)}")

@@ -399,6 +399,11 @@ def load_tokenizer(config) -> Tokenizer:
             )
         return tokenizers_[0]
     corpora = sorted({name for spec in specs if spec.kind == "embedded" for name in spec.corpora})
+    if any(spec.kind == "seqio" for spec in specs):
+        raise ValueError(
+            "config field `data.tokenizer`: is empty, but data.source reads a seqio Task, whose "
+            "token ids are its vocabulary's; set data.tokenizer to that vocabulary's .model file"
+        )
     if len(corpora) == 0 or any(spec.kind != "embedded" for spec in specs):
         raise ValueError(
             "config field `data.tokenizer`: is empty, which trains a tokenizer only for the "
