@@ -20,6 +20,7 @@ from ml_collections import config_dict
 from elmjax import models
 from elmjax.data.formats import DATA_FORMATS, TEXT_UNITS, parse_mixture_weights, source_entries
 from elmjax.layers.remat import REMAT_POLICY_NAMES
+from elmjax.training import stages
 from elmjax.validation import ConfigError, at_least, choice, require
 
 __all__ = ["ConfigError", "base_config", "family_config", "load_config_file", "openelm_config", "validate"]
@@ -106,6 +107,12 @@ def base_config(family: str = "openelm") -> ml_collections.ConfigDict:
     train.batch_size = 2048  # sequences per step, global
     train.seq_len = 2048  # tokens per sequence
     train.grad_accum_steps = 1  # micro-batches per optimizer step
+    # Context stages (elmjax/training/stages.py): ((end, seq_len, batch_size), ...), each stage
+    # training until `end` (cumulative, in train.stage_unit) at its own shape; the last end is
+    # the run's end. () = one stage of seq_len x batch_size (which --dry_run always compiles).
+    train.stages = ()
+    train.stage_unit = "steps"  # what stage ends count: "steps" or "tokens"
+    train.stages_equal_tokens = True  # require seq_len x batch_size to be the same in every stage
     train.seed = 0  # parameter initialisation seed
     train.z_loss = 1e-4  # weight of mean(logsumexp(logits)^2)
     train.log_every = 10  # steps between metrics lines
@@ -254,6 +261,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         f"{train.seq_len} exceeds model.max_seq_len={model.max_seq_len}",
     )
     _require(train.z_loss >= 0, "train.z_loss", f"is {train.z_loss}; need >= 0")
+    stages.validate(config)
     _choice(config, "train", "nonfinite", NONFINITE_ACTIONS)
     _choice(config, "train", "reuse_host_memory", HOST_MEMORY_MODES)
     _require(
