@@ -353,3 +353,25 @@ def test_bfloat16_export_imports(small, tmp_path):
     _, imported = load_hf_dir(tmp_path / "hf")  # slopes checked at bfloat16 precision
     expected = np.asarray(params["norm"]["bias"][...]).astype("bfloat16").astype(np.float32)
     np.testing.assert_array_equal(np.asarray(imported["norm"]["bias"][...]), expected)
+
+
+def test_export_and_import_tools_carry_the_gpt2_tokenizer(small, tmp_path, capsys):
+    from elmjax.convert.export import export_checkpoint
+    from elmjax.data.tokenizer import load_tokenizer
+    from elmjax.training.checkpoint import restore_params, save_params_checkpoint
+    from tools import import_hf as import_tool
+
+    config = small_config(vocab_size=50257)
+    config.data.tokenizer = "gpt2"
+    config = validate(config)
+    save_params_checkpoint(tmp_path / "ckpt", config, random_btlm_params(config.model, seed=4))
+    export_checkpoint(tmp_path / "ckpt", tmp_path / "hf", target="torch")
+    hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (hf["bos_token_id"], hf["eos_token_id"], hf["vocab_size"]) == (50256, 50256, 50257)
+    assert import_tool.main(["--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "imported")]) == 0
+    imported_config, imported = restore_params(tmp_path / "imported")
+    _, original = restore_params(tmp_path / "ckpt")
+    np.testing.assert_array_equal(imported["layers"][1]["ffn"]["proj_1"]["kernel"],
+                                  original["layers"][1]["ffn"]["proj_1"]["kernel"])
+    text = "And God said, Let there be light"
+    assert load_tokenizer(imported_config).encode(text) == load_tokenizer(config).encode(text)
