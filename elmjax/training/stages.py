@@ -21,9 +21,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 
-from elmjax.validation import ConfigError, require
+from elmjax.validation import require
 
 STAGE_UNITS = ("steps", "tokens")
 
@@ -218,6 +217,5 @@ def begin(setup, stages: list[Stage], step: int, data, log=print) -> StageRun:
     elif len(stages) > 1:
         log(stage.describe())
     stage_setup = dataclasses.replace(setup, config=stage_config(setup.config, stage))
-    start = time.perf_counter()
-    compiled, _ = setup_lib.compile_train_step(stage_setup)
-    return StageRun(stage, stage_setup, compiled, time.perf_counter() - start)
+    compiled, seconds = setup_lib.compile_train_step(stage_setup)
+    return StageRun(stage, stage_setup, compiled, seconds)
