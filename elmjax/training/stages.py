@@ -40,9 +40,11 @@ class Stage:
 
     @property
     def tokens_per_step(self) -> int:
+        """Tokens in one batch of the stage."""
         return self.seq_len * self.batch_size
 
     def describe(self) -> str:
+        """`stage 2/2: steps 5-8 at 4 x 64 tokens`."""
         return (f"stage {self.index + 1}/{self.count}: steps {self.first_step + 1}-{self.last_step} "
                 f"at {self.batch_size} x {self.seq_len} tokens")
 
@@ -169,9 +171,11 @@ class StagedData:
         return True
 
     def get_state(self) -> bytes:
+        """The stage index and that stage's grain iterator state, as JSON bytes."""
         return json.dumps({"stage": self.stage.index, "iterator": self._iterator.get_state()}, indent=1).encode()
 
     def set_state(self, payload: bytes) -> None:
+        """Opens the saved stage's pipeline and restores its iterator state."""
         saved = json.loads(payload)
         if not isinstance(saved, dict) or "stage" not in saved:
             raise ValueError("the checkpoint's data state has no stage; it was saved by a run without "
@@ -181,6 +185,7 @@ class StagedData:
         self._iterator.set_state(saved["iterator"])
 
     def start_prefetch(self) -> None:
+        """What grain's checkpoint restore calls after `set_state`; passed to the iterator."""
         start = getattr(self._iterator, "start_prefetch", None)
         if start is not None:
             start()
