@@ -20,6 +20,7 @@ from ml_collections import config_dict
 from elmjax import models
 from elmjax.data.formats import DATA_FORMATS, TEXT_UNITS, parse_mixture_weights, source_entries
 from elmjax.layers.remat import REMAT_POLICY_NAMES
+from elmjax.training import stages
 from elmjax.validation import ConfigError, at_least, choice, require
 
 __all__ = ["ConfigError", "base_config", "family_config", "load_config_file", "openelm_config", "validate"]
@@ -71,7 +72,14 @@ def base_config(family: str = "openelm") -> ml_collections.ConfigDict:
     model.tie_embeddings = True  # logits = h @ embedding^T
     model.embedding_scale = 1.0  # multiplies token embeddings (muP uses 14.6)
     model.logit_scale = 1.0  # multiplies logits (muP uses 0.222)
-    model.attention_scale = config_dict.placeholder(float)  # None: 1/sqrt(head_dim)
+    model.attention_scale = config_dict.placeholder(float)  # None: 1/sqrt(head_dim) (1/head_dim under muP)
+    # muP (elmjax/mup.py), on when mup_base_width > 0: width multiplier m = model_dim / base.
+    model.mup_base_width = 0.0  # width of the base model whose hyperparameters transfer; 0 = off
+    model.mup_output_alpha = 1.0  # muP: logits x alpha / m (BTLM 2.22)
+    model.mup_init_std = 0.02  # muP init: embedding std; hidden matrices std / sqrt(m) (BTLM 0.073)
+    # ALiBi past the training context (HF `alibi_scaling`); at most one of the two; None = off.
+    model.alibi_scaling_factor = config_dict.placeholder(float)  # slopes / F ({"type": "linear", "factor": F})
+    model.alibi_train_seq_len = config_dict.placeholder(int)  # slopes / (key_len / N) when key_len > N
     model.attention_impl = "auto"  # one of ATTENTION_IMPLS
     model.compute_dtype = "float32"  # matmul dtype; bfloat16 on accelerators
     model.param_dtype = "float32"  # parameter storage dtype
@@ -99,6 +107,12 @@ def base_config(family: str = "openelm") -> ml_collections.ConfigDict:
     train.batch_size = 2048  # sequences per step, global
     train.seq_len = 2048  # tokens per sequence
     train.grad_accum_steps = 1  # micro-batches per optimizer step
+    # Context stages (elmjax/training/stages.py): ((end, seq_len, batch_size), ...), each stage
+    # training until `end` (cumulative, in train.stage_unit) at its own shape; the last end is
+    # the run's end. () = one stage of seq_len x batch_size (which --dry_run always compiles).
+    train.stages = ()
+    train.stage_unit = "steps"  # what stage ends count: "steps" or "tokens"
+    train.stages_equal_tokens = True  # require seq_len x batch_size to be the same in every stage
     train.seed = 0  # parameter initialisation seed
     train.z_loss = 1e-4  # weight of mean(logsumexp(logits)^2)
     train.log_every = 10  # steps between metrics lines
@@ -198,11 +212,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     )
     at_least(model, "model", "num_layers", 1)
     at_least(model, "model", "model_dim", 1)
-    _require(
-        model.head_dim >= 2 and model.head_dim % 2 == 0,
-        "model.head_dim",
-        f"is {model.head_dim}; need an even number >= 2 (RoPE rotates pairs)",
-    )
+    if model.position_encoding == "rope":
+        _require(
+            model.head_dim >= 2 and model.head_dim % 2 == 0,
+            "model.head_dim",
+            f"is {model.head_dim}; need an even number >= 2 (RoPE rotates pairs)",
+        )
+    at_least(model, "model", "head_dim", 1)
     _require(
         model.model_dim % model.head_dim == 0,
         "model.head_dim",
@@ -230,6 +246,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             "model.attention_scale",
             f"is {model.attention_scale}; need > 0, or None for 1/sqrt(head_dim)",
         )
+    _validate_mup_and_alibi(model)
     family.validate(model)
 
     train = config.train
@@ -246,6 +263,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         f"{train.seq_len} exceeds model.max_seq_len={model.max_seq_len}",
     )
     _require(train.z_loss >= 0, "train.z_loss", f"is {train.z_loss}; need >= 0")
+    stages.validate(config)
     _choice(config, "train", "nonfinite", NONFINITE_ACTIONS)
     at_least(train, "train", "max_nonfinite_streak", 1)
     _choice(config, "train", "reuse_host_memory", HOST_MEMORY_MODES)
@@ -333,3 +351,36 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         "would only repeat all compute; set mesh.expert=1",
     )
     return config
+
+
+def _validate_mup_and_alibi(model) -> None:
+    """muP's and ALiBi scaling's shared model fields."""
+    base = model.mup_base_width
+    _require(
+        isinstance(base, (int, float)) and math.isfinite(base) and base >= 0,
+        "model.mup_base_width",
+        f"is {base!r}; need a width > 0 for muP, or 0 for none",
+    )
+    for name in ("mup_output_alpha", "mup_init_std"):
+        value = model[name]
+        _require(math.isfinite(value) and value > 0, f"model.{name}", f"is {value}; need a positive number")
+    factor, train_len = model.alibi_scaling_factor, model.alibi_train_seq_len
+    for name, value in (("alibi_scaling_factor", factor), ("alibi_train_seq_len", train_len)):
+        if value is not None:
+            _require(
+                model.position_encoding == "alibi",
+                f"model.{name}",
+                f"is {value}, but model.position_encoding is {model.position_encoding!r}; "
+                "ALiBi scaling needs position_encoding='alibi'",
+            )
+    _require(
+        factor is None or train_len is None,
+        "model.alibi_train_seq_len",
+        f"is {train_len} and model.alibi_scaling_factor is {factor}; set at most one "
+        "(a fixed factor, or dynamic scaling past a training length)",
+    )
+    if factor is not None:
+        _require(math.isfinite(factor) and factor > 0, "model.alibi_scaling_factor", f"is {factor}; need > 0")
+    if train_len is not None:
+        _require(train_len >= 1, "model.alibi_train_seq_len", f"is {train_len}; need >= 1")
+

@@ -1,9 +1,10 @@
-"""Import a Hugging Face OpenELM directory as an elmjax checkpoint workdir.
+"""Import a Hugging Face OpenELM or BTLM directory as an elmjax checkpoint workdir.
 
     python tools/import_hf.py --hf HF_DIR --out WORKDIR [--overwrite]
 
-The config is derived from config.json (its per-layer lists must match elmjax's layer-wise
-scaling rule); the weights become a params-only checkpoint at step 0, which fine-tuning
+config.json's model_type picks the family; the config is derived from config.json (OpenELM's
+per-layer lists must match elmjax's layer-wise scaling rule, BTLM's stored ALiBi slopes the
+formula's); the weights become a params-only checkpoint at step 0, which fine-tuning
 (`python -m elmjax.train --workdir WORKDIR ...`), evaluation and export accept. The
 tokenizer files are copied to WORKDIR/tokenizer and the config points to them.
 """

@@ -37,6 +37,19 @@ def check_export_args(target: str, dtype: str, quantize: int | None, group_size:
         mlx.check_quantization(quantize, group_size)
 
 
+def check_target(model_config, target: str):
+    """The family's layout for `target`; ValueError when the model cannot go there (no layout,
+    no mlx-lm model, or config fields the layout cannot hold)."""
+    layout = hf.layout_for(model_config)
+    if target == "mlx" and layout.mlx_quantizable is None:
+        raise ValueError(
+            f"the {model_config.family!r} family has no mlx-lm layout (mlx-lm has no such model); "
+            "export with --to torch"
+        )
+    layout.check_exportable(model_config)
+    return layout
+
+
 def real_vocab_rows(model_vocab: int, tokenizer_vocab: int | None) -> int:
     """Rows of the embedding to export: the tokenizer's vocabulary when the model's is padded."""
     if tokenizer_vocab is None:
@@ -70,8 +83,7 @@ def export_params(
     """
     check_export_args(target, dtype, quantize, group_size)
     check_output_dir(out, overwrite)
-    layout = hf.layout_for(model_config)
-    layout.check_exportable(model_config)
+    layout = check_target(model_config, target)
     vocab_rows = real_vocab_rows(model_config.vocab_size, tokenizer.vocab_size if tokenizer else None)
     tensors = hf.to_hf_state_dict(params, model_config, vocab_rows=vocab_rows)
 
@@ -126,6 +138,7 @@ def export_checkpoint(
     if not os.path.exists(checkpoint):
         raise FileNotFoundError(f"no checkpoint at {checkpoint}: the path does not exist")
     config, params = restore_params(str(checkpoint), step=step)
+    check_target(config.model, target)  # before the tokenizer, which may take a while to load
     tokenizer = None
     if with_tokenizer:
         from elmjax.data.tokenizer import load_tokenizer

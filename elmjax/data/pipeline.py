@@ -181,6 +181,27 @@ def build_rows(
     reads every file/store source's documents once, one source after another (a weighted
     mix would stop at the first exhausted source). `opened` collects the opened sources (their
     `.stats`)."""
+    streams, weights = build_row_streams(
+        config, split, process_index=process_index, process_count=process_count,
+        num_epochs=num_epochs, tokenizer=tokenizer, opened=opened,
+    )
+    if len(streams) == 1:
+        return streams[0]
+    return grain.IterDataset.mix(streams, weights)
+
+
+def build_row_streams(
+    config,
+    split: str,
+    *,
+    process_index: int,
+    process_count: int,
+    num_epochs: int | None,
+    tokenizer: Tokenizer | None = None,
+    opened: list | None = None,
+) -> tuple[list[grain.IterDataset], list[float]]:
+    """The packed row stream of each source (what `build_rows` mixes, in its order) and the
+    mixture weights. A stage boundary re-packs each stream on its own (data/repack.py)."""
     data = config.data
     specs = sources_lib.parse_source_list(data)
     weights = mixture_weights(data, len(specs))
@@ -230,9 +251,7 @@ def build_rows(
         document_lists = [grain.MapDataset.concatenate(document_lists)]
     # (A finite pass that includes seqio streams is still a weighted mix; see docstring.)
     streams = [pack(docs.to_iter_dataset()) for docs in document_lists] + streams
-    if len(streams) == 1:
-        return streams[0]
-    return grain.IterDataset.mix(streams, weights)
+    return streams, weights
 
 
 def _check_seqio_vocabulary(config, tokenizer: Tokenizer, source) -> None:

@@ -1,6 +1,7 @@
 """Tokenizers: SentencePiece `.model` files and Hugging Face `tokenizer.json` behind one API.
 
-`load_tokenizer(config)` opens `config.data.tokenizer`, or, when that is empty and the source
+`load_tokenizer(config)` opens `config.data.tokenizer` (a file, or "gpt2" for GPT-2's BPE,
+elmjax/data/gpt2_bpe.py), or, when that is empty and the source
 is the embedded corpus, trains a SentencePiece BPE of `config.model.vocab_size` pieces on it
 on first use and caches it under $ELMJAX_CACHE (default ~/.cache/elmjax), keyed by the
 corpus text and the training settings so any change retrains.
@@ -312,7 +313,12 @@ class HuggingFaceTokenizer(Tokenizer):
 
 
 def open_tokenizer(path) -> Tokenizer:
-    """A tokenizer from a SentencePiece `.model` file or a HF `tokenizer.json` (or its dir)."""
+    """A tokenizer from a SentencePiece `.model` file or a HF `tokenizer.json` (or its dir),
+    or the built-in GPT-2 BPE for the name "gpt2" (elmjax/data/gpt2_bpe.py)."""
+    from elmjax.data import gpt2_bpe
+
+    if gpt2_bpe.is_gpt2_name(path):
+        return gpt2_bpe.gpt2_tokenizer()
     path = pathlib.Path(os.path.expanduser(str(path)))
     if path.is_dir():
         for name in ("tokenizer.json", "tokenizer.model"):

@@ -27,6 +27,18 @@ def attention_mask(q_len: int, kv_len: int, *, causal: bool, q_segment_ids=None,
     return mask
 
 
+def alibi_bias(slopes, q_index, kv_index):
+    """ALiBi's additive attention bias [heads, q_len, kv_len] (float32):
+    `-slope_h * (q_index_i - kv_index_j)`.
+
+    slopes: [heads]; q_index [q_len] and kv_index [kv_len]: the sequence positions of queries
+    and keys. Causal attention only uses j <= i, where this equals the original
+    `-slope * |i - j|`.
+    """
+    distance = (q_index[:, None] - kv_index[None, :]).astype(jnp.float32)  # [q_len, kv_len]
+    return -slopes.astype(jnp.float32)[:, None, None] * distance[None]
+
+
 def masked_attention(query, key, value, mask, *, q_index, kv_index, alibi_slopes=None, scale=None):
     """Grouped-query softmax attention under an explicit mask: the core of both training
     attention (`attention`) and cached decoding (elmjax/layers/kv_cache.py).
@@ -56,10 +68,9 @@ def masked_attention(query, key, value, mask, *, q_index, kv_index, alibi_slopes
     # [batch, kv_heads, groups, q_len, kv_len]
     logits = jnp.einsum("bqhgd,bkhd->bhgqk", grouped, key, preferred_element_type=jnp.float32)
     logits = logits * scale
-    if alibi_slopes is not None:
-        distance = (q_index[:, None] - kv_index[None, :]).astype(jnp.float32)
-        slopes = alibi_slopes.astype(jnp.float32).reshape(num_kv_heads, groups)
-        logits = logits - slopes[None, :, :, None, None] * distance[None, None, None]
+    if alibi_slopes is not None:  # [q_heads, q, k] -> grouped like the logits
+        bias = alibi_bias(alibi_slopes, q_index, kv_index)
+        logits = logits + bias.reshape(num_kv_heads, groups, *bias.shape[1:])[None]
     logits = jnp.where(mask[:, None, None], logits, MASK_VALUE)
     weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, value, preferred_element_type=jnp.float32)

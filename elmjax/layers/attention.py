@@ -6,11 +6,12 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from elmjax import mup
 from elmjax.kernels import reference
 from elmjax.layers import kv_cache
 from elmjax.layers.linear import Linear
 from elmjax.layers.norms import make_norm
-from elmjax.layers.positions import alibi_slopes, apply_rope
+from elmjax.layers.positions import apply_rope, scaled_alibi_slopes
 from elmjax.parallel import sharding
 from elmjax.parallel.sharding import constrain
 
@@ -105,7 +106,9 @@ class Attention(nnx.Module):
         self.qk_norm = cfg.qk_norm
         self.position_encoding = cfg.position_encoding
         self.impl = cfg.attention_impl
-        self.scale = cfg.attention_scale if cfg.attention_scale is not None else cfg.head_dim**-0.5
+        self.scale = mup.attention_scale(cfg)  # 1/sqrt(head_dim), 1/head_dim under muP, or as set
+        self.alibi_factor = cfg.alibi_scaling_factor
+        self.alibi_train_seq_len = cfg.alibi_train_seq_len
         compute_dtype, param_dtype = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
         common = dict(use_bias=cfg.use_bias, compute_dtype=compute_dtype, param_dtype=param_dtype)
         qkv_features = (num_query_heads + 2 * num_kv_heads) * cfg.head_dim
@@ -149,9 +152,14 @@ class Attention(nnx.Module):
         value = constrain(value, ("batch", "seq", "kv_heads", "head_dim"))
         return query, key, value
 
-    def alibi(self):
-        """Per-head ALiBi slopes [q_heads], or None when the model uses RoPE."""
-        return alibi_slopes(self.num_query_heads) if self.position_encoding == "alibi" else None
+    def alibi(self, key_len):
+        """Per-head ALiBi slopes [q_heads] for a call attending to `key_len` key slots (scaled
+        by `model.alibi_scaling_factor` / `alibi_train_seq_len`), or None with RoPE."""
+        if self.position_encoding != "alibi":
+            return None
+        return scaled_alibi_slopes(
+            self.num_query_heads, key_len, factor=self.alibi_factor, train_seq_len=self.alibi_train_seq_len
+        )
 
     def __call__(self, x, *, rope, segment_ids=None, cache=None):
         """x [batch, seq, model_dim] -> [batch, seq, model_dim].
@@ -164,13 +172,15 @@ class Attention(nnx.Module):
         batch, seq = x.shape[:2]
         if cache is not None:
             layer_cache, step = cache
+            # Keys seen by this call: every slot written so far (as HF's BTLM counts them).
+            slopes = self.alibi(step.index + seq)
             out, layer_cache = kv_cache.attend(
-                layer_cache, step, query, key, value, alibi_slopes=self.alibi(), scale=self.scale
+                layer_cache, step, query, key, value, alibi_slopes=slopes, scale=self.scale
             )
             return self.out_proj(out.reshape(batch, seq, self.num_query_heads * self.head_dim)), layer_cache
         out = dot_product_attention(
             query, key, value, impl=self.impl, segment_ids=segment_ids, causal=True,
-            alibi_slopes=self.alibi(), scale=self.scale,
+            alibi_slopes=self.alibi(seq), scale=self.scale,
         )  # [batch, seq, q_heads, head_dim]
         out = checkpoint_name(out, "attention_out")  # kept by remat_policy=save_attention_out
         return self.out_proj(out.reshape(batch, seq, self.num_query_heads * self.head_dim))

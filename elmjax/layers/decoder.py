@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from elmjax import models
+from elmjax import models, mup
 from elmjax.layers import aux as aux_terms
 from elmjax.layers.init import materialize, param
 from elmjax.layers.linear import Linear
@@ -65,7 +65,7 @@ class Transformer(nnx.Module):
         self.rope_theta = cfg.rope_theta
         self.position_encoding = cfg.position_encoding
         self.embedding_scale = cfg.embedding_scale
-        self.logit_scale = cfg.logit_scale
+        self.logit_scale = mup.logit_multiplier(cfg)  # logit_scale, x mup_output_alpha / m under muP
         self.tie_embeddings = cfg.tie_embeddings
         self.compute_dtype = jnp.dtype(cfg.compute_dtype)
         self.remat_policy = cfg.remat_policy
@@ -81,7 +81,7 @@ class Transformer(nnx.Module):
             None
             if cfg.tie_embeddings
             else Linear(
-                cfg.model_dim, cfg.vocab_size, init=init.linear(cfg.model_dim),
+                cfg.model_dim, cfg.vocab_size, init=init.output_head(cfg.model_dim),
                 logical_axes=("embed", "vocab"), use_bias=False, compute_dtype=self.compute_dtype,
                 param_dtype=param_dtype,
             )

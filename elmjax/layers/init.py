@@ -22,7 +22,8 @@ from elmjax.tree import path_name
 def param(shape, dtype, logical_axes: tuple, init: tuple) -> nnx.Param:
     """A parameter placeholder of `shape`, annotated with `logical_axes` and its `init` rule.
 
-    `init` is `("normal", std)`, `("ones",)` or `("zeros",)`. The value is zeros until
+    `init` is `("normal", std)`, `("truncated_normal", std, bound)` (N(0, std^2) cut at
+    +-bound standard deviations), `("ones",)` or `("zeros",)`. The value is zeros until
     `materialize` draws it; modules are built under `nnx.eval_shape`, so nothing is allocated.
     """
     if len(logical_axes) != len(shape):
@@ -42,7 +43,28 @@ def host_value(path: str, shape, dtype, init: tuple, seed: int) -> np.ndarray:
     if kind == "normal":  # plain, untruncated N(0, std^2)
         rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
         return (rng.standard_normal(shape, dtype=np.float32) * np.float32(init[1])).astype(dtype)
+    if kind == "truncated_normal":  # N(0, std^2) restricted to [-bound * std, bound * std]
+        rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
+        return (_truncated_standard_normal(rng, shape, float(init[2])) * np.float32(init[1])).astype(dtype)
     raise ValueError(f"unknown init rule {init!r} for parameter {path}")
+
+
+def _truncated_standard_normal(rng, shape, bound: float) -> np.ndarray:
+    """float32 standard normal draws of `shape` restricted to [-bound, bound].
+
+    Rejection: draws outside are redrawn until none is left (4.6% of them per round at
+    bound 2), so the values follow the truncated density exactly, as torch's
+    `trunc_normal_(std=s, a=-bound*s, b=bound*s)` (what Cerebras' BTLM init uses) does up to
+    the random stream.
+    """
+    if bound <= 0:
+        raise ValueError(f"truncated_normal bound must be > 0 standard deviations, got {bound}")
+    values = rng.standard_normal(shape, dtype=np.float32)
+    outside = np.abs(values) > bound
+    while outside.any():
+        values[outside] = rng.standard_normal(int(outside.sum()), dtype=np.float32)
+        outside = np.abs(values) > bound
+    return values
 
 
 def materialize(abstract_module: nnx.Module, seed: int, param_sharding=None) -> nnx.Module:

@@ -1,4 +1,5 @@
-"""Position encodings: rotary embeddings (RoPE) and ALiBi slopes."""
+"""Position encodings: rotary embeddings (RoPE) and ALiBi (slopes and their scaling past
+the training context; the bias they add is `elmjax.kernels.reference.alibi_bias`)."""
 from __future__ import annotations
 
 import math
@@ -41,3 +42,32 @@ def alibi_slopes(num_heads: int):
     if lower != num_heads:
         slopes += power_of_two_slopes(2 * lower)[0::2][: num_heads - lower]
     return jnp.asarray(slopes, dtype=jnp.float32)
+
+
+def alibi_slope_divisor(key_len, *, factor: float | None = None, train_seq_len: int | None = None):
+    """What ALiBi's slopes are divided by for a call attending to `key_len` keys (SPEC §3,
+    Hugging Face's BTLM `alibi_scaling`): `factor` when given (fixed linear scaling);
+    with `train_seq_len` N, `key_len / N` when key_len > N (dynamic linear scaling), else 1.
+
+    `key_len` is the number of key slots of the call (padding included, as in HF): the
+    sequence length in training, cache slots written so far in decoding (a traced int then).
+    Returns a Python float when nothing is traced, else a float32 scalar.
+    """
+    if factor is not None:
+        return float(factor)
+    if train_seq_len is None:
+        return 1.0
+    if isinstance(key_len, int):
+        return max(key_len / train_seq_len, 1.0)
+    return jnp.maximum(jnp.asarray(key_len, jnp.float32) / jnp.float32(train_seq_len), 1.0)
+
+
+def scaled_alibi_slopes(num_heads: int, key_len, *, factor=None, train_seq_len=None):
+    """`alibi_slopes(num_heads)` divided by `alibi_slope_divisor` ([num_heads] float32); the
+    slopes are left untouched (bit for bit) when no scaling applies."""
+    slopes = alibi_slopes(num_heads)
+    divisor = alibi_slope_divisor(key_len, factor=factor, train_seq_len=train_seq_len)
+    if isinstance(divisor, float) and divisor == 1.0:
+        return slopes
+    return slopes / divisor
+

@@ -49,6 +49,10 @@ class InitRules:
     def output_projection(self) -> tuple:
         return ("normal", self.model_dim**-0.5 * (2 * self.num_layers) ** -0.5)
 
+    def output_head(self, in_features: int) -> tuple:
+        """The untied output projection (logits); a linear layer by default."""
+        return self.linear(in_features)
+
 
 class ModelFamily:
     """Base class of a model family. Override what the architecture changes.
@@ -78,7 +82,12 @@ class ModelFamily:
         raise NotImplementedError
 
     def init_rules(self, model_config) -> InitRules:
-        """The initialisation scheme of a from-scratch model."""
+        """The initialisation scheme of a from-scratch model: muP's (elmjax/mup.py) when
+        `model.mup_base_width` is set, else OpenELM's scheme."""
+        from elmjax import mup
+
+        if mup.enabled(model_config):
+            return mup.MupInitRules(model_config)
         return InitRules(model_config.model_dim, model_config.num_layers)
 
     def norm(self, model_config, dim: int):

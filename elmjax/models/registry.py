@@ -12,6 +12,7 @@ from elmjax.validation import ConfigError
 # Built-in family name -> module holding its `FAMILY`.
 _BUILTIN = {
     "openelm": "elmjax.models.openelm",
+    "btlm": "elmjax.models.btlm",
 }
 _REGISTERED: dict = {}
 

@@ -12,13 +12,14 @@ import zlib
 
 import jax
 
-from elmjax.data.pipeline import make_eval_iterator, make_train_iterator
+from elmjax.data.pipeline import make_eval_iterator
 from elmjax.training import checkpoint as ckpt
 from elmjax.training import memory
 from elmjax.training import metrics as mt
 from elmjax.training import step as ts
 from elmjax.training import run_state
 from elmjax.training import setup as setup_lib
+from elmjax.training import stages
 
 
 class StopRequest:
@@ -84,30 +85,33 @@ def train(config, workdir, log=print) -> dict:
     setup = setup_lib.build_setup(config)
     log(f"workdir {workdir.resolve()} | mesh {dict(setup.mesh.shape)} | {setup.num_params:,} parameters"
         + ("" if setup.num_trainable == setup.num_params else f" ({setup.num_trainable:,} trainable)"))
-    data = make_train_iterator(config)
     memory.check_fits(setup)  # before restoring or compiling anything
+    plan = stages.plan(config)
+    data = stages.train_data(config, plan)  # a staged run's data state carries its stage
     step, state, frozen = setup_lib.initial_state(setup, workdir, data, log)
-    train_step, compile_seconds = setup_lib.compile_train_step(setup)
     eval_step = ts.make_jit_eval_step(
         config, setup.graphdef, setup.param_shardings, setup.frozen_shardings, setup.batch_sharding, setup.mesh
     )
-    log(f"compiled the train step in {compile_seconds:.1f} s")
     manager = ckpt.make_manager(workdir, config.checkpoint)
     writer = mt.MetricsWriter(workdir, enabled=primary)
-    flops_per_token = mt.flops_per_token(config.model, config.train.seq_len)
     peak, peak_source = mt.device_peak_flops()
     if peak:
-        log(f"peak {peak / 1e9:,.1f} GFLOP/s per device ({peak_source}); {flops_per_token / 1e6:.1f} MFLOPs/token")
+        log(f"peak {peak / 1e9:,.1f} GFLOP/s per device ({peak_source})")
     # A CPU peak is measured for the whole host (its devices share the cores).
     on_cpu = jax.devices()[0].platform == "cpu"
     peak_units = jax.process_count() if on_cpu else jax.device_count()
     stop = StopRequest()
-    tokens_per_step = config.train.batch_size * config.train.seq_len
-    seen_nonfinite, last = int(jax.device_get(state["nonfinite_steps"])), {}
+    seen_nonfinite, last, run = int(jax.device_get(state["nonfinite_steps"])), {}, None
     interval_start, interval_steps, remeasured = time.perf_counter(), 0, False
     while step < config.train.steps:
+        if run is None or step >= run.stage.last_step:  # the first step, or a stage boundary
+            run = stages.begin(setup, plan, step, data, log)
+            tokens_per_step = run.stage.tokens_per_step
+            flops_per_token = mt.flops_per_token(config.model, run.stage.seq_len)
+            log(f"compiled the train step in {run.compile_seconds:.1f} s; {flops_per_token / 1e6:.1f} MFLOPs/token")
+            interval_start, interval_steps = time.perf_counter(), 0  # compiling is not step time
         local = next(data)
-        state, metrics = train_step(state, frozen, setup_lib.global_batch(setup, local))
+        state, metrics = run.train_step(state, frozen, setup_lib.global_batch(run.setup, local))
         step, interval_steps = step + 1, interval_steps + 1
         stopping = stop.requested(step, config.train.stop_check_every)
         if step % config.train.log_every == 0 or step == config.train.steps or stopping:
@@ -120,7 +124,7 @@ def train(config, workdir, log=print) -> dict:
                 "lr": metrics["lr"], "grad_norm": metrics["grad_norm"], "tokens_per_sec": tokens_per_sec,
                 "mfu": mt.mfu(tokens_per_sec, flops_per_token, peak, peak_units),
                 "step_time": elapsed / interval_steps, "nonfinite_steps": nonfinite,
-                "batch_crc32": zlib.crc32(local["inputs"].tobytes()),
+                "batch_crc32": zlib.crc32(local["inputs"].tobytes()), "stage": run.stage.index + 1,
                 "elapsed": time.perf_counter() - run_start,
                 **{name: value for name, value in metrics.items() if name.startswith("aux/")},
             }
@@ -131,7 +135,8 @@ def train(config, workdir, log=print) -> dict:
                     f"measured again: {peak / 1e9:,.1f} GFLOP/s")
                 last["mfu"] = mt.mfu(tokens_per_sec, flops_per_token, peak, peak_units)
             writer.write(step, last)
-            log(mt.console_line(step, config.train.steps, last))
+            log(mt.console_line(step, config.train.steps, last)
+                + (f" | stage {run.stage.index + 1}/{len(plan)}" if len(plan) > 1 else ""))
             if nonfinite > seen_nonfinite:
                 log(f"warning: {nonfinite - seen_nonfinite} step(s) up to {step} had a non-finite loss or "
                     f"gradient; their updates were skipped (train.nonfinite={config.train.nonfinite})")
@@ -146,7 +151,7 @@ def train(config, workdir, log=print) -> dict:
         if step % config.checkpoint.every_steps == 0 or step == config.train.steps or stopping:
             ckpt.save(manager, step, state, data, config, force=True)
         if config.eval.every_steps and (step % config.eval.every_steps == 0 or step == config.train.steps):
-            results = heldout_loss(setup, eval_step, state["params"], frozen)
+            results = heldout_loss(run.setup, eval_step, state["params"], frozen)
             writer.write(step, results)
             log(f"step {step}: held-out loss {results['eval_loss']:.4f}, perplexity {results['eval_perplexity']:.2f}")
             interval_start = time.perf_counter()

@@ -7,9 +7,15 @@ warmup from `init_lr` to `peak_lr`, then cosine (or linear) decay to
 
 Parameter groups are labels over the trainable parameter tree (`param_groups`, the one place
 that assigns them); each group gets its own AdamW (`optax.multi_transform`), so a group can
-differ in weight decay (and, with muP or adapters, in learning rate).
+differ in weight decay and learning rate. Without muP the groups are `decay` / `no_decay`
+(OpenELM's recipe; the optimizer state is laid out by these labels). With muP
+(elmjax/mup.py) the 2-D weights split into `decay_hidden` (hidden matrices, learning rate x
+`hidden_lr_scale` = base width / width) and `decay_other` (the embedding and an untied
+output head, the base learning rate), as Cerebras trains BTLM.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -54,17 +60,33 @@ def _warmup(init: float, peak: float, steps: int) -> optax.Schedule:
 
 
 DECAY, NO_DECAY = "decay", "no_decay"
+DECAY_HIDDEN, DECAY_OTHER = "decay_hidden", "decay_other"  # muP's split of `decay`
+# Top-level parameters that are muP's input and output layers (not hidden matrices).
+_INPUT_OUTPUT = ("token_embeddings", "lm_head")
 
 
-def param_groups(params):
-    """The group label of every trainable parameter: `decay` for the 2-D weights (linear
-    kernels, embedding), `no_decay` for norm weights and biases (1-D)."""
-    return jax.tree.map(lambda p: DECAY if jnp.ndim(p) >= 2 else NO_DECAY, params)
+def param_groups(params, mup: bool = False):
+    """The group label of every trainable parameter (a pytree of labels like `params`).
+
+    Without muP: `decay` for the 2-D weights (linear kernels, embedding), `no_decay` for norm
+    weights and biases (1-D). With `mup`: `decay_hidden` for 2-D weights inside the blocks,
+    `decay_other` for the embedding and an untied output head, `no_decay` as before.
+    """
+
+    def label(path, p):
+        if jnp.ndim(p) < 2:
+            return NO_DECAY
+        if not mup:
+            return DECAY
+        top = getattr(path[0], "key", getattr(path[0], "name", path[0]))
+        return DECAY_OTHER if top in _INPUT_OUTPUT else DECAY_HIDDEN
+
+    return jax.tree_util.tree_map_with_path(label, params)
 
 
-def weight_decay_mask(params):
-    """True for parameters that get weight decay (the `decay` group)."""
-    return jax.tree.map(lambda label: label == DECAY, param_groups(params))
+def weight_decay_mask(params, mup: bool = False):
+    """True for parameters that get weight decay (every group but `no_decay`)."""
+    return jax.tree.map(lambda label: label != NO_DECAY, param_groups(params, mup))
 
 
 def clip_by_global_norm(grads, grad_norm, max_norm: float):
@@ -80,19 +102,33 @@ def clip_by_global_norm(grads, grad_norm, max_norm: float):
     return jax.tree.map(lambda grad: grad * scale.astype(grad.dtype), grads)
 
 
-def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(optim_config, total_steps: int, hidden_lr_scale: float | None = None) -> optax.GradientTransformation:
     """AdamW for `config.optim` per parameter group; the schedule spans `total_steps` steps.
+
+    `hidden_lr_scale` (muP, `elmjax.mup.hidden_lr_scale`): the hidden matrices' learning rate
+    is the schedule times this; None keeps the two plain groups. Weight decay is decoupled
+    and multiplied by each group's learning rate (optax.adamw, like torch's AdamW), so the
+    hidden matrices' decay per step shrinks with their learning rate.
 
     Gradient clipping (`optim.clip_norm`) is not part of it: the train step clips with
     `clip_by_global_norm` before calling the optimizer.
     """
     schedule = learning_rate_schedule(optim_config, total_steps)
 
-    def adamw(weight_decay: float):
+    def adamw(weight_decay: float, learning_rate=schedule):
         return optax.adamw(
-            schedule, b1=float(optim_config.b1), b2=float(optim_config.b2), eps=float(optim_config.eps),
+            learning_rate, b1=float(optim_config.b1), b2=float(optim_config.b2), eps=float(optim_config.eps),
             weight_decay=weight_decay,
         )
 
-    groups = {DECAY: adamw(float(optim_config.weight_decay)), NO_DECAY: adamw(0.0)}
-    return optax.multi_transform(groups, param_groups)
+    decay = float(optim_config.weight_decay)
+    if hidden_lr_scale is None:
+        groups = {DECAY: adamw(decay), NO_DECAY: adamw(0.0)}
+        return optax.multi_transform(groups, param_groups)
+    scale = float(hidden_lr_scale)
+    groups = {
+        DECAY_HIDDEN: adamw(decay, lambda step: schedule(step) * scale),
+        DECAY_OTHER: adamw(decay),
+        NO_DECAY: adamw(0.0),
+    }
+    return optax.multi_transform(groups, functools.partial(param_groups, mup=True))

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from elmjax import trainable
+from elmjax import mup, trainable
 from elmjax.validation import ConfigError
 from elmjax.layers.decoder import abstract_model, build_model
 from elmjax.parallel import sharding as shd
@@ -52,7 +52,7 @@ def build_setup(config, devices=None) -> Setup:
     graphdef, train_state, frozen_state = trainable.split(model, config.model)
     param_shardings = shd.param_shardings(train_state, mesh, config.mesh.rules)
     frozen_shardings = shd.param_shardings(frozen_state, mesh, config.mesh.rules)
-    optimizer = optim.make_optimizer(config.optim, config.train.steps)
+    optimizer = optim.make_optimizer(config.optim, config.train.steps, mup.hidden_lr_scale(config.model))
     schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
     abstract = jax.eval_shape(lambda p: ts.init_train_state(p, optimizer), nnx.to_pure_dict(train_state))
     state_shardings = ts.state_shardings(abstract, param_shardings, mesh)

@@ -35,6 +35,9 @@ _FIXED_FIELDS = {
     "embedding_scale": 1.0,
     "logit_scale": 1.0,
     "attention_scale": None,
+    "mup_base_width": 0.0,
+    "alibi_scaling_factor": None,
+    "alibi_train_seq_len": None,
 }
 
 

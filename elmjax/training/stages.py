@@ -1,0 +1,226 @@
+"""Context-length stages: a run trained at one shape, then another (BTLM: 2048 x 1920
+sequences, then 8192 x 480; SPEC §3).
+
+`config.train.stages` lists `(end, seq_len, batch_size)`; each stage trains until its `end`
+(cumulative, in `train.stage_unit`: optimizer steps, or tokens, where a stage ends after the
+first step that reaches its token count) and the last end is the run's end (`train.steps`).
+The learning-rate schedule spans the whole run. At a boundary
+
+- the data loader re-packs: the next stage's pipeline (rows of its own length) continues
+  the token stream exactly where the last row of the previous stage ended, mid-document
+  included (elmjax/data/repack.py), so no token is skipped or repeated;
+- the train step is compiled once for the new batch shape;
+- metrics carry the stage (1-based).
+
+A checkpoint holds the data state together with its stage, so a run resumed before, at or
+after a boundary continues with the same batches (bitwise on CPU). Without stages a run is
+one stage of `train.seq_len` x `train.batch_size` and saves the plain data state, as before.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+from elmjax.validation import require
+
+STAGE_UNITS = ("steps", "tokens")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage: optimizer steps `first_step + 1 .. last_step` at one batch shape."""
+
+    index: int  # 0-based position in the plan
+    first_step: int  # steps trained before the stage starts
+    last_step: int  # the step that ends it
+    seq_len: int
+    batch_size: int
+    count: int = 1  # stages in the plan (for "stage 2/2")
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens in one batch of the stage."""
+        return self.seq_len * self.batch_size
+
+    def describe(self) -> str:
+        """`stage 2/2: steps 5-8 at 4 x 64 tokens`."""
+        return (f"stage {self.index + 1}/{self.count}: steps {self.first_step + 1}-{self.last_step} "
+                f"at {self.batch_size} x {self.seq_len} tokens")
+
+
+def _entries(train) -> list[tuple[int, int, int]]:
+    """`train.stages` as a list of int triples; ConfigError naming the field otherwise."""
+    entries = list(train.stages or ())
+    for number, entry in enumerate(entries):
+        ok = isinstance(entry, (tuple, list)) and len(entry) == 3 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in entry
+        )
+        require(ok, "train.stages", f"entry {number} is {entry!r}; expected (end, seq_len, batch_size), "
+                "three integers >= 1")
+    return [tuple(entry) for entry in entries]
+
+
+def plan(config) -> list[Stage]:
+    """The stages of a validated config, first first (one stage when `train.stages` is empty)."""
+    train = config.train
+    entries = _entries(train)
+    if not entries:
+        return [Stage(0, 0, int(train.steps), int(train.seq_len), int(train.batch_size))]
+    stages, step, tokens = [], 0, 0
+    for index, (end, seq_len, batch_size) in enumerate(entries):
+        if train.stage_unit == "tokens":
+            per_step = seq_len * batch_size
+            last = step + max(math.ceil((end - tokens) / per_step), 0)
+            tokens += (last - step) * per_step
+        else:
+            last = end
+        stages.append(Stage(index, step, last, seq_len, batch_size, len(entries)))
+        step = last
+    return stages
+
+
+def validate(config) -> None:
+    """Raises ConfigError naming the first bad stage field (called by `elmjax.config.validate`)."""
+    train = config.train
+    require(train.stage_unit in STAGE_UNITS, "train.stage_unit",
+            f"is {train.stage_unit!r}; allowed: {', '.join(STAGE_UNITS)}")
+    entries = _entries(train)
+    if not entries:
+        return
+    for number in range(1, len(entries)):
+        require(entries[number][0] > entries[number - 1][0], "train.stages",
+                f"entry {number} ends at {entries[number][0]}, not after entry {number - 1}'s "
+                f"{entries[number - 1][0]}; stage ends must increase")
+    for number, (_, seq_len, batch_size) in enumerate(entries):
+        require(seq_len <= config.model.max_seq_len, "train.stages",
+                f"entry {number} has seq_len {seq_len} > model.max_seq_len={config.model.max_seq_len}")
+        require(batch_size % train.grad_accum_steps == 0, "train.stages",
+                f"entry {number} has batch_size {batch_size}, not divisible by "
+                f"train.grad_accum_steps={train.grad_accum_steps}")
+        first = entries[0][1] * entries[0][2]
+        require(not train.stages_equal_tokens or seq_len * batch_size == first, "train.stages",
+                f"entry {number} has {seq_len} x {batch_size} = {seq_len * batch_size} tokens per batch, "
+                f"entry 0 has {first}; stages must have equal tokens per batch "
+                "(or set train.stages_equal_tokens=False)")
+    stages = plan(config)
+    require(all(s.last_step > s.first_step for s in stages), "train.stages",
+            f"a stage of {train.stage_unit} ends before it trains a step: {entries}")
+    require(stages[-1].last_step == train.steps, "train.stages",
+            f"the stages end at step {stages[-1].last_step} but train.steps is {train.steps}; "
+            f"set train.steps={stages[-1].last_step}")
+    require(config.data.num_workers == 0, "data.num_workers",
+            f"is {config.data.num_workers}; train.stages re-packs the loader's state at a boundary, "
+            "which needs the in-process loader (num_workers=0)")
+
+
+def stage_for_step(stages: list[Stage], step: int) -> Stage:
+    """The stage that trains step `step + 1` (the last stage once the run is over)."""
+    for stage in stages:
+        if step < stage.last_step:
+            return stage
+    return stages[-1]
+
+
+def stage_config(config, stage: Stage):
+    """A copy of `config` whose `train.seq_len` / `train.batch_size` are the stage's: what the
+    data pipeline, the compiled step and the metrics of that stage read."""
+    copy = config.copy_and_resolve_references()
+    copy.train.seq_len, copy.train.batch_size = stage.seq_len, stage.batch_size
+    return copy
+
+
+class StagedData:
+    """The training batches of a staged run: the current stage's grain iterator, and its
+    successor's when a boundary is crossed (`enter`).
+
+    It is what checkpoints save (grain's CheckpointSave/Restore take any object with
+    `get_state() -> bytes` / `set_state(bytes)`): the state is the stage index with that
+    stage's iterator state, so a restore opens the right pipeline first.
+    """
+
+    def __init__(self, config, stages: list[Stage]):
+        self.config = config
+        self.stages = stages
+        self.stage = stages[0]
+        self._iterator = self._open(self.stage)
+
+    def _open(self, stage: Stage):
+        from elmjax.data.pipeline import make_train_iterator
+
+        return make_train_iterator(stage_config(self.config, stage))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._iterator)
+
+    def enter(self, stage: Stage) -> bool:
+        """Moves to `stage` (the current one or the next); True when the loader re-packed."""
+        if stage.index == self.stage.index:
+            return False
+        if stage.index != self.stage.index + 1:
+            raise RuntimeError(f"cannot go from stage {self.stage.index + 1} to stage {stage.index + 1}")
+        from elmjax.data.repack import boundary_state
+
+        state = boundary_state(stage_config(self.config, self.stage), self._iterator.get_state())
+        iterator = self._open(stage)
+        iterator.set_state(state)
+        self._iterator, self.stage = iterator, stage
+        return True
+
+    def get_state(self) -> bytes:
+        """The stage index and that stage's grain iterator state, as JSON bytes."""
+        return json.dumps({"stage": self.stage.index, "iterator": self._iterator.get_state()}, indent=1).encode()
+
+    def set_state(self, payload: bytes) -> None:
+        """Opens the saved stage's pipeline and restores its iterator state."""
+        saved = json.loads(payload)
+        if not isinstance(saved, dict) or "stage" not in saved:
+            raise ValueError("the checkpoint's data state has no stage; it was saved by a run without "
+                             "train.stages")
+        self.stage = self.stages[int(saved["stage"])]
+        self._iterator = self._open(self.stage)
+        self._iterator.set_state(saved["iterator"])
+
+    def start_prefetch(self) -> None:
+        """What grain's checkpoint restore calls after `set_state`; passed to the iterator."""
+        start = getattr(self._iterator, "start_prefetch", None)
+        if start is not None:
+            start()
+
+
+def train_data(config, stages: list[Stage]):
+    """The run's batch iterator: the plain grain iterator for a one-stage run (checkpoints
+    keep their format), `StagedData` otherwise."""
+    if len(stages) == 1:
+        from elmjax.data.pipeline import make_train_iterator
+
+        return make_train_iterator(config)
+    return StagedData(config, stages)
+
+
+@dataclasses.dataclass
+class StageRun:
+    """What the loop needs for the steps of one stage."""
+
+    stage: Stage
+    setup: object  # elmjax.training.setup.Setup with the stage's config
+    train_step: object  # the compiled step for the stage's batch shape
+    compile_seconds: float
+
+
+def begin(setup, stages: list[Stage], step: int, data, log=print) -> StageRun:
+    """Enters the stage that trains step `step + 1`: re-packs the loader when `data` crosses
+    a boundary, and compiles the train step for the stage's shape."""
+    from elmjax.training import setup as setup_lib
+
+    stage = stage_for_step(stages, step)
+    if isinstance(data, StagedData) and data.enter(stage):
+        log(f"{stage.describe()}: the loader re-packs into rows of {stage.seq_len} tokens")
+    elif len(stages) > 1:
+        log(stage.describe())
+    stage_setup = dataclasses.replace(setup, config=stage_config(setup.config, stage))
+    compiled, seconds = setup_lib.compile_train_step(stage_setup)
+    return StageRun(stage, stage_setup, compiled, seconds)
