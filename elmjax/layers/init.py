@@ -22,7 +22,8 @@ from elmjax.tree import path_name
 def param(shape, dtype, logical_axes: tuple, init: tuple) -> nnx.Param:
     """A parameter placeholder of `shape`, annotated with `logical_axes` and its `init` rule.
 
-    `init` is `("normal", std)`, `("ones",)` or `("zeros",)`. The value is zeros until
+    `init` is `("normal", std)`, `("truncated_normal", std, cutoff)` (cut at +-cutoff * std),
+    `("ones",)` or `("zeros",)`. The value is zeros until
     `materialize` draws it; modules are built under `nnx.eval_shape`, so nothing is allocated.
     """
     if len(logical_axes) != len(shape):
@@ -42,6 +43,17 @@ def host_value(path: str, shape, dtype, init: tuple, seed: int) -> np.ndarray:
     if kind == "normal":  # plain, untruncated N(0, std^2)
         rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
         return (rng.standard_normal(shape, dtype=np.float32) * np.float32(init[1])).astype(dtype)
+    if kind == "truncated_normal":  # N(0, std^2) restricted to [-cutoff*std, cutoff*std]
+        std, cutoff = float(init[1]), float(init[2])
+        rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
+        value = rng.standard_normal(shape, dtype=np.float32)
+        # Redrawing the values outside the cut (0.27% of them at 3 sigma) samples the
+        # truncated distribution exactly, like torch.nn.init.trunc_normal_.
+        outside = np.abs(value) > cutoff
+        while outside.any():
+            value[outside] = rng.standard_normal(int(outside.sum()), dtype=np.float32)
+            outside = np.abs(value) > cutoff
+        return (value * np.float32(std)).astype(dtype)
     raise ValueError(f"unknown init rule {init!r} for parameter {path}")
 
 

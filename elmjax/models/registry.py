@@ -12,6 +12,7 @@ from elmjax.validation import ConfigError
 # Built-in family name -> module holding its `FAMILY`.
 _BUILTIN = {
     "openelm": "elmjax.models.openelm",
+    "olmoe": "elmjax.models.olmoe",
 }
 _REGISTERED: dict = {}
 

@@ -1,7 +1,8 @@
 """The optimizer: AdamW over parameter groups, OpenELM's schedule, gradient clipping.
 
 Recipe (shared/SPEC.md §1): AdamW (b1 0.9, b2 0.95, eps 1e-8), weight decay 0.1 on 2-D
-weights only (norm weights get none, the embedding is decayed), global-norm clip 1.0, linear
+weights only (norm weights get none, the embedding is decayed; `optim.weight_decay_on="all"`
+decays every parameter, OLMoE's recipe, SPEC §2), global-norm clip 1.0, linear
 warmup from `init_lr` to `peak_lr`, then cosine (or linear) decay to
 `final_lr_ratio * peak_lr` at the last step.
 
@@ -54,17 +55,26 @@ def _warmup(init: float, peak: float, steps: int) -> optax.Schedule:
 
 
 DECAY, NO_DECAY = "decay", "no_decay"
+WEIGHT_DECAY_ON = ("matrices", "all")  # values of `optim.weight_decay_on`
 
 
-def param_groups(params):
-    """The group label of every trainable parameter: `decay` for the 2-D weights (linear
-    kernels, embedding), `no_decay` for norm weights and biases (1-D)."""
+def param_groups(params, decay_on: str = "matrices"):
+    """The group label of every trainable parameter.
+
+    `decay_on="matrices"`: `decay` for the weights of two or more dimensions (linear kernels,
+    stacked expert kernels, the embedding), `no_decay` for norm weights and biases (1-D).
+    `decay_on="all"`: every parameter is in `decay` (OLMoE decays norms too, SPEC §2).
+    """
+    if decay_on not in WEIGHT_DECAY_ON:
+        raise ValueError(f"config field `optim.weight_decay_on`: is {decay_on!r}; allowed: {', '.join(WEIGHT_DECAY_ON)}")
+    if decay_on == "all":
+        return jax.tree.map(lambda p: DECAY, params)
     return jax.tree.map(lambda p: DECAY if jnp.ndim(p) >= 2 else NO_DECAY, params)
 
 
-def weight_decay_mask(params):
+def weight_decay_mask(params, decay_on: str = "matrices"):
     """True for parameters that get weight decay (the `decay` group)."""
-    return jax.tree.map(lambda label: label == DECAY, param_groups(params))
+    return jax.tree.map(lambda label: label == DECAY, param_groups(params, decay_on))
 
 
 def clip_by_global_norm(grads, grad_norm, max_norm: float):
@@ -95,4 +105,5 @@ def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformati
         )
 
     groups = {DECAY: adamw(float(optim_config.weight_decay)), NO_DECAY: adamw(0.0)}
-    return optax.multi_transform(groups, param_groups)
+    decay_on = str(optim_config.get("weight_decay_on", "matrices"))
+    return optax.multi_transform(groups, lambda params: param_groups(params, decay_on))
