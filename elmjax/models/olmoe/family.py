@@ -75,9 +75,6 @@ class OLMoE(ModelFamily):
             "model.num_experts_per_tok",
             f"is {cfg.num_experts_per_tok}; need 1 <= top-k <= model.num_experts={cfg.num_experts}",
         )
-        require(
-            isinstance(cfg.norm_topk_prob, bool), "model.norm_topk_prob", f"is {cfg.norm_topk_prob!r}; need true or false"
-        )
         for name in ("load_balance_weight", "router_z_loss_weight"):
             require(cfg[name] >= 0, f"model.{name}", f"is {cfg[name]}; need >= 0")
         require(cfg.init_std > 0, "model.init_std", f"is {cfg.init_std}; need > 0")
