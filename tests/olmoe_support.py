@@ -51,3 +51,31 @@ def micro_moe_config(**model_overrides):
     config.checkpoint.every_steps = 4
     config.eval.every_steps = 0
     return validate(config)
+
+
+def random_moe_params(model_config, seed=0):
+    """float32 parameters shaped like `nnx.state(model, nnx.Param)`: matrices ~ N(0, fan_in^-1/2),
+    router N(0, 0.5^2) (distinct routing per token), norm weights 1 + N(0, 0.1)."""
+    from flax import nnx
+
+    from elmjax.layers.decoder import abstract_model
+
+    rng = np.random.default_rng(seed)
+    abstract = nnx.state(abstract_model(model_config), nnx.Param)
+
+    def draw(path, variable):
+        name = "/".join(str(p) for p in path)
+        shape = variable.shape
+        if name.endswith("/weight"):  # norms
+            value = 1.0 + rng.normal(0.0, 0.1, shape)
+        elif name.endswith("router/kernel"):
+            value = rng.normal(0.0, 0.5, shape)
+        elif name == "token_embeddings":
+            value = rng.normal(0.0, shape[1] ** -0.5, shape)
+        elif name.endswith("experts/gate_up") or name.endswith("experts/down"):
+            value = rng.normal(0.0, shape[1] ** -0.5, shape)  # [E, in, ...]
+        else:  # [in, out] kernels
+            value = rng.normal(0.0, shape[0] ** -0.5, shape)
+        return path, variable.replace(value=value.astype(np.float32))
+
+    return nnx.from_flat_state([draw(path, v) for path, v in nnx.to_flat_state(abstract)])
