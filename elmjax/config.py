@@ -27,7 +27,7 @@ __all__ = ["ConfigError", "base_config", "family_config", "load_config_file", "o
 
 # Logical axis name -> mesh axes. Model code names only logical axes (shared/DESIGN.md).
 DEFAULT_SHARDING_RULES = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),  # the expert axis is data parallel outside MoE layers
     ("seq", None),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
@@ -49,6 +49,7 @@ REMAT_POLICIES = REMAT_POLICY_NAMES
 NONFINITE_ACTIONS = ("skip", "abort")
 HOST_MEMORY_MODES = ("auto", "on", "off")  # elmjax.training.host_memory.apply
 LR_SCHEDULES = ("cosine", "linear", "constant")
+WEIGHT_DECAY_ON = ("matrices", "all")  # elmjax.training.optim.param_groups
 
 
 def base_config(family: str = "openelm") -> ml_collections.ConfigDict:
@@ -134,7 +135,8 @@ def base_config(family: str = "openelm") -> ml_collections.ConfigDict:
     optim.b1 = 0.9
     optim.b2 = 0.95
     optim.eps = 1e-8
-    optim.weight_decay = 0.1  # on 2-D weights (norms excluded; embedding included)
+    optim.weight_decay = 0.1  # decoupled weight decay of the parameters `weight_decay_on` names
+    optim.weight_decay_on = "matrices"  # one of WEIGHT_DECAY_ON: >=2-D weights (embedding too), or all
     optim.clip_norm = 1.0  # global gradient-norm clip; 0 disables
 
     config.checkpoint = checkpoint = ml_collections.ConfigDict()
@@ -290,6 +292,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _require(0 <= optim[name] < 1, f"optim.{name}", f"is {optim[name]}; need 0 <= b < 1")
     _require(optim.eps > 0, "optim.eps", f"is {optim.eps}; need > 0")
     _require(optim.weight_decay >= 0, "optim.weight_decay", f"is {optim.weight_decay}; need >= 0")
+    _choice(config, "optim", "weight_decay_on", WEIGHT_DECAY_ON)
     _require(optim.clip_norm >= 0, "optim.clip_norm", f"is {optim.clip_norm}; need >= 0")
 
     data = config.data
@@ -350,6 +353,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         f"is {mesh.expert}; the {family.name!r} family has no experts to shard, so an expert axis "
         "would only repeat all compute; set mesh.expert=1",
     )
+    if family.has_experts and mesh.expert > 1:
+        check_expert_axis(family.num_experts(model), mesh.expert)
     return config
 
 
@@ -383,4 +388,15 @@ def _validate_mup_and_alibi(model) -> None:
         _require(math.isfinite(factor) and factor > 0, "model.alibi_scaling_factor", f"is {factor}; need > 0")
     if train_len is not None:
         _require(train_len >= 1, "model.alibi_train_seq_len", f"is {train_len}; need >= 1")
+
+
+def check_expert_axis(num_experts: int, expert_axis: int) -> None:
+    """The expert mesh axis must split the experts evenly (each device holds E / axis)."""
+    _require(
+        num_experts % expert_axis == 0,
+        "mesh.expert",
+        f"is {expert_axis}; it must divide model.num_experts={num_experts} "
+        "(each device of the expert axis holds the same number of experts)",
+    )
+
 

@@ -35,7 +35,7 @@ BAD_VALUES = [
     ("model.norm_type", "batch_norm", "allowed: rms_norm, layer_norm"),
     ("model.qk_norm", "l2", "allowed: per_head, full, none"),
     ("model.position_encoding", "learned", "allowed: rope, alibi"),
-    ("model.family", "gpt", "known families: btlm, openelm"),
+    ("model.family", "gpt", "known families: btlm, olmoe, openelm"),
     ("model.attention_impl", "flash", "allowed: auto, xla, pallas, cudnn"),
     ("model.compute_dtype", "float64", "allowed: float32, bfloat16, float16"),
     ("model.param_dtype", "int8", "allowed: float32, bfloat16, float16"),

@@ -12,6 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "tests/train_micro_config.py"
+MOE_CONFIG = "tests/train_micro_moe_config.py"  # an OLMoE: 8 experts, top-2, aux losses
 
 
 def env(tmp_cache, devices: int = 1, **extra):
@@ -26,13 +27,13 @@ def env(tmp_cache, devices: int = 1, **extra):
     return variables
 
 
-def train_command(workdir, *overrides):
-    return [sys.executable, "-m", "elmjax.train", f"--config={CONFIG}", f"--workdir={workdir}", *overrides]
+def train_command(workdir, *overrides, config=CONFIG):
+    return [sys.executable, "-m", "elmjax.train", f"--config={config}", f"--workdir={workdir}", *overrides]
 
 
-def killed_train_command(workdir, *overrides):
+def killed_train_command(workdir, *overrides, config=CONFIG):
     """`train_command`, SIGKILLed after checkpoint KILL_AFTER_CHECKPOINT (tests/kill_after_checkpoint.py)."""
-    return [sys.executable, str(ROOT / "tests" / "kill_after_checkpoint.py"), f"--config={CONFIG}",
+    return [sys.executable, str(ROOT / "tests" / "kill_after_checkpoint.py"), f"--config={config}",
             f"--workdir={workdir}", *overrides]
 
 
@@ -65,20 +66,37 @@ def straight_run(tmp_path_factory, cache):
     return workdir, result
 
 
-def test_sigkill_after_checkpoint_then_rerun_resumes_bitwise(straight_run, tmp_path, cache):
-    workdir = tmp_path / "killed"
-    killed = run(killed_train_command(workdir), env(cache, KILL_AFTER_CHECKPOINT="4"))
+def check_sigkill_resume(straight_workdir, workdir, cache, config=CONFIG):
+    """Killed after checkpoint 4 and rerun: steps 5..8 log the straight run's values bitwise."""
+    killed = run(killed_train_command(workdir, config=config), env(cache, KILL_AFTER_CHECKPOINT="4"))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert max(metrics_by_step(workdir)) == 5  # died after step 5, checkpoint 4 on disk
-    resumed = run(train_command(workdir), env(cache))
+    resumed = run(train_command(workdir, config=config), env(cache))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {workdir}/checkpoints/4 (step 4)" in resumed.stdout
-    straight, after = metrics_by_step(straight_run[0]), metrics_by_step(workdir)
+    straight, after = metrics_by_step(straight_workdir), metrics_by_step(workdir)
     assert sorted(after) == list(range(1, 9))
     for step in range(5, 9):
         assert after[step]["loss"] == straight[step]["loss"], step  # bitwise: same float32
         assert after[step]["grad_norm"] == straight[step]["grad_norm"], step
         assert after[step]["batch_crc32"] == straight[step]["batch_crc32"], step  # same data
+        for key in straight[step]:
+            if key.startswith("aux/"):  # MoE: load balance, router z-loss, expert loads
+                assert after[step][key] == straight[step][key], (step, key)
+    return straight
+
+
+def test_sigkill_after_checkpoint_then_rerun_resumes_bitwise(straight_run, tmp_path, cache):
+    check_sigkill_resume(straight_run[0], tmp_path / "killed", cache)
+
+
+def test_moe_sigkill_after_checkpoint_then_rerun_resumes_bitwise(tmp_path, cache):
+    """The same for an OLMoE (routing, dropless dispatch and its auxiliary losses)."""
+    straight = tmp_path / "straight"
+    result = run(train_command(straight, config=MOE_CONFIG), env(cache))
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = check_sigkill_resume(straight, tmp_path / "killed", cache, config=MOE_CONFIG)
+    assert {"aux/load_balance", "aux/router_z_loss", "aux/layer1/expert_load"} <= set(records[8])
 
 
 def test_metrics_jsonl_tensorboard_and_console(straight_run):

@@ -1,5 +1,5 @@
-"""Prints a config's parameter counts (total, trainable, non-embedding), its training FLOPs
-per token and its family's per-layer shapes, from abstract shapes only.
+"""Prints a config's parameter counts (total, active per token, trainable, non-embedding), its
+training FLOPs per token and its family's per-layer shapes, from abstract shapes only.
 
     python tools/count_params.py --config=configs/3b.py [--config.model.vocab_size=32128]
 """
@@ -26,6 +26,7 @@ def describe(config) -> list[str]:
     family = models.get(config.model.family)
     return [
         f"params: {total}",
+        f"active_params: {family.active_params(config.model, total)}",  # used per token (MoE: k of E experts)
         f"trainable params: {trainable_count}",
         f"family: {family.name}",
         f"non-embedding params: {total - embedding}",

@@ -85,7 +85,8 @@ def export_params(
     check_output_dir(out, overwrite)
     layout = check_target(model_config, target)
     vocab_rows = real_vocab_rows(model_config.vocab_size, tokenizer.vocab_size if tokenizer else None)
-    tensors = hf.to_hf_state_dict(params, model_config, vocab_rows=vocab_rows)
+    to_state_dict = hf.to_mlx_state_dict if target == "mlx" else hf.to_hf_state_dict
+    tensors = to_state_dict(params, model_config, vocab_rows=vocab_rows)
 
     config = hf.hf_config(model_config, torch_dtype=dtype, vocab_size=vocab_rows)
     generation_config = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}

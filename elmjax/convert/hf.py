@@ -23,6 +23,14 @@ def to_hf_state_dict(params, model_config, vocab_rows: int | None = None) -> dic
     return layout_for(model_config).to_hf(tree.flatten(params), model_config, vocab_rows)
 
 
+def to_mlx_state_dict(params, model_config, vocab_rows: int | None = None) -> dict[str, np.ndarray]:
+    """mlx-lm-named arrays: the layout's `to_mlx` where mlx-lm's names differ from HF's
+    (stacked experts), else the HF names, which mlx-lm reads as they are."""
+    layout = layout_for(model_config)
+    convert = getattr(layout, "to_mlx", layout.to_hf)
+    return convert(tree.flatten(params), model_config, vocab_rows)
+
+
 def from_hf_state_dict(tensors: dict, model_config) -> dict[str, np.ndarray]:
     """Flat elmjax parameter paths ('layers/0/attn/qkv_proj/kernel') -> arrays, from HF names."""
     return layout_for(model_config).from_hf(tensors, model_config)

@@ -2,10 +2,12 @@
 
 mlx-lm's models use the Hugging Face names of the architecture they implement (for OpenELM,
 Apple's `transformer.layers.{i}...`), so an unquantized MLX export holds the same tensors as
-the HF one. A quantized export replaces each
+the HF one, except where the family's layout says otherwise (`to_mlx`: OLMoE's experts are
+stacked [E, out, in], as mlx-lm's SwitchLinear holds them). A quantized export replaces each
 quantizable `X.weight` by mlx-lm's affine triplet — `X.weight` (uint32, `bits` values packed
-per 32-bit word: [out, in * bits / 32]), `X.scales` and `X.biases` ([out, in / group_size], in
-the export dtype) — and config.json gains `"quantization": {"group_size", "bits", "mode"}`
+per 32-bit word: [..., out, in * bits / 32]), `X.scales` and `X.biases` ([..., out,
+in / group_size], in the export dtype; a stacked tensor keeps its leading expert axis) — and
+config.json gains `"quantization": {"group_size", "bits", "mode"}`
 (mirrored as `"quantization_config"`), which `mlx_lm.utils.load_model` reads to swap in
 `QuantizedLinear` / `QuantizedEmbedding` before loading the weights. The packing itself is
 `mlx.core.quantize`, the function mlx-lm uses.
@@ -38,10 +40,10 @@ def check_quantization(bits: int, group_size: int) -> None:
 
 
 def is_quantizable(name: str, shape: tuple[int, ...], group_size: int, quantizable: tuple[str, ...]) -> bool:
-    """Whether mlx-lm quantizes this tensor: a Linear/Embedding weight (its name ends with one
-    of the layout's `quantizable` suffixes) whose rows split into whole groups (mlx-lm leaves a
-    layer unquantized otherwise, and so do we)."""
-    return name.endswith(quantizable) and len(shape) == 2 and shape[-1] % group_size == 0
+    """Whether mlx-lm quantizes this tensor: a Linear/Embedding/SwitchLinear weight (its name
+    ends with one of the layout's `quantizable` suffixes) whose rows split into whole groups
+    (mlx-lm leaves a layer unquantized otherwise, and so do we)."""
+    return name.endswith(quantizable) and len(shape) >= 2 and shape[-1] % group_size == 0
 
 
 def _mx_dtype(dtype: np.dtype):
@@ -64,9 +66,10 @@ def _to_numpy(array) -> np.ndarray:
 
 
 def quantize(array, dtype, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """mlx's affine quantization of a [out, in] weight after casting it to `dtype`.
+    """mlx's affine quantization of a [..., out, in] weight after casting it to `dtype`
+    (groups run along `in`; leading axes, e.g. stacked experts, are kept).
 
-    Returns (packed uint32 [out, in*bits/32], scales [out, in/group_size], biases [same]).
+    Returns (packed uint32 [..., out, in*bits/32], scales [..., out, in/group_size], biases [same]).
     """
     import mlx.core as mx
 
@@ -80,7 +83,7 @@ def quantized_sources(name: str, array, dtype, bits: int, group_size: int) -> li
     """The three tensors that replace `name` (`X.weight`) in a quantized export, computed
     once when the first is written and released after the last."""
     prefix = name[: -len(".weight")]
-    rows, cols = (int(d) for d in array.shape)
+    *rows, cols = (int(d) for d in array.shape)
     dtype = np.dtype(dtype)
     cache: dict[str, np.ndarray] = {}
 
@@ -94,9 +97,9 @@ def quantized_sources(name: str, array, dtype, bits: int, group_size: int) -> li
 
     groups = cols // group_size
     return [
-        TensorSource(f"{prefix}.weight", (rows, cols * bits // 32), np.dtype(np.uint32), part("weight")),
-        TensorSource(f"{prefix}.scales", (rows, groups), dtype, part("scales")),
-        TensorSource(f"{prefix}.biases", (rows, groups), dtype, part("biases")),
+        TensorSource(f"{prefix}.weight", (*rows, cols * bits // 32), np.dtype(np.uint32), part("weight")),
+        TensorSource(f"{prefix}.scales", (*rows, groups), dtype, part("scales")),
+        TensorSource(f"{prefix}.biases", (*rows, groups), dtype, part("biases")),
     ]
 
 

@@ -124,6 +124,15 @@ class ModelFamily:
         q, kv = spec.num_query_heads, spec.num_kv_heads
         return d * (q + 2 * kv) * hd + q * hd * d + 3 * d * spec.ffn_dim
 
+    def num_experts(self, model_config) -> int:
+        """Experts per MoE layer (0 for dense families); `mesh.expert` must divide it."""
+        return 0
+
+    def active_params(self, model_config, total_params: int) -> int:
+        """Parameters one token uses, given the model's `total_params`: all of them for a
+        dense family; an MoE family leaves out the experts a token is not routed to."""
+        return total_params
+
     def describe(self, model_config) -> list[str]:
         """Extra lines for `tools/count_params.py` (per-layer shapes and the like)."""
         return []

@@ -13,6 +13,7 @@ from elmjax.validation import ConfigError
 _BUILTIN = {
     "openelm": "elmjax.models.openelm",
     "btlm": "elmjax.models.btlm",
+    "olmoe": "elmjax.models.olmoe",
 }
 _REGISTERED: dict = {}
 

@@ -1,7 +1,8 @@
 """The optimizer: AdamW over parameter groups, OpenELM's schedule, gradient clipping.
 
 Recipe (shared/SPEC.md §1): AdamW (b1 0.9, b2 0.95, eps 1e-8), weight decay 0.1 on 2-D
-weights only (norm weights get none, the embedding is decayed), global-norm clip 1.0, linear
+weights only (norm weights get none, the embedding is decayed; `optim.weight_decay_on="all"`
+decays every parameter, OLMoE's recipe, SPEC §2), global-norm clip 1.0, linear
 warmup from `init_lr` to `peak_lr`, then cosine (or linear) decay to
 `final_lr_ratio * peak_lr` at the last step.
 
@@ -63,30 +64,36 @@ DECAY, NO_DECAY = "decay", "no_decay"
 DECAY_HIDDEN, DECAY_OTHER = "decay_hidden", "decay_other"  # muP's split of `decay`
 # Top-level parameters that are muP's input and output layers (not hidden matrices).
 _INPUT_OUTPUT = ("token_embeddings", "lm_head")
+WEIGHT_DECAY_ON = ("matrices", "all")  # values of `optim.weight_decay_on`
 
 
-def param_groups(params, mup: bool = False):
+def param_groups(params, mup: bool = False, decay_on: str = "matrices"):
     """The group label of every trainable parameter (a pytree of labels like `params`).
 
-    Without muP: `decay` for the 2-D weights (linear kernels, embedding), `no_decay` for norm
-    weights and biases (1-D). With `mup`: `decay_hidden` for 2-D weights inside the blocks,
-    `decay_other` for the embedding and an untied output head, `no_decay` as before.
+    Without muP: `decay` for the weights of two or more dimensions (linear kernels, stacked
+    expert kernels, the embedding), `no_decay` for norm weights and biases (1-D). With `mup`:
+    `decay_hidden` for those weights inside the blocks, `decay_other` for the embedding and an
+    untied output head. `decay_on="all"` decays the 1-D parameters too (OLMoE, SPEC §2): they
+    join `decay` (`decay_other` with muP).
     """
+    if decay_on not in WEIGHT_DECAY_ON:
+        raise ValueError(f"config field `optim.weight_decay_on`: is {decay_on!r}; allowed: {', '.join(WEIGHT_DECAY_ON)}")
 
     def label(path, p):
-        if jnp.ndim(p) < 2:
+        vector = jnp.ndim(p) < 2
+        if vector and decay_on == "matrices":
             return NO_DECAY
         if not mup:
             return DECAY
         top = getattr(path[0], "key", getattr(path[0], "name", path[0]))
-        return DECAY_OTHER if top in _INPUT_OUTPUT else DECAY_HIDDEN
+        return DECAY_OTHER if vector or top in _INPUT_OUTPUT else DECAY_HIDDEN
 
     return jax.tree_util.tree_map_with_path(label, params)
 
 
-def weight_decay_mask(params, mup: bool = False):
+def weight_decay_mask(params, mup: bool = False, decay_on: str = "matrices"):
     """True for parameters that get weight decay (every group but `no_decay`)."""
-    return jax.tree.map(lambda label: label != NO_DECAY, param_groups(params, mup))
+    return jax.tree.map(lambda label: label != NO_DECAY, param_groups(params, mup, decay_on))
 
 
 def clip_by_global_norm(grads, grad_norm, max_norm: float):
@@ -122,13 +129,14 @@ def make_optimizer(optim_config, total_steps: int, hidden_lr_scale: float | None
         )
 
     decay = float(optim_config.weight_decay)
+    decay_on = str(optim_config.get("weight_decay_on", "matrices"))
     if hidden_lr_scale is None:
         groups = {DECAY: adamw(decay), NO_DECAY: adamw(0.0)}
-        return optax.multi_transform(groups, param_groups)
+        return optax.multi_transform(groups, functools.partial(param_groups, decay_on=decay_on))
     scale = float(hidden_lr_scale)
     groups = {
         DECAY_HIDDEN: adamw(decay, lambda step: schedule(step) * scale),
         DECAY_OTHER: adamw(decay),
         NO_DECAY: adamw(0.0),
     }
-    return optax.multi_transform(groups, functools.partial(param_groups, mup=True))
+    return optax.multi_transform(groups, functools.partial(param_groups, mup=True, decay_on=decay_on))

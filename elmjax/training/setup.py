@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from elmjax import mup, trainable
+from elmjax import models, mup, trainable
+from elmjax.config import check_expert_axis
 from elmjax.validation import ConfigError
 from elmjax.layers.decoder import abstract_model, build_model
 from elmjax.parallel import sharding as shd
@@ -48,6 +49,9 @@ def build_setup(config, devices=None) -> Setup:
     """Mesh, shardings and the abstract train state for `config` (allocates nothing)."""
     mesh = shd.make_mesh(config.mesh, devices)
     _check_batch_splits(config, mesh)
+    family = models.get(config.model.family)
+    if family.has_experts:  # mesh.expert may have been -1 (the devices left over)
+        check_expert_axis(family.num_experts(config.model), mesh.shape["expert"])
     model = abstract_model(config.model)
     graphdef, train_state, frozen_state = trainable.split(model, config.model)
     param_shardings = shd.param_shardings(train_state, mesh, config.mesh.rules)
