@@ -13,7 +13,7 @@ from mlx_lm.utils import load_model, quantize_model
 from safetensors.numpy import load_file
 
 from elmjax.convert.export import export_checkpoint, export_params
-from elmjax.convert.hf_import import load_hf_dir, params_from_flat
+from elmjax.convert.hf_import import params_from_flat
 from elmjax.inference.generate import generate
 from elmjax.layers.decoder import abstract_model
 from export_support import logits as elmjax_logits

@@ -5,7 +5,6 @@ The transformers model writes its weights with `save_pretrained` (SPEC §2 names
 reads them with its importer, so the names, the q/k/v fusion and the expert stacking are
 checked with the forward pass.
 """
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
