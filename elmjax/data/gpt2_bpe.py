@@ -117,14 +117,14 @@ def tokenizer_json(ranks: dict[bytes, int]) -> str:
     return tok.to_str()
 
 
-def gpt2_tokenizer():
-    """GPT-2's BPE as an elmjax `HuggingFaceTokenizer` (BOS = EOS = `<|endoftext|>` = 50256)."""
-    from elmjax.data.tokenizer import HuggingFaceTokenizer, cache_dir
-
+def gpt2_tokenizer_json(cache_root: pathlib.Path) -> tuple[str, dict, str]:
+    """(tokenizer.json text, special tokens, name) of GPT-2's BPE, cached under `cache_root`;
+    `elmjax.data.tokenizer.open_tokenizer` wraps it as a `HuggingFaceTokenizer`
+    (BOS = EOS = `<|endoftext|>` = 50256)."""
     source = tiktoken_file()
     payload = source.read_bytes()
     key = hashlib.sha256(payload).hexdigest()[:16]
-    cached = cache_dir() / "tokenizers" / f"gpt2-bpe-{key}.json"
+    cached = cache_root / "tokenizers" / f"gpt2-bpe-{key}.json"
     if cached.exists():
         json_text = cached.read_text(encoding="utf-8")
     else:
@@ -135,7 +135,7 @@ def gpt2_tokenizer():
             tmp.write(json_text)
         os.replace(tmp.name, cached)
     special = {"bos_token": END_OF_TEXT, "eos_token": END_OF_TEXT}
-    return HuggingFaceTokenizer(json_text, special, name=f"{GPT2_NAME} ({source})")
+    return json_text, special, f"{GPT2_NAME} ({source})"
 
 
 def is_gpt2_name(value: str) -> bool:
@@ -143,4 +143,4 @@ def is_gpt2_name(value: str) -> bool:
     return str(value).strip().lower() == GPT2_NAME
 
 
-__all__ = ["GPT2_NAME", "gpt2_tokenizer", "is_gpt2_name", "read_ranks", "tiktoken_file", "tokenizer_json"]
+__all__ = ["GPT2_NAME", "gpt2_tokenizer_json", "is_gpt2_name", "read_ranks", "tiktoken_file", "tokenizer_json"]

@@ -318,7 +318,8 @@ def open_tokenizer(path) -> Tokenizer:
     from elmjax.data import gpt2_bpe
 
     if gpt2_bpe.is_gpt2_name(path):
-        return gpt2_bpe.gpt2_tokenizer()
+        json_text, special, name = gpt2_bpe.gpt2_tokenizer_json(cache_dir())
+        return HuggingFaceTokenizer(json_text, special, name=name)
     path = pathlib.Path(os.path.expanduser(str(path)))
     if path.is_dir():
         for name in ("tokenizer.json", "tokenizer.model"):
