@@ -20,8 +20,8 @@ from ml_collections import config_dict
 from elmjax import models
 from elmjax.data.formats import DATA_FORMATS, TEXT_UNITS, parse_mixture_weights, source_entries
 from elmjax.layers.remat import REMAT_POLICY_NAMES
-from elmjax.training import stages
-from elmjax.validation import ConfigError, at_least, choice, require
+from elmjax.training import stage_plan
+from elmjax.validation import ConfigError, at_least, check_expert_axis, choice, require
 
 __all__ = ["ConfigError", "base_config", "family_config", "load_config_file", "openelm_config", "validate"]
 
@@ -265,7 +265,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         f"{train.seq_len} exceeds model.max_seq_len={model.max_seq_len}",
     )
     _require(train.z_loss >= 0, "train.z_loss", f"is {train.z_loss}; need >= 0")
-    stages.validate(config)
+    stage_plan.validate(config)
     _choice(config, "train", "nonfinite", NONFINITE_ACTIONS)
     at_least(train, "train", "max_nonfinite_streak", 1)
     _choice(config, "train", "reuse_host_memory", HOST_MEMORY_MODES)
@@ -389,14 +389,5 @@ def _validate_mup_and_alibi(model) -> None:
     if train_len is not None:
         _require(train_len >= 1, "model.alibi_train_seq_len", f"is {train_len}; need >= 1")
 
-
-def check_expert_axis(num_experts: int, expert_axis: int) -> None:
-    """The expert mesh axis must split the experts evenly (each device holds E / axis)."""
-    _require(
-        num_experts % expert_axis == 0,
-        "mesh.expert",
-        f"is {expert_axis}; it must divide model.num_experts={num_experts} "
-        "(each device of the expert axis holds the same number of experts)",
-    )
 
 

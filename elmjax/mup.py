@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 
-from elmjax.models.family import InitRules
+from elmjax.layers.init import InitRules
 
 # Truncation of muP's initial weights, in standard deviations (Cerebras: std 0.073 cut at
 # +-0.146).

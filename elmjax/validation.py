@@ -30,3 +30,13 @@ def at_least(section_config, section: str, name: str, minimum) -> None:
     """`section_config[name] >= minimum`."""
     value = section_config[name]
     require(value >= minimum, f"{section}.{name}", f"is {value}; need >= {minimum}")
+
+
+def check_expert_axis(num_experts: int, expert_axis: int) -> None:
+    """The expert mesh axis must split the experts evenly (each device holds E / axis)."""
+    require(
+        num_experts % expert_axis == 0,
+        "mesh.expert",
+        f"is {expert_axis}; it must divide model.num_experts={num_experts} "
+        "(each device of the expert axis holds the same number of experts)",
+    )

@@ -15,6 +15,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from elmjax.layers.init import InitRules  # noqa: F401  (re-exported: families subclass it)
+
 
 class HFConfigError(ValueError):
     """A Hugging Face config.json describes a model elmjax cannot represent, or contradicts itself."""
@@ -27,31 +29,6 @@ class LayerSpec:
     num_query_heads: int
     num_kv_heads: int
     ffn_dim: int  # inner (hidden) width of the feed-forward (of one expert, for MoE)
-
-
-class InitRules:
-    """Init rules (elmjax/layers/init.py) for the parameters a block creates.
-
-    The default is OpenELM's scheme (SPEC §1): linear weights ~ N(0, in^-0.5), embedding
-    ~ N(0, d^-0.5), residual-stream output projections ~ N(0, d^-0.5 * (2 * layers)^-0.5).
-    """
-
-    def __init__(self, model_dim: int, num_layers: int):
-        self.model_dim = model_dim
-        self.num_layers = num_layers
-
-    def embedding(self) -> tuple:
-        return ("normal", self.model_dim**-0.5)
-
-    def linear(self, in_features: int) -> tuple:
-        return ("normal", in_features**-0.5)
-
-    def output_projection(self) -> tuple:
-        return ("normal", self.model_dim**-0.5 * (2 * self.num_layers) ** -0.5)
-
-    def output_head(self, in_features: int) -> tuple:
-        """The untied output projection (logits); a linear layer by default."""
-        return self.linear(in_features)
 
 
 class ModelFamily:

@@ -11,8 +11,7 @@ import numpy as np
 from flax import nnx
 
 from elmjax import models, mup, trainable
-from elmjax.config import check_expert_axis
-from elmjax.validation import ConfigError
+from elmjax.validation import ConfigError, check_expert_axis
 from elmjax.layers.decoder import abstract_model, build_model
 from elmjax.parallel import sharding as shd
 from elmjax.training import checkpoint as ckpt
