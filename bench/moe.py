@@ -92,6 +92,7 @@ def active_flops(tokens: int, d: int, inner: int, top_k: int) -> float:
 def run(args) -> list[dict]:
     rng = np.random.default_rng(0)
     params = make_params(rng, args.model_dim, args.ffn_dim, args.experts, args.top_k)
+    rng = np.random.default_rng(args.tokens[0])
     rows = []
     for tokens in args.tokens:
         x = jnp.asarray(rng.normal(size=(tokens, args.model_dim)), jnp.float32)
@@ -135,12 +136,16 @@ def main(argv=None) -> None:
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}); d {args.model_dim}, "
           f"{args.experts} experts of I {args.ffn_dim}, top-{args.top_k}; float32; fwd+bwd, "
           f"median of {args.repeats} interleaved rounds")
-    rows = run(args)
     print("| tokens | impl | fwd+bwd ms | vs dense (same active FLOPs) | active GFLOP/s |")
     print("|---|---|---|---|---|")
-    for row in rows:
-        ratio = "-" if row["vs_dense"] is None else f"{row['vs_dense']:.2f}x"
-        print(f"| {row['tokens']} | {row['impl']} | {row['ms']:.1f} | {ratio} | {row['active_gflops_per_s']:.1f} |")
+    rows = []
+    for tokens in args.tokens:  # one token count at a time, printed as it completes
+        args_t = argparse.Namespace(**{**vars(args), "tokens": [tokens]})
+        for row in run(args_t):
+            rows.append(row)
+            ratio = "-" if row["vs_dense"] is None else f"{row['vs_dense']:.2f}x"
+            print(f"| {row['tokens']} | {row['impl']} | {row['ms']:.1f} | {ratio} | "
+                  f"{row['active_gflops_per_s']:.1f} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

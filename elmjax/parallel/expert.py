@@ -117,9 +117,13 @@ def exchange(compute, x, experts, axis: ExpertAxis, num_local: int, dispatch: st
     raise ValueError(f"model.moe_dispatch={dispatch!r}; allowed: {', '.join(DISPATCH_IMPLS)}")
 
 
-def _sorted_assignments(x, experts, num_local: int, ep: int):
-    """Assignments sorted by expert (so grouped by destination device)."""
-    tokens, k = experts.shape
+def _sorted_assignments(experts, num_local: int, ep: int):
+    """The T * k assignments of experts [T, k] sorted by expert, hence by destination device.
+
+    Returns (order [A]: assignment index of each sorted row, local expert id on the
+    destination [A], destination [A], rows per destination [ep], first sorted row of each
+    destination [ep]).
+    """
     flat = experts.reshape(-1)  # [A], A = T * k
     order = jnp.argsort(flat, stable=True)  # [A]
     sorted_expert = flat[order]
@@ -136,7 +140,7 @@ def _unsort(sorted_out, order):
 def _dense(compute, x, experts, axis: ExpertAxis, num_local: int):
     tokens, k = experts.shape
     ep, assignments = axis.size, tokens * k
-    order, local_expert, destination, _, send_offsets = _sorted_assignments(x, experts, num_local, ep)
+    order, local_expert, destination, _, send_offsets = _sorted_assignments(experts, num_local, ep)
     capacity = tokens * min(k, num_local)  # the most one device can send to one destination
     slot = jnp.arange(assignments) - send_offsets[destination]  # [A]: place in its block
     send = jnp.zeros((ep, capacity, x.shape[1]), x.dtype).at[destination, slot].set(x[order // k])
@@ -152,7 +156,7 @@ def _dense(compute, x, experts, axis: ExpertAxis, num_local: int):
 def _ragged(compute, x, experts, axis: ExpertAxis, num_local: int):
     tokens, k = experts.shape
     ep = axis.size
-    order, local_expert, _, send_sizes, send_offsets = _sorted_assignments(x, experts, num_local, ep)
+    order, local_expert, _, send_sizes, send_offsets = _sorted_assignments(experts, num_local, ep)
     sizes = jax.lax.all_gather(send_sizes, axis.name)  # [ep (source), ep (destination)]
     me = jax.lax.axis_index(axis.name)
     # A source's block lands at a destination after the blocks of the sources before it.
