@@ -7,6 +7,7 @@ import numpy as np
 from flax import nnx
 
 from elmjax.config import openelm_config, validate
+from elmjax.tree import path_name
 from elmjax.layers.decoder import abstract_model
 from model_helpers import forward
 
@@ -29,7 +30,7 @@ def random_params(model_config, seed=0) -> nnx.State:
     abstract = nnx.state(abstract_model(model_config), nnx.Param)
 
     def draw(path, variable):
-        name = "/".join(str(p) for p in path)
+        name = path_name(path)
         shape = variable.shape
         if name.endswith("kernel"):
             value = rng.normal(0.0, shape[0] ** -0.5, shape)

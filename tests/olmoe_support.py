@@ -4,6 +4,7 @@ import numpy as np
 import torch
 
 from elmjax.config import family_config, validate
+from elmjax.tree import path_name
 
 # SPEC §2's small CPU oracle, with three layers.
 ORACLE = dict(vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4)
@@ -64,7 +65,7 @@ def random_moe_params(model_config, seed=0):
     abstract = nnx.state(abstract_model(model_config), nnx.Param)
 
     def draw(path, variable):
-        name = "/".join(str(p) for p in path)
+        name = path_name(path)
         shape = variable.shape
         if name.endswith("/weight"):  # norms
             value = 1.0 + rng.normal(0.0, 0.1, shape)

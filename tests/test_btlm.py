@@ -8,7 +8,10 @@ import pytest
 import torch
 from flax import nnx
 from safetensors.torch import load_file
-from transformers.models.bloom.modeling_bloom import _get_alibi_slopes, build_alibi_tensor
+from transformers.models.bloom.modeling_bloom import (
+    _get_alibi_slopes,
+    build_alibi_tensor,
+)
 
 from configs.btlm_3b_8k import get_config as btlm_3b_config
 from elmjax import trainable
@@ -18,6 +21,7 @@ from elmjax.convert.hf_import import load_hf_dir
 from elmjax.kernels.reference import alibi_bias
 from elmjax.layers.decoder import abstract_model
 from elmjax.layers.positions import alibi_slopes
+from elmjax.tree import path_name
 from tests.export_support import logits as elmjax_logits
 
 HEAD_COUNTS = (32, 12, 20)
@@ -169,7 +173,7 @@ def random_btlm_params(model_config, seed=0) -> nnx.State:
     rng = np.random.default_rng(seed)
 
     def draw(path, variable):
-        name, shape = "/".join(str(p) for p in path), variable.shape
+        name, shape = path_name(path), variable.shape
         if name.endswith("kernel"):
             value = rng.normal(0.0, shape[0] ** -0.5, shape)
         elif name == "token_embeddings":
@@ -308,7 +312,8 @@ def test_the_3b_config_json_round_trips_to_the_same_model(tmp_path):
 
 
 def test_import_refuses_slopes_that_are_not_alibis(small, tmp_path):
-    from safetensors.numpy import load_file as load_numpy, save_file
+    from safetensors.numpy import load_file as load_numpy
+    from safetensors.numpy import save_file
 
     config, params = small
     export_params(tmp_path / "hf", config.model, params, target="torch")
@@ -320,7 +325,8 @@ def test_import_refuses_slopes_that_are_not_alibis(small, tmp_path):
 
 
 def test_import_accepts_a_tied_lm_head_and_flat_slopes(small, tmp_path):
-    from safetensors.numpy import load_file as load_numpy, save_file
+    from safetensors.numpy import load_file as load_numpy
+    from safetensors.numpy import save_file
 
     config, params = small
     export_params(tmp_path / "hf", config.model, params, target="torch")

@@ -6,6 +6,7 @@ import pytest
 from flax import nnx
 
 from elmjax.config import openelm_config, validate
+from elmjax.tree import path_name
 from elmjax.kernels.reference import attention
 from elmjax.layers.positions import alibi_slopes
 from elmjax.layers.decoder import build_model, count_params
@@ -27,7 +28,7 @@ def model():
 
 
 def flat_params(model):
-    return {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return {path_name(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 def test_packed_documents_give_the_same_logits_as_each_alone(model):
