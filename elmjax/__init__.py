@@ -1,3 +1,3 @@
-"""elmjax: a JAX/Flax NNX pretraining stack for OpenELM-family language models."""
+"""elmjax: a JAX/Flax NNX pretraining stack for OpenELM, OLMoE and BTLM language models."""
 
 __version__ = "0.1.0"
