@@ -74,3 +74,23 @@ try:
     _jitted_forward = _nnx.jit(_call)
 except ImportError:  # pragma: no cover
     _jitted_forward = _call
+
+
+def packed_rows(lengths_per_row, seq: int, vocab: int, rng):
+    """Random documents packed into rows: (tokens, segment_ids, positions) each [rows, seq],
+    and [(row, start, document)]. Row r holds documents of `lengths_per_row[r]`, segment ids
+    1.., positions restarting at 0, then 0-padding."""
+    tokens = np.zeros((len(lengths_per_row), seq), np.int32)
+    segment_ids = np.zeros_like(tokens)
+    positions = np.zeros_like(tokens)
+    documents = []
+    for row, lengths in enumerate(lengths_per_row):
+        start = 0
+        for index, length in enumerate(lengths):
+            document = rng.integers(0, vocab, size=length)
+            tokens[row, start : start + length] = document
+            segment_ids[row, start : start + length] = index + 1
+            positions[row, start : start + length] = np.arange(length)
+            documents.append((row, start, document))
+            start += length
+    return tokens, segment_ids, positions, documents

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from elmjax.models.openelm.layerwise import schedule_from_config
-from model_helpers import VARIANTS, forward, mlx_logits, mlx_twin, small_model
+from model_helpers import VARIANTS, forward, mlx_logits, mlx_twin, packed_rows, small_model
 
 TOLERANCE = 1e-4  # float32, absolute, on logits of magnitude ~1-5
 SEQ = 30
@@ -51,20 +51,8 @@ def test_padded_batch_logits_equal_mlx_lm_on_unpadded_rows(twins):
 def test_packed_row_logits_equal_mlx_lm_on_each_document(twins):
     _, _, model, twin = twins
     rng = np.random.default_rng(2)
-    rows = [[9, 14, 4], [5, 25]]  # document lengths; row 0 ends in 3 padding tokens
-    tokens = np.zeros((2, SEQ), np.int32)
-    segment_ids = np.zeros((2, SEQ), np.int32)
-    positions = np.zeros((2, SEQ), np.int32)
-    documents = []
-    for row, lengths in enumerate(rows):
-        start = 0
-        for index, length in enumerate(lengths):
-            document = rng.integers(0, 512, size=length)
-            tokens[row, start : start + length] = document
-            segment_ids[row, start : start + length] = index + 1
-            positions[row, start : start + length] = np.arange(length)
-            documents.append((row, start, document))
-            start += length
+    # document lengths; row 0 ends in 3 padding tokens
+    tokens, segment_ids, positions, documents = packed_rows([[9, 14, 4], [5, 25]], SEQ, 512, rng)
     ours = forward(model, tokens, segment_ids, positions)
     for row, start, document in documents:
         expected = mlx_logits(twin, document[None])[0]

@@ -14,7 +14,7 @@ from flax import nnx
 from elmjax.convert.hf_import import load_hf_dir
 from elmjax.layers.decoder import abstract_model
 from elmjax.layers.moe import router
-from model_helpers import forward
+from model_helpers import forward, packed_rows
 from olmoe_support import hf_logits, hf_olmoe
 
 TOLERANCE = 1e-4
@@ -87,20 +87,8 @@ def test_router_logits_per_layer_equal_transformers(twins):
 def test_packed_row_logits_equal_each_document_alone(twins):
     _, hf, _, model = twins
     rng = np.random.default_rng(2)
-    rows = [[9, 11, 4], [5, 19]]  # document lengths; row 0 ends in 0 padding tokens
-    ids = np.zeros((2, SEQ), np.int32)
-    segment_ids = np.zeros((2, SEQ), np.int32)
-    positions = np.zeros((2, SEQ), np.int32)
-    documents = []
-    for row, lengths in enumerate(rows):
-        start = 0
-        for index, length in enumerate(lengths):
-            document = rng.integers(0, 128, size=length)
-            ids[row, start : start + length] = document
-            segment_ids[row, start : start + length] = index + 1
-            positions[row, start : start + length] = np.arange(length)
-            documents.append((row, start, document))
-            start += length
+    # document lengths; row 0 ends in 0 padding tokens
+    ids, segment_ids, positions, documents = packed_rows([[9, 11, 4], [5, 19]], SEQ, 128, rng)
     ours = forward(model, ids, segment_ids, positions)
     for row, start, document in documents:
         expected, _ = hf_logits(hf, document[None])
