@@ -137,18 +137,27 @@ def run_command(main, argv=None) -> int:
     except user_errors() as error:
         if debug:
             raise
-        if isinstance(error, ImportError):
-            fail(missing_extra_message(error))
-        fail(str(error) if isinstance(error, ConfigError) or type(error).__name__.endswith("CheckpointError")
-             else f"{error} (run with --debug for the traceback)")
+        fail_for(error)
 
 
 def user_errors() -> tuple[type, ...]:
     """The exception types whose message tells a user what to fix (bad config, data or
     checkpoint path, a missing optional package)."""
-    from elmjax.training.checkpoint import CheckpointError
+    from elmjax.training.checkpoint_errors import CheckpointError
 
     return (ConfigError, CheckpointError, ValueError, OSError, ImportError)
+
+
+def fail_for(error: BaseException):
+    """Exits with the one line for a user error: our own errors as they are, a missing
+    package with its install command, anything else with the hint to --debug."""
+    from elmjax.training.checkpoint_errors import CheckpointError, SaveFailedError
+
+    if isinstance(error, ImportError):
+        fail(missing_extra_message(error))
+    if isinstance(error, (ConfigError, CheckpointError)):
+        fail(str(error), immediately=isinstance(error, SaveFailedError))
+    fail(f"{error} (run with --debug for the traceback)")
 
 
 def run(main) -> None:
@@ -161,12 +170,6 @@ def run(main) -> None:
         except user_errors() as error:
             if flags.FLAGS.debug:
                 raise
-            if isinstance(error, ImportError):
-                fail(missing_extra_message(error))
-            from elmjax.training.checkpoint import CheckpointError, SaveFailedError
-
-            if isinstance(error, (ConfigError, CheckpointError)):
-                fail(str(error), immediately=isinstance(error, SaveFailedError))
-            fail(f"{error} (run with --debug for the traceback)")
+            fail_for(error)
 
     app.run(guarded, flags_parser=parse_flags)

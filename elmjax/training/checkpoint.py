@@ -17,18 +17,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
-import shutil
 import time
 from pathlib import Path
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from grain import checkpoint as grain_checkpoint
 
 from elmjax.training import checksums
+from elmjax.training.checkpoint_errors import (  # noqa: F401  (CheckpointError: part of this module's API)
+    CheckpointError,
+    DamagedCheckpointError,
+    SaveFailedError,
+    check_free_space,
+    save_failed,
+)
+from elmjax.training.saved_config import config_to_dict, read_config
 from elmjax.tree import path_name
 
 log = logging.getLogger("elmjax.training.checkpoint")
@@ -47,10 +52,6 @@ logging.getLogger("absl").addFilter(_NoItemMetadataWarning())
 CHECKPOINTS = "checkpoints"
 CHECKSUMS = "checksums"  # item of a step: {array path: checksum} (elmjax/training/checksums.py)
 _STEP_MARKER = "_CHECKPOINT_METADATA"  # orbax writes it when a step is finalised
-
-
-class CheckpointError(RuntimeError):
-    """A workdir or checkpoint cannot be used; the message says why and what to do."""
 
 
 def checkpoint_dir(workdir) -> Path:
@@ -124,36 +125,6 @@ def is_train_checkpoint(step_dir: Path) -> bool:
     return (Path(step_dir) / "data").is_dir()
 
 
-def config_to_dict(config) -> dict:
-    return json.loads(config.to_json())
-
-
-def config_from_dict(data: dict) -> ml_collections.ConfigDict:
-    """A ConfigDict from saved JSON, laid over `base_config(its model family)` so tuples and
-    placeholders keep their types; fields unknown to this version are kept as saved (a
-    config saved before families existed is OpenELM's)."""
-    from elmjax.config import base_config
-
-    def merge(node, values):
-        for key, value in values.items():
-            if key in node and isinstance(node[key], ml_collections.ConfigDict) and isinstance(value, dict):
-                merge(node[key], value)
-            elif key in node and isinstance(node[key], tuple) and isinstance(value, list):
-                node[key] = _tuples(value)
-            else:
-                with node.unlocked():
-                    node[key] = value
-
-    config = base_config(data.get("model", {}).get("family", "openelm"))
-    merge(config, data)
-    return config
-
-
-def _tuples(value):
-    """JSON lists back to the (nested) tuples the config schema uses."""
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
-
-
 def make_manager(workdir, checkpoint_config) -> ocp.CheckpointManager:
     """The orbax manager for `WORKDIR/checkpoints` with `config.checkpoint`'s policies."""
     options = ocp.CheckpointManagerOptions(
@@ -165,62 +136,13 @@ def make_manager(workdir, checkpoint_config) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(checkpoint_dir(workdir).absolute(), options=options)
 
 
-class SaveFailedError(CheckpointError):
-    """A checkpoint could not be written (disk full, permissions, storage errors)."""
-
-
-def _root_cause(error: BaseException) -> str:
-    """The first OS error's reason in `error`'s chain (e.g. "No space left on device"), else
-    its first line."""
-    seen, pending = set(), [error]
-    while pending:
-        current = pending.pop(0)
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, OSError) and current.strerror:
-            return current.strerror
-        code = re.search(r"os_error_code='(\d+)'", str(current))  # tensorstore's wording of an OS error
-        if code:
-            return os.strerror(int(code.group(1)))
-        pending += [current.__cause__, current.__context__, *getattr(current, "exceptions", ())]
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
-def _save_failed(manager, step: int, error: BaseException) -> SaveFailedError:
-    good = latest_complete_step(Path(manager.directory))
-    where = f"the last good checkpoint is step {good}" if good is not None else "no checkpoint was completed yet"
-    return SaveFailedError(
-        f"saving checkpoint step {step} failed: {_root_cause(error)}; {where} in {manager.directory}, "
-        "and re-running the same command resumes from it once the cause is fixed"
-    )
-
-
-def _check_free_space(manager, step: int, state) -> None:
-    """Fails before writing when a local checkpoint directory has less free space than the
-    step needs (its arrays plus 5%): a full disk then reads as one line, at the step that does
-    not fit, instead of a failure inside orbax's background threads surfacing a save later."""
-    directory = Path(str(manager.directory))
-    if "://" in str(manager.directory) or not directory.exists():
-        return
-    needed = int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state)) * 1.05) + 2**20
-    free = shutil.disk_usage(directory).free
-    if free < needed:
-        good = latest_complete_step(directory)
-        where = f"the last good checkpoint is step {good}" if good is not None else "no checkpoint was completed yet"
-        raise SaveFailedError(
-            f"saving checkpoint step {step} needs about {needed / 2**20:.1f} MiB but {directory} has "
-            f"{free / 2**20:.1f} MiB free (No space left on device); {where}; free space or lower "
-            "checkpoint.max_to_keep, then re-run the same command to resume from it"
-        )
-
-
 def wait(manager) -> None:
     """Waits for the save in flight; its failure is a one-line SaveFailedError naming the step."""
     try:
         manager.wait_until_finished()
     except Exception as error:  # noqa: BLE001 - any storage failure ends in the same advice
-        raise _save_failed(manager, getattr(manager, "_elmjax_saving", -1), error) from error
+        raise save_failed(manager.directory, getattr(manager, "_elmjax_saving", -1), error,
+                          latest_complete_step(Path(manager.directory))) from error
 
 
 def save(manager, step: int, state, data_iterator, config, *, force: bool = False) -> bool:
@@ -230,7 +152,7 @@ def save(manager, step: int, state, data_iterator, config, *, force: bool = Fals
     failure of the previous (background) save, or of this one, is a SaveFailedError.
     """
     wait(manager)  # orbax waits for the previous save anyway; this way its failure names its step
-    _check_free_space(manager, step, state)
+    check_free_space(manager.directory, step, state, lambda: latest_complete_step(Path(str(manager.directory))))
     items = {
         "state": ocp.args.StandardSave(state),
         "config": ocp.args.JsonSave(config_to_dict(config)),
@@ -242,7 +164,7 @@ def save(manager, step: int, state, data_iterator, config, *, force: bool = Fals
     try:
         return manager.save(step, args=ocp.args.Composite(**items), force=force)
     except Exception as error:  # noqa: BLE001
-        raise _save_failed(manager, step, error) from error
+        raise save_failed(manager.directory, step, error, latest_complete_step(Path(manager.directory))) from error
 
 
 def _set_aside(step_dir: Path) -> None:
@@ -286,10 +208,6 @@ def restore_train_state(workdir, abstract_state, data_iterator):
             log.warning("checkpoint %s is unreadable (%s: %s); skipping it", step_dir, type(error).__name__, error)
             _set_aside(step_dir)
     return None, None, None
-
-
-class DamagedCheckpointError(CheckpointError):
-    """A step's arrays do not match the checksums written with them."""
 
 
 def verify(step_dir: Path, restored_state) -> None:
@@ -404,12 +322,6 @@ def _resolve_step_dir(path, step):
     if chosen not in steps:
         raise CheckpointError(f"step {step} is not a complete checkpoint under {path}; complete steps: {steps}")
     return checkpoint_dir(path) / str(chosen) if (path / CHECKPOINTS).is_dir() else path / str(chosen)
-
-
-def read_config(step_dir) -> ml_collections.ConfigDict:
-    """The resolved config saved with a step."""
-    metadata_file = Path(step_dir) / "config" / "metadata"
-    return config_from_dict(json.loads(metadata_file.read_text()))
 
 
 def restore_params(path, step=None):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 
 from elmjax.training import checkpoint as ckpt
+from elmjax.training.saved_config import config_to_dict, read_config
 from elmjax.validation import ConfigError
 
 # Fields a resumed run may change without changing what its remaining steps compute: logging,
@@ -31,7 +32,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 def config_changes(saved, current) -> list[tuple[str, object, object]]:
     """(field, saved value, current value) for every field that differs, in field order."""
-    before, after = _flat(ckpt.config_to_dict(saved)), _flat(ckpt.config_to_dict(current))
+    before, after = _flat(config_to_dict(saved)), _flat(config_to_dict(current))
     return [(k, before.get(k), after.get(k)) for k in sorted(before.keys() | after.keys()) if before.get(k) != after.get(k)]
 
 
@@ -44,7 +45,7 @@ def check_resume_config(workdir, config, log) -> int | None:
     step = ckpt.latest_complete_step(workdir)
     if step is None or not ckpt.is_train_checkpoint(ckpt.checkpoint_dir(workdir) / str(step)):
         return None
-    changes = config_changes(ckpt.read_config(ckpt.checkpoint_dir(workdir) / str(step)), config)
+    changes = config_changes(read_config(ckpt.checkpoint_dir(workdir) / str(step)), config)
     if not changes:
         return step
     described = [f"{field} {old!r} -> {new!r}" for field, old, new in changes]
