@@ -22,6 +22,19 @@ class HFConfigError(ValueError):
     """A Hugging Face config.json describes a model elmjax cannot represent, or contradicts itself."""
 
 
+def tied_embedding_rows(flat: dict, vocab_rows: int | None, layout: str):
+    """The embedding of a tied-embedding layout's export: its first `vocab_rows` rows (a model
+    trained with a padded vocabulary exports its real vocabulary). Refuses an untied model."""
+    if "lm_head/kernel" in flat:
+        raise ValueError(f"the {layout} HF layout has tied embeddings; this model has an lm_head")
+    embedding = flat["token_embeddings"]
+    if vocab_rows is not None:
+        if vocab_rows > embedding.shape[0]:
+            raise ValueError(f"vocab_rows={vocab_rows} exceeds the {embedding.shape[0]} embedding rows")
+        embedding = embedding[:vocab_rows]
+    return embedding
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
     """Shapes of one transformer layer."""

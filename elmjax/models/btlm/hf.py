@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 
 from elmjax import mup
-from elmjax.models.family import HFConfigError
+from elmjax.models.family import HFConfigError, tied_embedding_rows
 
 SLOPES = "transformer.relative_pe.slopes"
 EMBEDDING = "transformer.wte.weight"
@@ -118,14 +118,7 @@ class BTLMLayout:
     # ---- weights -------------------------------------------------------------------------
     def to_hf(self, flat: dict, model_config, vocab_rows: int | None = None) -> dict[str, np.ndarray]:
         """HF-named arrays from flat elmjax params (views: nothing is copied here)."""
-        if "lm_head/kernel" in flat:
-            raise ValueError("the BTLM HF layout has tied embeddings; this model has an lm_head")
-        embedding = flat["token_embeddings"]
-        if vocab_rows is not None:
-            if vocab_rows > embedding.shape[0]:
-                raise ValueError(f"vocab_rows={vocab_rows} exceeds the {embedding.shape[0]} embedding rows")
-            embedding = embedding[:vocab_rows]
-        out = {EMBEDDING: embedding}
+        out = {EMBEDDING: tied_embedding_rows(flat, vocab_rows, "BTLM")}
         inner = model_config.ffn_dim
         for i in range(model_config.num_layers):
             prefix = f"transformer.h.{i}."

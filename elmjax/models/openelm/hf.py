@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from elmjax.models.family import HFConfigError
+from elmjax.models.family import HFConfigError, tied_embedding_rows
 from elmjax.models.openelm.layerwise import schedule_from_config
 
 # (elmjax path inside a block, HF suffix, is a linear kernel to transpose)
@@ -80,14 +80,7 @@ class OpenELMLayout:
         `vocab_rows` keeps only the first rows of the embedding (a model trained with a padded
         vocabulary exports its real vocabulary).
         """
-        if "lm_head/kernel" in flat:
-            raise ValueError("the OpenELM HF layout has tied embeddings; this model has an lm_head")
-        embedding = flat["token_embeddings"]
-        if vocab_rows is not None:
-            if vocab_rows > embedding.shape[0]:
-                raise ValueError(f"vocab_rows={vocab_rows} exceeds the {embedding.shape[0]} embedding rows")
-            embedding = embedding[:vocab_rows]
-        out = {"transformer.token_embeddings.weight": embedding}
+        out = {"transformer.token_embeddings.weight": tied_embedding_rows(flat, vocab_rows, "OpenELM")}
         for i in range(model_config.num_layers):
             for ours, theirs, transpose in _BLOCK_PARAMS:
                 value = flat[f"layers/{i}/{ours}"]
