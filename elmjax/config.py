@@ -23,7 +23,9 @@ from elmjax.layers.remat import REMAT_POLICY_NAMES
 from elmjax.training import stage_plan
 from elmjax.validation import ConfigError, at_least, check_expert_axis, choice, require
 
-__all__ = ["ConfigError", "base_config", "family_config", "load_config_file", "openelm_config", "validate"]
+__all__ = [
+    "ConfigError", "base_config", "family_config", "load_config_file", "openelm_config", "validate", "with_adapters",
+]
 
 # Logical axis name -> mesh axes. Model code names only logical axes (shared/DESIGN.md).
 DEFAULT_SHARDING_RULES = (
@@ -50,6 +52,7 @@ NONFINITE_ACTIONS = ("skip", "abort")
 HOST_MEMORY_MODES = ("auto", "on", "off")  # elmjax.training.host_memory.apply
 LR_SCHEDULES = ("cosine", "linear", "constant")
 WEIGHT_DECAY_ON = ("matrices", "all")  # elmjax.training.optim.param_groups
+OBJECTIVES = ("lm", "dpo")
 
 
 def base_config(family: str = "openelm") -> ml_collections.ConfigDict:
@@ -87,6 +90,15 @@ def base_config(family: str = "openelm") -> ml_collections.ConfigDict:
     model.remat_policy = "none"  # activation checkpointing per block, one of REMAT_POLICIES
     for name, value in models.get(family).model_fields().items():
         model[name] = value
+    # LoRA / DoRA adapters over a frozen base (elmjax/layers/adapters.py); defaults are SPEC §1's
+    # PEFT recipe, off until `kind` is set (`with_adapters` also sets the recipe's optimizer).
+    model.adapter = adapter = ml_collections.ConfigDict()
+    adapter.kind = "none"  # one of ADAPTER_KINDS: none (every parameter trains), lora, dora
+    adapter.rank = 32  # r
+    adapter.alpha = 32.0  # scale s = alpha / r (alpha / sqrt(r) with rslora)
+    adapter.dropout = 0.1  # on the inputs of adapted linear layers (not the embedding)
+    adapter.rslora = False  # rank-stabilised scale alpha / sqrt(r)
+    adapter.targets = "token_embeddings,qkv_proj,out_proj,proj_1,proj_2"  # layer names, comma-separated
 
     config.data = data = ml_collections.ConfigDict()
     data.source = "embedded"  # "embedded" (installed corpus) or a comma-separated list of globs
@@ -125,6 +137,13 @@ def base_config(family: str = "openelm") -> ml_collections.ConfigDict:
     train.allow_config_change = False  # resume even if fields that change the computation differ
     train.init_from = ""  # workdir or step dir whose params start a fresh run (new optimizer)
     train.reuse_host_memory = "auto"  # one of HOST_MEMORY_MODES; "auto" = on when JAX runs on CPU
+    train.objective = "lm"  # one of OBJECTIVES: next-token loss on loss_mask tokens, or DPO on preference pairs
+
+    # DPO (elmjax/training/dpo.py), with train.objective="dpo": pairs of rows (chosen, rejected).
+    config.dpo = dpo = ml_collections.ConfigDict()
+    dpo.beta = 0.1  # inverse temperature of the implicit reward (OpenELM-Instruct: 0.01)
+    dpo.loss = "sigmoid"  # one of DPO_LOSSES: -log sigmoid(beta delta), or hinge relu(1 - beta delta)
+    dpo.reference = "base"  # one of DPO_REFERENCES: the frozen base under the adapters (adapters off)
 
     config.optim = optim = ml_collections.ConfigDict()
     optim.peak_lr = 5.3e-3  # learning rate after warmup
@@ -179,6 +198,16 @@ def openelm_config(*, num_layers: int, model_dim: int, head_dim: int, peak_lr: f
     return family_config(
         "openelm", num_layers=num_layers, model_dim=model_dim, head_dim=head_dim, peak_lr=peak_lr, **model_fields
     )
+
+
+def with_adapters(config: ml_collections.ConfigDict, kind: str = "lora") -> ml_collections.ConfigDict:
+    """`config` set up for SPEC §1's PEFT recipe: `kind` adapters (r 32, alpha 32, dropout
+    0.1 on token_embeddings, qkv_proj, out_proj, proj_1, proj_2) over the frozen base, AdamW
+    (0.9, 0.95) without weight decay, cosine 3e-4 -> 3e-5 after 1000 warmup steps."""
+    config.model.adapter.kind = kind
+    config.optim.update(dict(peak_lr=3e-4, final_lr_ratio=0.1, warmup_steps=1000, schedule="cosine",
+                             b1=0.9, b2=0.95, weight_decay=0.0))
+    return config
 
 
 def load_config_file(path) -> ml_collections.ConfigDict:
@@ -250,6 +279,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         )
     _validate_mup_and_alibi(model)
     family.validate(model)
+    _validate_adapter(config)
 
     train = config.train
     for name in ("steps", "batch_size", "seq_len", "grad_accum_steps", "log_every", "stop_check_every"):
@@ -269,6 +299,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _choice(config, "train", "nonfinite", NONFINITE_ACTIONS)
     at_least(train, "train", "max_nonfinite_streak", 1)
     _choice(config, "train", "reuse_host_memory", HOST_MEMORY_MODES)
+    _validate_objective(config)
     _require(
         isinstance(train.workdir, str), "train.workdir", f"is {train.workdir!r}; need a path string"
     )
@@ -356,6 +387,54 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if family.has_experts and mesh.expert > 1:
         check_expert_axis(family.num_experts(model), mesh.expert)
     return config
+
+
+def _validate_adapter(config) -> None:
+    """`model.adapter`: its kind, shape and targets; adapters need a base (`train.init_from`)."""
+    from elmjax.layers.adapters import ADAPTER_KINDS, target_names
+
+    adapter = config.model.adapter
+    choice(adapter, "model.adapter", "kind", ADAPTER_KINDS)
+    if adapter.kind == "none":
+        return
+    at_least(adapter, "model.adapter", "rank", 1)
+    _require(adapter.alpha > 0, "model.adapter.alpha", f"is {adapter.alpha}; need > 0")
+    _require(0 <= adapter.dropout < 1, "model.adapter.dropout", f"is {adapter.dropout}; need 0 <= p < 1")
+    _require(
+        bool(target_names(adapter)), "model.adapter.targets",
+        "is empty; name the layers to adapt, e.g. qkv_proj,out_proj,proj_1,proj_2",
+    )
+    _require(
+        config.train.init_from != "",
+        "train.init_from",
+        "is empty, but adapters train over a frozen base model: give the base's training workdir or "
+        "step directory (tools/import_hf.py turns a Hugging Face model into one)",
+    )
+
+
+def _validate_objective(config) -> None:
+    """`train.objective` and, for DPO, the `dpo` section: DPO's reference is the frozen base
+    under adapters, and pairs of rows stay whole in every micro-batch."""
+    from elmjax.training.dpo import DPO_LOSSES, DPO_REFERENCES
+
+    _choice(config, "train", "objective", OBJECTIVES)
+    if config.train.objective != "dpo":
+        return
+    _choice(config, "dpo", "loss", DPO_LOSSES)
+    _choice(config, "dpo", "reference", DPO_REFERENCES)
+    _require(config.dpo.beta > 0, "dpo.beta", f"is {config.dpo.beta}; need > 0")
+    _require(
+        config.model.adapter.kind != "none",
+        "model.adapter.kind",
+        "is 'none', but DPO's reference is the frozen base under adapters; set model.adapter.kind=lora or dora",
+    )
+    pairs_per_step = 2 * config.train.grad_accum_steps
+    _require(
+        config.train.batch_size % pairs_per_step == 0,
+        "train.batch_size",
+        f"is {config.train.batch_size}; DPO needs whole (chosen, rejected) pairs in each of the "
+        f"{config.train.grad_accum_steps} micro-batch(es): use a multiple of {pairs_per_step}",
+    )
 
 
 def _validate_mup_and_alibi(model) -> None:

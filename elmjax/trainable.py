@@ -1,7 +1,8 @@
 """What trains: the one filter over a model's variables that setup, the train step, the
 optimizer, checkpoints, export and `count_params` share.
 
-By default every `nnx.Param` trains. The variables the filter leaves out are "frozen": they
+By default every `nnx.Param` trains; with adapters (`config.model.adapter.kind` lora or dora,
+elmjax/layers/adapters.py) only the adapters' parameters do. The variables the filter leaves out are "frozen": they
 enter the forward pass but get no gradient, no optimizer state and no place in training
 checkpoints (a family's fixed buffers, or a base model under adapters); a run rebuilds them
 when it starts (from `train.init_from`, else from the initialisation seed).
@@ -12,9 +13,19 @@ from flax import nnx
 
 
 def trainable_filter(model_config):
-    """The nnx filter of the variables that train for `config.model` (all parameters)."""
-    del model_config  # adapters (fine-tuning) will narrow this to their own parameters
+    """The nnx filter of the variables that train for `config.model`: every parameter, or
+    only the adapters' when adapters are on."""
+    from elmjax.layers.adapters import AdapterParam
+
+    if adapters_on(model_config):
+        return AdapterParam
     return nnx.Param
+
+
+def adapters_on(model_config) -> bool:
+    """Whether `config.model` trains LoRA/DoRA adapters over a frozen base."""
+    adapter = model_config.get("adapter")
+    return adapter is not None and adapter.kind != "none"
 
 
 def split(model, model_config):

@@ -3,6 +3,11 @@
     python tools/export.py --checkpoint WORKDIR_OR_STEP_DIR --to {torch,mlx} --out DIR
         [--dtype {float32,bfloat16,float16}] [--step N]
         [--quantize {4,8} --group-size {32,64,128}] [--max-shard-gb 2] [--overwrite]
+    python tools/export.py --checkpoint LORA_WORKDIR --adapters {peft,mlx} --out DIR
+
+A LoRA/DoRA checkpoint exports merged into its base with --to, or its adapters alone with
+--adapters: peft's adapter_model.safetensors + adapter_config.json, or mlx-lm's
+adapters.safetensors + adapter_config.json (`mlx_lm.load(base_dir, adapter_path=DIR)`).
 
 The output is written to a temporary directory and renamed when complete, so a failed
 export leaves nothing behind; an existing --out is refused unless --overwrite.
@@ -20,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a training workdir (newest complete step) or a step directory")
-    parser.add_argument("--to", required=True, dest="target", help="torch (Hugging Face layout) or mlx (mlx-lm layout)")
+    parser.add_argument("--to", dest="target", help="torch (Hugging Face layout) or mlx (mlx-lm layout)")
+    parser.add_argument("--adapters", help="peft or mlx: write a LoRA/DoRA checkpoint's adapters alone")
     parser.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     parser.add_argument("--step", type=int, default=None, help="export this step of a workdir instead of the newest")
@@ -34,15 +40,22 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from elmjax.training.checkpoint import CheckpointError
-    from elmjax.convert.export import export_checkpoint
+    from elmjax.convert.export import export_adapter_checkpoint, export_checkpoint
 
     start = time.perf_counter()
+    if (args.target is None) == (args.adapters is None):
+        print("export failed: give exactly one of --to {torch,mlx} (the model) or --adapters {peft,mlx}", file=sys.stderr)
+        return 2
     try:
-        files = export_checkpoint(
-            args.checkpoint, args.out, target=args.target, dtype=args.dtype, step=args.step,
-            quantize=args.quantize, group_size=args.group_size, overwrite=args.overwrite,
-            max_shard_bytes=int(args.max_shard_gb * 1024**3),
-        )
+        if args.adapters:
+            files = export_adapter_checkpoint(args.checkpoint, args.out, to=args.adapters, step=args.step,
+                                              overwrite=args.overwrite)
+        else:
+            files = export_checkpoint(
+                args.checkpoint, args.out, target=args.target, dtype=args.dtype, step=args.step,
+                quantize=args.quantize, group_size=args.group_size, overwrite=args.overwrite,
+                max_shard_bytes=int(args.max_shard_gb * 1024**3),
+            )
     except (ValueError, OSError, CheckpointError) as error:
         print(f"export failed: {error}", file=sys.stderr)
         return 2

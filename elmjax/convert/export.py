@@ -130,7 +130,9 @@ def export_checkpoint(
     """`export_params` for a checkpoint: a workdir (newest complete step) or a step directory.
 
     Only the parameters are read (no optimizer state); the tokenizer comes from the
-    checkpoint's config (`elmjax.data.tokenizer.load_tokenizer`).
+    checkpoint's config (`elmjax.data.tokenizer.load_tokenizer`). A checkpoint of adapters is
+    exported merged into its base (elmjax/convert/adapters.py; `export_adapter_checkpoint`
+    writes the adapters alone).
     """
     from elmjax.training.checkpoint import restore_params  # the training helper's reader
 
@@ -139,6 +141,10 @@ def export_checkpoint(
     if not os.path.exists(checkpoint):
         raise FileNotFoundError(f"no checkpoint at {checkpoint}: the path does not exist")
     config, params = restore_params(str(checkpoint), step=step)
+    if config.model.adapter.kind != "none":  # a LoRA/DoRA run: the base with its adapters merged
+        from elmjax.convert.adapters import merge
+
+        config, params = merge(config, params)
     check_target(config.model, target)  # before the tokenizer, which may take a while to load
     tokenizer = None
     if with_tokenizer:
@@ -155,3 +161,21 @@ def _write_json(path, value) -> None:
     with open(path, "w") as f:
         json.dump(value, f, indent=2)
         f.write("\n")
+
+
+def export_adapter_checkpoint(checkpoint, out, *, to: str, step: int | None = None, overwrite: bool = False,
+                              base_model: str = "") -> list[str]:
+    """The adapters of a LoRA/DoRA checkpoint alone, in peft's (`to="peft"`) or mlx-lm's
+    (`to="mlx"`) format (elmjax/convert/adapters.py); the embedding rows follow the
+    tokenizer's vocabulary, as the base export's do."""
+    from elmjax.convert.adapters import export_adapters
+    from elmjax.data.tokenizer import load_tokenizer
+    from elmjax.training.checkpoint import restore_params
+
+    check_output_dir(out, overwrite)
+    if not os.path.exists(checkpoint):
+        raise FileNotFoundError(f"no checkpoint at {checkpoint}: the path does not exist")
+    config, params = restore_params(str(checkpoint), step=step)
+    vocab_rows = real_vocab_rows(config.model.vocab_size, load_tokenizer(config).vocab_size) if to == "peft" else None
+    return export_adapters(out, config, params, to=to, base_model=base_model or str(config.train.init_from),
+                           vocab_rows=vocab_rows, overwrite=overwrite)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from elmjax import models, mup
+from elmjax.layers import adapters
 from elmjax.layers import aux as aux_terms
 from elmjax.layers.init import materialize, param
 from elmjax.layers.linear import Linear
@@ -86,10 +87,16 @@ class Transformer(nnx.Module):
                 param_dtype=param_dtype,
             )
         )
+        self.embedding_adapter = nnx.data(None)  # LoRA/DoRA on the lookup (adapters.attach)
+        adapters.attach(self, cfg)
 
     def embed(self, tokens):
         """tokens [batch, seq] int -> [batch, seq, model_dim] in the compute dtype."""
-        h = jnp.take(self.token_embeddings[...], tokens, axis=0).astype(self.compute_dtype)
+        table = self.token_embeddings[...]
+        h = jnp.take(table, tokens, axis=0)
+        if self.embedding_adapter is not None:
+            h = self.embedding_adapter.embedding(tokens, table, h.astype(jnp.float32))
+        h = h.astype(self.compute_dtype)
         if self.embedding_scale != 1.0:
             h = h * self.embedding_scale
         return constrain(h, ("batch", "seq", "embed"))

@@ -19,16 +19,18 @@ from flax import nnx
 from elmjax.tree import path_name
 
 
-def param(shape, dtype, logical_axes: tuple, init: tuple) -> nnx.Param:
+def param(shape, dtype, logical_axes: tuple, init: tuple, kind=nnx.Param) -> nnx.Param:
     """A parameter placeholder of `shape`, annotated with `logical_axes` and its `init` rule.
 
     `init` is `("normal", std)`, `("truncated_normal", std, bound)` (N(0, std^2) cut at
-    +-bound standard deviations), `("ones",)` or `("zeros",)`. The value is zeros until
-    `materialize` draws it; modules are built under `nnx.eval_shape`, so nothing is allocated.
+    +-bound standard deviations), `("uniform", bound)` (U(-bound, bound)), `("ones",)` or
+    `("zeros",)`. The value is zeros until `materialize` draws it; modules are built under
+    `nnx.eval_shape`, so nothing is allocated. `kind`: the nnx.Param subclass to create
+    (adapters use their own, elmjax/layers/adapters.py).
     """
     if len(logical_axes) != len(shape):
         raise ValueError(f"logical axes {logical_axes} do not match shape {shape}")
-    return nnx.Param(
+    return kind(
         jnp.zeros(shape, dtype), out_sharding=tuple(logical_axes), eager_sharding=False, init=tuple(init)
     )
 
@@ -43,6 +45,10 @@ def host_value(path: str, shape, dtype, init: tuple, seed: int) -> np.ndarray:
     if kind == "normal":  # plain, untruncated N(0, std^2)
         rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
         return (rng.standard_normal(shape, dtype=np.float32) * np.float32(init[1])).astype(dtype)
+    if kind == "uniform":
+        rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
+        bound = np.float32(init[1])
+        return rng.uniform(-bound, bound, shape).astype(np.float32).astype(dtype)
     if kind == "truncated_normal":  # N(0, std^2) restricted to [-bound * std, bound * std]
         rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
         return (_truncated_standard_normal(rng, shape, float(init[2])) * np.float32(init[1])).astype(dtype)

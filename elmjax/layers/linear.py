@@ -1,4 +1,5 @@
-"""A bias-optional dense layer whose kernel is stored [in, out] with logical axis names."""
+"""A bias-optional dense layer whose kernel is stored [in, out] with logical axis names, and
+an optional LoRA/DoRA adapter (elmjax/layers/adapters.py)."""
 from __future__ import annotations
 
 import jax
@@ -23,6 +24,8 @@ class Linear(nnx.Module):
         param_dtype,
     ):
         self.compute_dtype = compute_dtype
+        self.logical_axes = tuple(logical_axes)
+        self.adapter = nnx.data(None)  # a LowRank module when adapters target this layer (adapters.attach)
         self.kernel = param((in_features, out_features), param_dtype, logical_axes, init)  # [in, out]
         self.bias = param((out_features,), param_dtype, (logical_axes[1],), ("zeros",)) if use_bias else None
 
@@ -33,7 +36,10 @@ class Linear(nnx.Module):
             kernel,
             (((x.ndim - 1,), (0,)), ((), ())),
             preferred_element_type=jnp.float32,
-        ).astype(self.compute_dtype)
+        )
+        if self.adapter is not None:
+            y = self.adapter.linear(x.astype(self.compute_dtype), kernel, y)
+        y = y.astype(self.compute_dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.compute_dtype)
         return y

@@ -347,8 +347,9 @@ def restore_params(path, step=None):
 
 def _with_frozen(config, params: dict) -> dict:
     """The trained `params` plus the variables that did not train (elmjax/trainable.py),
-    which checkpoints do not hold: rebuilt from the initialisation seed. Nothing to add when
-    every variable trains (the default)."""
+    which checkpoints do not hold: under adapters the base model of `train.init_from`, else
+    rebuilt from the initialisation seed. Nothing to add when every variable trains (the
+    default)."""
     from flax import nnx
 
     from elmjax import trainable
@@ -357,8 +358,11 @@ def _with_frozen(config, params: dict) -> dict:
     _, _, frozen = trainable.split(abstract_model(config.model), config.model)
     if not jax.tree.leaves(frozen):
         return params
-    _, _, frozen = trainable.split(build_model(config.model, config.train.seed), config.model)
-    merged = jax.tree.map(np.asarray, nnx.to_pure_dict(frozen))
+    if trainable.adapters_on(config.model):
+        merged = restore_params(config.train.init_from)[1]
+    else:
+        _, _, frozen = trainable.split(build_model(config.model, config.train.seed), config.model)
+        merged = jax.tree.map(np.asarray, nnx.to_pure_dict(frozen))
 
     def overlay(base, update):
         for key, value in update.items():

@@ -12,6 +12,7 @@ from flax import nnx
 
 from elmjax import models, mup, trainable
 from elmjax.validation import ConfigError, check_expert_axis
+from elmjax.layers import adapters
 from elmjax.layers.decoder import abstract_model, build_model
 from elmjax.parallel import sharding as shd
 from elmjax.training import checkpoint as ckpt
@@ -104,19 +105,40 @@ def fresh_params(setup: Setup):
     return fresh_variables(setup)[0]
 
 
-def frozen_variables(setup: Setup):
-    """The frozen variables of a run: from the initialisation seed (nothing is frozen by
-    default, and then this is an empty dict without initialising anything)."""
+def frozen_variables(setup: Setup, log=print):
+    """The frozen variables of a run: under adapters, the base model of `train.init_from`;
+    otherwise from the initialisation seed (nothing is frozen by default, and then this is an
+    empty dict without initialising anything)."""
     if not jax.tree.leaves(setup.abstract_frozen):
         return setup.abstract_frozen
+    config = setup.config
+    if trainable.adapters_on(config.model):
+        step_dir, frozen = ckpt.restore_params_for_init(config.train.init_from, setup.abstract_frozen)
+        log(f"frozen base model from {step_dir}; training {config.model.adapter.kind} adapters only")
+        return frozen
     return fresh_variables(setup)[1]
+
+
+def fresh_adapters(setup: Setup, frozen):
+    """Fresh adapter parameters; DoRA's magnitudes are set from the base kernels in `frozen`
+    so the adapted model starts equal to its base."""
+    params = fresh_params(setup)
+    if setup.config.model.adapter.kind != "dora":
+        return params
+
+    def init(params, frozen):
+        model = nnx.merge(setup.graphdef, params, frozen)
+        adapters.init_magnitudes(model)
+        return nnx.to_pure_dict(trainable.split(model, setup.config.model)[1])
+
+    return jax.jit(init, out_shardings=setup.param_shardings)(params, frozen)
 
 
 def initial_state(setup: Setup, workdir, data_iterator, log=print):
     """(step, state, frozen): resumed from WORKDIR's newest complete checkpoint, else started
     from `train.init_from`'s (or a params-only checkpoint's) parameters, else freshly
     initialised. `frozen` holds the variables that do not train (elmjax/trainable.py)."""
-    frozen = frozen_variables(setup)
+    frozen = frozen_variables(setup, log)
     step, restored, kind = ckpt.restore_train_state(workdir, setup.abstract_state, data_iterator)
     if kind == "train":
         log(f"resumed from {ckpt.checkpoint_dir(workdir) / str(step)} (step {step})")
@@ -124,6 +146,8 @@ def initial_state(setup: Setup, workdir, data_iterator, log=print):
     if kind == "params":
         log(f"starting from the parameters of {ckpt.checkpoint_dir(workdir) / str(step)} with a fresh optimizer")
         params = restored["params"]
+    elif trainable.adapters_on(setup.config.model):
+        params = fresh_adapters(setup, frozen)
     elif setup.config.train.init_from:
         step_dir, params = ckpt.restore_params_for_init(setup.config.train.init_from, setup.abstract_state["params"])
         log(f"starting from the parameters of {step_dir} with a fresh optimizer")

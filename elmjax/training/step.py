@@ -26,9 +26,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from elmjax.layers import adapters
 from elmjax.layers import aux as aux_terms
 from elmjax.parallel import sharding as shd
-from elmjax.training import optim
+from elmjax.training import dpo, optim
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -56,16 +57,19 @@ def token_losses(logits, targets, z_loss_weight: float):
     return log_normalizer - target_logit, z_loss_weight * jnp.square(log_normalizer)
 
 
-def summed_loss(params, frozen, graphdef, batch, z_loss_weight: float, scale=1.0, aux_scale=1.0):
+def summed_loss(params, frozen, graphdef, batch, z_loss_weight: float, scale=1.0, aux_scale=1.0, dropout_key=None):
     """`scale` * sums over `loss_mask` tokens of (ce + z), plus `aux_scale` * the weighted
     auxiliary losses. Returns (total, (ce, z, weighted aux losses, aux values)).
+
+    `dropout_key`: the key of adapter dropout (elmjax/layers/adapters.py); None = no dropout.
 
     The train step passes scale = 1 / (the batch's loss tokens), so the gradient comes out
     already averaged (no extra pass over the gradients to divide them), and aux_scale =
     1 / micro-batches (auxiliary losses are means over a micro-batch).
     """
     model = nnx.merge(graphdef, params, frozen)
-    logits, aux = model.forward(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+    with adapters.dropout_key(dropout_key):
+        logits, aux = model.forward(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
     ce, z = token_losses(logits, batch["targets"], z_loss_weight)
     mask = batch["loss_mask"].astype(jnp.float32)
     ce_sum, z_sum = jnp.sum(ce * mask) * scale, jnp.sum(z * mask) * scale
@@ -74,48 +78,79 @@ def summed_loss(params, frozen, graphdef, batch, z_loss_weight: float, scale=1.0
     return ce_sum + z_sum + aux_loss, (ce_sum, z_sum, aux_loss, aux_values)
 
 
-def _micro_batches(batch, accum_steps: int):
-    """[batch, seq] -> [accum, batch/accum, seq]; micro-batch k takes rows k, k+accum, ...
+def _micro_batches(batch, accum_steps: int, group: int = 1):
+    """[batch, seq] -> [accum, batch/accum, seq]; micro-batch k takes row groups k, k+accum, ...
 
-    Interleaving keeps every device's rows spread over all micro-batches, so a batch sharded
-    over the data axes needs no communication to split.
+    Rows go in groups of `group` consecutive rows (2 for DPO's chosen/rejected pairs), so a
+    group never straddles micro-batches. Interleaving keeps every device's rows spread over
+    all micro-batches, so a batch sharded over the data axes needs no communication to split.
     """
     def split(x):
-        rows = x.shape[0] // accum_steps
-        return jnp.swapaxes(x.reshape(rows, accum_steps, *x.shape[1:]), 0, 1)
+        groups = x.shape[0] // (accum_steps * group)
+        x = jnp.swapaxes(x.reshape(groups, accum_steps, group, *x.shape[1:]), 0, 1)
+        return x.reshape(accum_steps, groups * group, *x.shape[3:])
 
     return {key: split(value) for key, value in batch.items()}
 
 
-def loss_and_grads(params, frozen, graphdef, batch, *, z_loss_weight: float, accum_steps: int):
+def accumulate(grad_fn, params, batch, accum_steps: int, *, group: int = 1, dropout_key=None):
+    """(grads, terms) summed over `accum_steps` micro-batches of `batch`.
+
+    `grad_fn(params, micro_batch, dropout_key) -> (grads, terms)`, terms any pytree of arrays;
+    micro-batch k's dropout key has k folded in.
+    """
+    if accum_steps == 1:
+        return grad_fn(params, batch, dropout_key)
+
+    def micro_step(carry, indexed):
+        index, micro = indexed
+        key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
+        return jax.tree.map(jnp.add, carry, grad_fn(params, micro, key)), None
+
+    micro_batches = _micro_batches(batch, accum_steps, group)
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    shapes = jax.eval_shape(lambda: grad_fn(params, first, dropout_key))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    totals, _ = jax.lax.scan(micro_step, zeros, (jnp.arange(accum_steps), micro_batches))
+    return totals
+
+
+def loss_and_grads(params, frozen, graphdef, batch, *, z_loss_weight: float, accum_steps: int, dropout_key=None):
     """Mean loss over the batch's loss tokens and its gradient, accumulated in micro-batches.
 
     Every micro-batch's summed loss is divided by the whole batch's token count (and its
     auxiliary losses by the number of micro-batches), so the result equals the one-shot mean
     whatever `accum_steps` is.
     Returns (loss, ce, z, aux values, grads): losses float32 scalars, aux values a dict of
-    the auxiliary terms (each averaged over micro-batches).
+    the auxiliary terms (each averaged over micro-batches). `dropout_key` (adapter dropout)
+    gets micro-batch k's index folded in.
     """
     inverse_tokens = 1.0 / jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
     grad_fn = jax.grad(summed_loss, has_aux=True)
-    if accum_steps == 1:
-        grads, (ce, z, aux_loss, aux) = grad_fn(params, frozen, graphdef, batch, z_loss_weight, inverse_tokens)
-        return ce + z + aux_loss, ce, z, aux, grads
 
-    def micro_step(carry, micro):
-        grads, terms = grad_fn(params, frozen, graphdef, micro, z_loss_weight, inverse_tokens, 1.0 / accum_steps)
-        return (jax.tree.map(jnp.add, carry[0], grads), jax.tree.map(jnp.add, carry[1], terms)), None
+    def micro_grads(params, micro, key):
+        return grad_fn(params, frozen, graphdef, micro, z_loss_weight, inverse_tokens, 1.0 / accum_steps, key)
 
-    micro_batches = _micro_batches(batch, accum_steps)
-    first = jax.tree.map(lambda x: x[0], micro_batches)
-    term_shapes = jax.eval_shape(lambda: summed_loss(params, frozen, graphdef, first, z_loss_weight)[1])
-    zeros = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), term_shapes))
-    (grads, (ce, z, aux_loss, aux)), _ = jax.lax.scan(micro_step, zeros, micro_batches)
+    grads, (ce, z, aux_loss, aux) = accumulate(micro_grads, params, batch, accum_steps, dropout_key=dropout_key)
     return ce + z + aux_loss, ce, z, aux, grads
 
 
+def dpo_loss_and_grads(params, frozen, graphdef, batch, *, dpo_config, accum_steps: int, dropout_key=None):
+    """Mean DPO loss over the batch's pairs and its gradient (elmjax/training/dpo.py), pairs
+    kept whole in micro-batches. Returns (loss, terms dict of pair means, grads)."""
+    inverse_pairs = 2.0 / batch["inputs"].shape[0]
+    grad_fn = jax.grad(dpo.summed_dpo_loss, has_aux=True)
+
+    def micro_grads(params, micro, key):
+        return grad_fn(params, frozen, graphdef, micro, beta=float(dpo_config.beta), kind=dpo_config.loss,
+                       reference=dpo_config.reference, scale=inverse_pairs, dropout_key=key)
+
+    grads, terms = accumulate(micro_grads, params, batch, accum_steps, group=2, dropout_key=dropout_key)
+    return terms["loss"], terms, grads
+
+
 def train_step(state, frozen, batch, *, graphdef, optimizer, schedule, z_loss_weight, accum_steps,
-               clip_norm=0.0):
+               clip_norm=0.0, dropout_seed=None, dpo_config=None):
     """One optimizer step. Returns (new_state, metrics dict of float32/int32 scalars).
 
     `frozen`: the variables that do not train (pure dict; may be empty).
@@ -125,11 +160,26 @@ def train_step(state, frozen, batch, *, graphdef, optimizer, schedule, z_loss_we
 
     A non-finite loss or gradient norm leaves params and optimizer state unchanged (the
     host decides whether to abort); `nonfinite_steps` counts such steps.
+
+    `dropout_seed`: adapter dropout draws from (seed, step), so a resumed run repeats the
+    masks of an uninterrupted one; None = no dropout. `dpo_config`: train on preference pairs
+    with DPO's loss (`config.dpo`) instead of the next-token loss; its terms are reported as
+    `dpo/<name>`.
     """
     params = state["params"]
-    loss, ce, z, aux, grads = loss_and_grads(
-        params, frozen, graphdef, batch, z_loss_weight=z_loss_weight, accum_steps=accum_steps
-    )
+    dropout_key = None if dropout_seed is None else jax.random.fold_in(jax.random.key(dropout_seed), state["step"])
+    if dpo_config is None:
+        loss, ce, z, aux, grads = loss_and_grads(
+            params, frozen, graphdef, batch, z_loss_weight=z_loss_weight, accum_steps=accum_steps,
+            dropout_key=dropout_key,
+        )
+        terms = {f"aux/{name}": value for name, value in aux.items()}
+    else:
+        loss, dpo_terms, grads = dpo_loss_and_grads(
+            params, frozen, graphdef, batch, dpo_config=dpo_config, accum_steps=accum_steps, dropout_key=dropout_key
+        )
+        ce, z = dpo_terms["chosen_nll"], jnp.zeros((), jnp.float32)
+        terms = {f"dpo/{name}": value for name, value in dpo_terms.items() if name != "loss"}
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -157,7 +207,7 @@ def train_step(state, frozen, batch, *, graphdef, optimizer, schedule, z_loss_we
         "lr": jnp.asarray(schedule(state["step"]), jnp.float32),
         "finite": finite,
         "tokens": jnp.sum(batch["loss_mask"]),
-        **{f"aux/{name}": value for name, value in aux.items()},
+        **terms,
     }
     return new_state, metrics
 
@@ -203,6 +253,14 @@ def _opt_state_shardings(abstract_state, param_shardings, replicated):
     return jax.tree_util.tree_map_with_path(pick, abstract_state["opt_state"])
 
 
+def dropout_seed(config):
+    """The adapter-dropout seed of a run (`train.seed`), or None when nothing drops out."""
+    adapter = config.model.get("adapter")
+    if adapter is None or adapter.kind == "none" or adapter.dropout == 0:
+        return None
+    return int(config.train.seed)
+
+
 def make_jit_train_step(config, graphdef, optimizer, schedule, shardings, frozen_shardings, batch_sharding, mesh):
     """`jax.jit` of `train_step` with explicit in/out shardings and the state donated."""
     step = functools.partial(
@@ -213,6 +271,8 @@ def make_jit_train_step(config, graphdef, optimizer, schedule, shardings, frozen
         z_loss_weight=float(config.train.z_loss),
         accum_steps=int(config.train.grad_accum_steps),
         clip_norm=float(config.optim.clip_norm),
+        dropout_seed=dropout_seed(config),
+        dpo_config=config.dpo if config.train.objective == "dpo" else None,
     )
     rules = tuple(config.mesh.rules)
 

@@ -31,7 +31,6 @@ _FIXED_FIELDS = {
     "qk_norm": "per_head",
     "position_encoding": "rope",
     "use_bias": False,
-    "tie_embeddings": True,
     "embedding_scale": 1.0,
     "logit_scale": 1.0,
     "attention_scale": None,
@@ -80,13 +79,30 @@ class OpenELMLayout:
         `vocab_rows` keeps only the first rows of the embedding (a model trained with a padded
         vocabulary exports its real vocabulary).
         """
-        out = {"transformer.token_embeddings.weight": tied_embedding_rows(flat, vocab_rows, "OpenELM")}
+        untied = {key: value for key, value in flat.items() if key != "lm_head/kernel"}
+        out = {"transformer.token_embeddings.weight": tied_embedding_rows(untied, vocab_rows, "OpenELM")}
         for i in range(model_config.num_layers):
             for ours, theirs, transpose in _BLOCK_PARAMS:
                 value = flat[f"layers/{i}/{ours}"]
                 out[f"transformer.layers.{i}.{theirs}"] = value.T if transpose else value
         out["transformer.norm.weight"] = flat["norm/weight"]
+        if "lm_head/kernel" in flat:  # share_input_output_layers=False (e.g. a merged embedding adapter)
+            out["lm_head.weight"] = flat["lm_head/kernel"].T[:vocab_rows]
         return out
+
+    def linear_module(self, path: str) -> str | None:
+        """The HF module name of the linear layer at elmjax path `path` ('layers/0/attn/qkv_proj'),
+        or of the embedding ('token_embeddings'); None if it has no single HF counterpart."""
+        if path == "token_embeddings":
+            return "transformer.token_embeddings"
+        if path == "lm_head":
+            return "lm_head"
+        parts = path.split("/")
+        if len(parts) >= 3 and parts[0] == "layers":
+            for ours, theirs, transpose in _BLOCK_PARAMS:
+                if transpose and ours == "/".join(parts[2:]) + "/kernel":
+                    return f"transformer.layers.{parts[1]}.{theirs.removesuffix('.weight')}"
+        return None
 
     def from_hf(self, tensors: dict, model_config) -> dict[str, np.ndarray]:
         """Flat elmjax paths ('layers/0/attn/qkv_proj/kernel') -> arrays, from HF names.
@@ -94,13 +110,16 @@ class OpenELMLayout:
         Raises KeyError naming a missing tensor and ValueError for a wrong tensor count.
         """
         num_layers = model_config.num_layers
-        expected = 2 + len(_BLOCK_PARAMS) * num_layers  # embedding, final norm, 8 per block
+        tied = bool(model_config.tie_embeddings)
+        expected = 2 + len(_BLOCK_PARAMS) * num_layers + (0 if tied else 1)  # embedding, norm, 8 per block, head
         if len(tensors) != expected:
             raise ValueError(
-                f"holds {len(tensors)} tensors; an OpenELM with {num_layers} layers and tied "
-                f"embeddings has {expected} (names: SPEC §1)"
+                f"holds {len(tensors)} tensors; an OpenELM with {num_layers} layers and "
+                f"{'tied' if tied else 'untied'} embeddings has {expected} (names: SPEC §1)"
             )
         out = {"token_embeddings": np.asarray(tensors["transformer.token_embeddings.weight"])}
+        if not tied:
+            out["lm_head/kernel"] = np.asarray(tensors["lm_head.weight"]).T
         for i in range(num_layers):
             for ours, theirs, transpose in _BLOCK_PARAMS:
                 value = np.asarray(tensors[f"transformer.layers.{i}.{theirs}"])
@@ -147,7 +166,6 @@ class OpenELMLayout:
         """elmjax `config.model` fields from an OpenELM config.json."""
         if hf_cfg.get("model_type") != self.model_type:
             raise HFConfigError(f"config.json: model_type={hf_cfg.get('model_type')!r}; expected 'openelm'")
-        _expect(hf_cfg, "share_input_output_layers", [True])
         _expect(hf_cfg, "ffn_with_glu", [True])
         _expect(hf_cfg, "normalization_layer_name", ["rms_norm"])
         _expect(hf_cfg, "activation_fn_name", ["swish", "silu"])
@@ -176,7 +194,7 @@ class OpenELMLayout:
         fields["rope_theta"] = float(hf_cfg.get("rope_freq_constant", 10000))
         fields["norm_eps"] = float(hf_cfg.get("rms_norm_eps", 1e-6))
         fields["qk_norm"] = "per_head" if hf_cfg.get("normalize_qk_projections", True) else "none"
-        fields["tie_embeddings"] = True
+        fields["tie_embeddings"] = bool(hf_cfg.get("share_input_output_layers", True))
         return fields
 
     def check_config(self, hf_cfg: dict, model_config) -> None:
