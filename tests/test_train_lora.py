@@ -1,0 +1,80 @@
+"""A LoRA run end to end with `python -m elmjax.train`: it starts from a trained base
+(`train.init_from`), its checkpoints hold only the adapters and their optimizer state, and a
+SIGKILL after a checkpoint resumes bitwise (adapter dropout included)."""
+import json
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from elmjax import tree
+from test_train_resume import env, killed_train_command, metrics_by_step, run, train_command
+
+LORA = ("--config.model.adapter.kind=lora", "--config.model.adapter.rank=4", "--config.model.adapter.dropout=0.1",
+        "--config.optim.weight_decay=0")
+
+
+def _dir_bytes(path):
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("xla_cache")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, cache):
+    workdir = tmp_path_factory.mktemp("base")
+    result = run(train_command(workdir, "--config.train.steps=4"), env(cache))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, base, cache):
+    workdir = tmp_path_factory.mktemp("lora")
+    result = run(train_command(workdir, *LORA, f"--config.train.init_from={base}"), env(cache))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"frozen base model from {base}/checkpoints/4" in result.stdout
+    return workdir
+
+
+def _saved_state(step_dir):
+    metadata = ocp.PyTreeCheckpointer().metadata((step_dir / "state").absolute()).item_metadata
+    return metadata.tree if hasattr(metadata, "tree") else metadata
+
+
+def test_lora_checkpoint_holds_only_adapters_and_their_optimizer_state(lora_run, base):
+    saved = _saved_state(lora_run / "checkpoints" / "8")
+    params = tree.flatten(jax_free(saved["params"]))
+    assert params and all("/adapter/" in name or name.startswith("embedding_adapter/") for name in params)
+    adapter_shapes = sorted(tuple(v) for v in params.values())
+    moment_shapes = sorted(tuple(v) for v in tree.flatten(jax_free(saved["opt_state"])).values() if v.size)
+    # AdamW's two moments per adapter tensor, nothing of the base
+    assert moment_shapes == sorted(adapter_shapes * 2)
+    base_bytes, lora_bytes = _dir_bytes(base / "checkpoints" / "4"), _dir_bytes(lora_run / "checkpoints" / "8")
+    assert lora_bytes < base_bytes / 2, (lora_bytes, base_bytes)
+
+
+def jax_free(node):
+    """Array metadata -> shape tuples (scalars: ())."""
+    if isinstance(node, dict):
+        return {k: jax_free(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return {str(i): jax_free(v) for i, v in enumerate(node)}
+    return np.asarray(getattr(node, "shape", ()))
+
+
+def test_lora_run_resumes_bitwise_after_sigkill(lora_run, base, tmp_path, cache):
+    workdir = tmp_path / "killed"
+    overrides = (*LORA, f"--config.train.init_from={base}")
+    killed = run(killed_train_command(workdir, *overrides), env(cache, KILL_AFTER_CHECKPOINT="4"))
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    resumed = run(train_command(workdir, *overrides), env(cache))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {workdir}/checkpoints/4 (step 4)" in resumed.stdout
+    straight, after = metrics_by_step(lora_run), metrics_by_step(workdir)
+    for step in range(5, 9):
+        assert (after[step]["loss"], after[step]["grad_norm"]) == (straight[step]["loss"], straight[step]["grad_norm"])
+    assert json.loads((workdir / "config.json").read_text())["model"]["adapter"]["kind"] == "lora"
