@@ -162,6 +162,7 @@ def base_config(family: str = "openelm") -> ml_collections.ConfigDict:
     config.eval = evaluation = ml_collections.ConfigDict()
     evaluation.every_steps = 0  # held-out perplexity every K steps; 0 = never
     evaluation.batches = 4  # batches per held-out evaluation
+    evaluation.at_start = False  # also evaluate before the first step of a fresh run (fine-tunes)
 
     return config
 
@@ -345,6 +346,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(
         checkpoint.keep_every >= 0, "checkpoint.keep_every", f"is {checkpoint.keep_every}; need >= 0"
     )
+
+    _require(isinstance(config.eval.at_start, bool), "eval.at_start", f"is {config.eval.at_start!r}; need True or False")
 
     mesh = config.mesh
     sizes = [mesh[name] for name in ("data", "fsdp", "tensor", "expert")]
