@@ -59,23 +59,39 @@ def test_openelm_text_is_hand_written_and_matches_transformers():
     assert prompt == chat.render_text(CONVERSATION[:2], header, "</s>", "<s>", add_generation_prompt=True)
 
 
-def test_target_weights_cover_exactly_assistant_content_and_eos(tokenizer):
-    header = chat_header("openelm")
-    tokens, weights = chat.encode_conversation(tokenizer, CONVERSATION, header)
-    eos, encode = tokenizer.eos_id, tokenizer.encode
-    expected_tokens, expected_weights = [tokenizer.bos_id], [0]
-    for message in CONVERSATION:  # each piece on its own (hand-built, not via the template)
-        head = encode(f"<|{message['role']}|>\n")
-        body = encode(message["content"]) + [eos]
-        learn = int(message["role"] == "assistant")
-        expected_tokens += head + body
-        expected_weights += [0] * len(head) + [learn] * len(body)
-    np.testing.assert_array_equal(tokens, expected_tokens)
-    np.testing.assert_array_equal(weights, expected_weights)
-    # (a) system and user tokens (and every header) carry no weight
-    trained = tokens[weights == 1]
-    assert tokenizer.decode(trained.tolist()) == tokenizer.decode(encode("Hello!") + encode("See you."))
+@pytest.fixture(scope="module")
+def hf_tokenizer(tokenizer, tmp_path_factory):
+    """The run's tokenizer as Hugging Face loads it (the files an export writes)."""
+    from transformers import AutoTokenizer
+
+    directory = tmp_path_factory.mktemp("hf_tokenizer")
+    tokenizer.save_hf_files(directory)
+    return AutoTokenizer.from_pretrained(directory)
+
+
+# The default template written by hand in Jinja with {% generation %} around what is learned:
+# Hugging Face then computes the assistant mask itself from character offsets.
+GENERATION_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + eos_token }}"
+    "{% endgeneration %}{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def test_tokens_and_assistant_mask_match_transformers(tokenizer, hf_tokenizer):
+    tokens, weights = chat.encode_conversation(tokenizer, CONVERSATION, chat_header("openelm"))
+    oracle = hf_tokenizer.apply_chat_template(CONVERSATION, chat_template=GENERATION_TEMPLATE, tokenize=True,
+                                              return_dict=True, return_assistant_tokens_mask=True)
+    assert tokens.tolist() == oracle["input_ids"]
+    assert weights.tolist() == oracle["assistant_masks"]
+    # (a) only the assistant's content and EOS carry weight; system/user tokens and headers none
+    eos = tokenizer.eos_id
+    assert tokenizer.decode(tokens[weights == 1].tolist()) == "Hello!See you."  # (EOS decodes to "")
     assert int((tokens[weights == 1] == eos).sum()) == 2  # each assistant turn's EOS is learned
+    prompt = hf_tokenizer.apply_chat_template(CONVERSATION[:2], chat_template=chat.jinja_template(chat_header("openelm")),
+                                              tokenize=True, return_dict=True, add_generation_prompt=True)
+    ours = chat.encode_conversation(tokenizer, CONVERSATION[:2], chat_header("openelm"), add_generation_prompt=True)
+    assert ours[0].tolist() == prompt["input_ids"] and not ours[1].any()
 
 
 def test_custom_header_and_bad_templates():

@@ -41,21 +41,35 @@ def tokenizer():
     return load_tokenizer(pref_config())
 
 
-def expected_row(tokenizer, pair, name):
-    """The pair's sequence built by hand: [BOS] turns, assistant header, reply, EOS."""
-    enc, eos = tokenizer.encode, tokenizer.eos_id
+@pytest.fixture(scope="module")
+def hf_tokenizer(tokenizer, tmp_path_factory):
+    """The run's tokenizer as Hugging Face loads it, with the default template (the oracle)."""
+    from transformers import AutoTokenizer
+
+    from elmjax.data.chat import jinja_template
+
+    directory = tmp_path_factory.mktemp("hf_tokenizer")
+    tokenizer.save_hf_files(directory)
+    hf = AutoTokenizer.from_pretrained(directory)
+    hf.chat_template = jinja_template("<|{role}|>\n")
+    return hf
+
+
+def expected_row(hf, pair, name):
+    """(prompt ids, completion ids) by transformers: the prompt with the generation header,
+    and what the reply as an assistant turn adds after it."""
     prompt = pair["prompt"] if isinstance(pair["prompt"], list) else [{"role": "user", "content": pair["prompt"]}]
     reply = pair[name]
     reply = reply[0] if isinstance(reply, list) else reply
     reply = reply["content"] if isinstance(reply, dict) else reply
-    tokens = [tokenizer.bos_id]
-    for message in prompt:
-        tokens += enc(f"<|{message['role']}|>\n") + enc(message["content"]) + [eos]
-    tokens += enc("<|assistant|>\n")
-    return tokens, enc(reply) + [eos]
+    ids = lambda messages, **kw: list(hf.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)["input_ids"])
+    head = ids(prompt, add_generation_prompt=True)
+    whole = ids(prompt + [{"role": "assistant", "content": reply}])
+    assert whole[: len(head)] == head
+    return head, whole[len(head):]
 
 
-def test_pair_layout_and_masks(tokenizer, tmp_path):
+def test_pair_layout_and_masks(tokenizer, hf_tokenizer, tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in PAIRS * 5))
     config = pref_config(str(path), batch=6, tokenizer=tokenizer.name, eval_fraction=0.2)
@@ -64,7 +78,7 @@ def test_pair_layout_and_masks(tokenizer, tmp_path):
     assert all(v.shape == (6, SEQ) for v in batch.values())
     expected = {}
     for pair in PAIRS:
-        (prompt, chosen), (_, rejected) = (expected_row(tokenizer, pair, n) for n in ("chosen", "rejected"))
+        (prompt, chosen), (_, rejected) = (expected_row(hf_tokenizer, pair, n) for n in ("chosen", "rejected"))
         expected[tuple(prompt + chosen)] = (prompt, chosen, rejected)
     for i in range(3):
         chosen_row, rejected_row = 2 * i, 2 * i + 1
@@ -90,7 +104,7 @@ def test_truncation_keeps_prompt_end_then_cuts_completion(tokenizer):
     assert length == 21
     assert tokens[:8].tolist() == [100] + list(range(123, 130))  # first token, then the last 7
     assert weights[:8].sum() == 0 and weights[8:21].sum() == 13
-    full = tokenizer.encode("alpha beta gamma delta epsilon zeta eta theta iota") + [tokenizer.eos_id]
+    full = tokenizer.encode("alpha beta gamma delta epsilon zeta eta theta iota") + [tokenizer.eos_id]  # after ""
     assert tokens[8:21].tolist() == full[:13]
     # A pair that fits is never cut, even with a prompt longer than max_prompt.
     tokens, weights, length = encode.sequence(list(range(100, 112)), "yes")

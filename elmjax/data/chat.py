@@ -13,9 +13,10 @@ template is a header string holding "{role}" (e.g. "### {role}:\\n"); the turn e
 always the tokenizer's EOS, so generation stops at it. `jinja_template(header)` is the same
 template in the Jinja form Hugging Face's `apply_chat_template` takes (the tests' oracle).
 
-Tokens: every header and every content is encoded on its own (SentencePiece then puts its
-"▁" word-start on the first piece of each), so no token spans a header/content boundary and
-the loss mask is exact. The role markers are plain text to a tokenizer that does not have
+Tokens: every header is encoded on its own, and every content as it continues its header
+(encoded after the header's last character, whose ids are dropped), so no token spans a
+header/content boundary and the loss mask is exact, and the ids are those Hugging Face's
+`apply_chat_template` gives for the exported tokenizer and `jinja_template` (tested). The role markers are plain text to a tokenizer that does not have
 them as special tokens (the small embedded SentencePiece spells `<|user|>` in a few pieces);
 they are never special-cased. `data.add_eos` is ignored: every turn already ends in EOS.
 
@@ -97,11 +98,19 @@ def encode_conversation(tokenizer: Tokenizer, messages, header: str, *, bos: boo
     pieces, weights = [], []
     if bos:
         pieces.append([tokenizer.bos_id]), weights.append(0)
-    texts = [header.format(role=m["role"]) for m in messages] + [m["content"] for m in messages]
+    heads = [header.format(role=m["role"]) for m in messages]
+    # A content is encoded after its header's last character, whose ids are then dropped:
+    # so it tokenizes as it does inside the whole rendered text (no word-start "▁" of its
+    # own, as in Hugging Face's apply_chat_template), while no token spans the boundary.
+    texts = heads + [h[-1:] for h in heads] + [h[-1:] + m["content"] for h, m in zip(heads, messages)]
     encoded = tokenizer.encode_batch(texts)
     count = len(messages)
     for index, message in enumerate(messages):
-        head, content = encoded[index], encoded[count + index]
+        head, context, content = encoded[index], encoded[count + index], encoded[2 * count + index]
+        if content[: len(context)] == context:
+            content = content[len(context):]
+        else:  # a token spans the boundary: encode the content on its own instead
+            content = tokenizer.encode(message["content"])
         learn = int(message["role"] == "assistant")
         pieces.append(head), weights.append(0)
         pieces.append(list(content) + [tokenizer.eos_id]), weights.append(learn)
@@ -110,6 +119,15 @@ def encode_conversation(tokenizer: Tokenizer, messages, header: str, *, bos: boo
     tokens = np.asarray([t for piece in pieces for t in piece], np.int32)
     mask = np.asarray([w for piece, w in zip(pieces, weights) for _ in piece], np.int32)
     return tokens, mask
+
+
+def continuation_ids(tokenizer: Tokenizer, before: str, text: str) -> list[int]:
+    """Ids of `text` as it tokenizes right after `before` (encoded after `before`'s last
+    character, whose ids are dropped); `text` on its own when a token would span the two."""
+    if not before:
+        return tokenizer.encode(text)
+    context, ids = tokenizer.encode_batch([before[-1], before[-1] + text])
+    return ids[len(context):] if ids[: len(context)] == context else tokenizer.encode(text)
 
 
 @dataclasses.dataclass

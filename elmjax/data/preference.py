@@ -34,7 +34,7 @@ import grain
 import numpy as np
 
 from elmjax.data.base import DataSourceError, DocumentSource, RecordError, SourceStats
-from elmjax.data.chat import MessagesError, check_messages, encode_conversation, open_chat_source
+from elmjax.data.chat import MessagesError, check_messages, continuation_ids, encode_conversation, open_chat_source
 from elmjax.data.formats import chat_header
 from elmjax.data.sources import JsonlSource, parse_source_list
 from elmjax.data.split import plan_split
@@ -132,19 +132,23 @@ class EncodePair:
     max_prompt: int
     pad_id: int
 
-    def prompt_ids(self, prompt) -> list[int]:
+    def prompt_ids(self, prompt) -> tuple[list[int], str]:
+        """(the prompt's ids, the text the completion follows)."""
         tok = self.tokenizer
         if self.header is None:
             if not isinstance(prompt, str):
                 raise ConfigError("data.chat_template", "is empty, but a preference prompt is a message "
                                   "list; set data.chat_template=openelm")
-            return [tok.bos_id] + tok.encode(prompt)
+            return [tok.bos_id] + tok.encode(prompt), prompt
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
-        return encode_conversation(tok, prompt, self.header, add_generation_prompt=True)[0].tolist()
+        ids = encode_conversation(tok, prompt, self.header, add_generation_prompt=True)[0].tolist()
+        return ids, self.header.format(role="assistant")
 
-    def sequence(self, prompt: list[int], reply: str) -> tuple[np.ndarray, np.ndarray, int]:
-        completion = self.tokenizer.encode(reply) + [self.tokenizer.eos_id]
+    def sequence(self, prompt: list[int], reply: str, after: str = "") -> tuple[np.ndarray, np.ndarray, int]:
+        """(tokens, weights) int32 [row_length] and the real length of prompt + reply; the
+        reply is tokenized as it continues the text `after` (an SFT assistant turn's ids)."""
+        completion = continuation_ids(self.tokenizer, after, reply) + [self.tokenizer.eos_id]
         if len(prompt) + len(completion) > self.row_length and len(prompt) > self.max_prompt:
             prompt = prompt[:1] + prompt[len(prompt) - self.max_prompt + 1:]  # BOS + the prompt's end
         completion = completion[: self.row_length - len(prompt)]
@@ -156,8 +160,8 @@ class EncodePair:
         return tokens, weights, length
 
     def __call__(self, pair):
-        prompt = self.prompt_ids(pair["prompt"])
-        rows = [self.sequence(prompt, pair[name]) for name in ("chosen", "rejected")]
+        prompt, after = self.prompt_ids(pair["prompt"])
+        rows = [self.sequence(prompt, pair[name], after) for name in ("chosen", "rejected")]
         return {"tokens": np.stack([r[0] for r in rows]), "weights": np.stack([r[1] for r in rows]),
                 "length": np.asarray([r[2] for r in rows], np.int32)}
 
