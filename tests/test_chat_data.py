@@ -95,7 +95,13 @@ def test_tokens_and_assistant_mask_match_transformers(tokenizer, hf_tokenizer):
 
 
 def test_custom_header_and_bad_templates():
-    assert chat_header("### {role}:\n") == "### {role}:\n"
+    header = chat_header("### {role} é:\n\t")
+    import jinja2  # the engine Hugging Face renders chat templates with
+
+    rendered = jinja2.Environment().from_string(chat.jinja_template(header)).render(
+        messages=CONVERSATION, bos_token="<s>", eos_token="</s>", add_generation_prompt=True)
+    assert rendered == chat.render_text(CONVERSATION, header, "</s>", "<s>", add_generation_prompt=True)
+    assert rendered.startswith("<s>### system é:\n\tBe brief.</s>### user é:\n\tHi there</s>")
     for bad in ("no role here", "{role} {x}", "{role}{role}"):
         with pytest.raises(ConfigError, match="data.chat_template"):
             chat_config(chat_template=bad)

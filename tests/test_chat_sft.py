@@ -68,3 +68,14 @@ def test_sft_tiny_command_runs_and_generate_chat_replies(tmp_path, cache, capsys
     assert generate_main(["--checkpoint", str(sft), "--chat", "--system", "Be brief.", "--prompt", "Hi!",
                           "--max_new_tokens", "8"]) == 0
     assert capsys.readouterr().out.strip() != "Hi!"  # a reply, not the prompt echoed
+    # The export carries the template: transformers renders a conversation to the ids we train on.
+    from transformers import AutoTokenizer
+
+    from elmjax.convert.export import export_checkpoint
+    from elmjax.data.chat import encode_conversation
+
+    export_checkpoint(sft, tmp_path / "hf", target="torch")
+    hf = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    messages = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello there."}]
+    ids = hf.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    assert list(ids) == encode_conversation(run_tokenizer(sft), messages, "<|{role}|>\n")[0].tolist()

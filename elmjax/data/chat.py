@@ -79,7 +79,7 @@ def jinja_template(header: str) -> str:
     """The template as a Hugging Face chat template (Jinja; `bos_token`/`eos_token` from the
     tokenizer), rendering exactly `render_text`. For tokenizer_config.json's chat_template."""
     before, after = header.split("{role}")
-    quote = lambda s: json.dumps(s)  # a JSON string is a valid Jinja string literal
+    quote = lambda s: json.dumps(s, ensure_ascii=False)  # a JSON string is a valid Jinja string literal
     return (
         "{{ bos_token }}{% for message in messages %}"
         f"{{{{ {quote(before)} + message['role'] + {quote(after)} + message['content'] + eos_token }}}}"
