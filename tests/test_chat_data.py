@@ -203,3 +203,9 @@ def test_chat_eval_split_holds_out_other_conversations():
     for batch in (train_batch, eval_batch):
         assert 0 < batch["loss_mask"].mean() < 1
     assert not np.array_equal(train_batch["inputs"], eval_batch["inputs"])
+
+
+def test_plain_text_source_with_a_chat_template_is_refused():
+    with pytest.raises(ConfigError, match="embedded:chat") as error:
+        pipeline.make_train_iterator(chat_config("embedded:kjv"), process_index=0, process_count=1)
+    assert "\n" not in str(error.value) and "'embedded:kjv' is not conversations" in str(error.value)

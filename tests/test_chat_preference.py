@@ -155,3 +155,23 @@ def test_bad_preference_record_and_odd_batch_are_one_line_errors(tokenizer, tmp_
     assert "\n" not in str(error.value) and "pairs.jsonl" in str(error.value) and "rejected" in str(error.value)
     with pytest.raises(ConfigError, match="train.batch_size"):
         preference.make_preference_iterator(pref_config(batch=3), "train", process_index=0, process_count=1)
+
+
+def test_plain_pairs_without_a_template(tokenizer, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in [PAIRS[0], PAIRS[2], PAIRS[3]] * 4))
+    config = pref_config(str(path), tokenizer=tokenizer.name, chat_template="", eval_fraction=0.3)
+    batch = next(preference.make_preference_iterator(config, "eval", process_index=0, process_count=1))
+    enc = tokenizer.encode
+    expected = {tuple([tokenizer.bos_id] + enc(p["prompt"]) + enc(p[k]) + [tokenizer.eos_id]): len(enc(p[k])) + 1
+                for p in PAIRS if isinstance(p["prompt"], str) for k in ("chosen", "rejected")}
+    rows = 0
+    for row in range(batch["inputs"].shape[0]):
+        if not batch["segment_ids"][row].any():
+            continue  # a padding row of the last eval batch
+        n = int(batch["segment_ids"][row].sum())
+        sequence = tuple(np.append(batch["inputs"][row], batch["targets"][row, -1])[:n].tolist())
+        assert batch["loss_mask"][row].sum() == expected[sequence]  # KeyError: not a pair's sequence
+        assert batch["loss_mask"][row, n - 1 - expected[sequence]: n - 1].all()
+        rows += 1
+    assert rows >= 2

@@ -15,7 +15,7 @@ so held-out pairs come from held-out conversations.
 One pair's sequence: [BOS] prompt completion, where with a chat template the prompt is the
 rendered turns plus the assistant header, and the completion is the reply's tokens + EOS
 (what an SFT assistant turn trains on). Without a template: BOS, the prompt's tokens, the
-completion's tokens, EOS. Too long for a row of seq_len + 1 tokens, TRL's policy: the prompt
+completion's tokens, EOS, prompt and completion tokenized each on its own (as TRL does). Too long for a row of seq_len + 1 tokens, TRL's policy: the prompt
 keeps its last `data.max_prompt_len` tokens (BOS stays first; 0 = seq_len // 2), then the
 completion is cut from the right to fit (its EOS may be cut off).
 
@@ -139,7 +139,7 @@ class EncodePair:
             if not isinstance(prompt, str):
                 raise ConfigError("data.chat_template", "is empty, but a preference prompt is a message "
                                   "list; set data.chat_template=openelm")
-            return [tok.bos_id] + tok.encode(prompt), prompt
+            return [tok.bos_id] + tok.encode(prompt), ""  # each on its own, as TRL tokenizes them
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
         ids = encode_conversation(tok, prompt, self.header, add_generation_prompt=True)[0].tolist()
