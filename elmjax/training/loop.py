@@ -81,11 +81,12 @@ def train(config, workdir, log=print) -> dict:
             log(line)
         return {}
     if primary:
-        (workdir / "config.json").write_text(config.to_json(indent=2))
-        # The tokenizer stays with the run: a fine-tune or generate from this workdir finds it.
+        # The tokenizer stays with the run: a fine-tune or generate from this workdir finds it
+        # (checked first: another tokenizer than the run's fails before anything is written).
         from elmjax.data.tokenizer import keep_with_run, load_tokenizer
 
         keep_with_run(workdir, load_tokenizer(config))
+        (workdir / "config.json").write_text(config.to_json(indent=2))
     setup = setup_lib.build_setup(config)
     log(f"workdir {workdir.resolve()} | mesh {dict(setup.mesh.shape)} | {setup.num_params:,} parameters"
         + ("" if setup.num_trainable == setup.num_params else f" ({setup.num_trainable:,} trainable)"))
