@@ -18,7 +18,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from elmjax import models
-from elmjax.data.formats import DATA_FORMATS, TEXT_UNITS, parse_mixture_weights, source_entries
+from elmjax.data.formats import DATA_FORMATS, TEXT_UNITS, chat_header, parse_mixture_weights, source_entries
 from elmjax.layers.remat import REMAT_POLICY_NAMES
 from elmjax.training import stage_plan
 from elmjax.validation import ConfigError, at_least, check_expert_axis, choice, require
@@ -114,6 +114,13 @@ def base_config(family: str = "openelm") -> ml_collections.ConfigDict:
     data.num_workers = 0  # grain worker processes; 0 = in-process
     data.prefetch = 2  # batches prefetched per worker
     data.eval_fraction = 0.01  # documents held out for perplexity evaluation
+    # Chat (elmjax/data/chat.py): "" = plain documents; "openelm" (OpenELM-Instruct's turns) or a
+    # turn header holding "{role}" = documents are conversations, loss on assistant tokens only.
+    data.chat_template = ""
+    data.messages_field = "messages"  # JSONL field holding a conversation's [{role, content}, ...]
+    # Preference pairs (elmjax/data/preference.py): prompt tokens kept when a pair is too long
+    # (the prompt's end; then the completion is cut from the right). 0 = seq_len // 2.
+    data.max_prompt_len = 0
 
     config.train = train = ml_collections.ConfigDict()
     train.steps = 350_000  # optimizer steps
@@ -174,6 +181,7 @@ def base_config(family: str = "openelm") -> ml_collections.ConfigDict:
     config.eval = evaluation = ml_collections.ConfigDict()
     evaluation.every_steps = 0  # held-out perplexity every K steps; 0 = never
     evaluation.batches = 4  # batches per held-out evaluation
+    evaluation.at_start = False  # also evaluate before the first step of a fresh run (fine-tunes)
 
     return config
 
@@ -339,6 +347,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         parse_mixture_weights(data.mixture_weights, len(source_entries(data.source)))
     except ValueError as error:
         raise ConfigError("data.mixture_weights", str(error)) from None
+    _validate_chat(data, config.train)
     _require(data.pad_id >= -1, "data.pad_id", f"is {data.pad_id}; need a token id >= 0, or -1")
     _require(
         data.pad_id < model.vocab_size,
@@ -368,6 +377,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(
         checkpoint.keep_every >= 0, "checkpoint.keep_every", f"is {checkpoint.keep_every}; need >= 0"
     )
+
+    _require(isinstance(config.eval.at_start, bool), "eval.at_start", f"is {config.eval.at_start!r}; need True or False")
 
     mesh = config.mesh
     sizes = [mesh[name] for name in ("data", "fsdp", "tensor", "expert")]
@@ -434,6 +445,26 @@ def _validate_objective(config) -> None:
         "train.batch_size",
         f"is {config.train.batch_size}; DPO needs whole (chosen, rejected) pairs in each of the "
         f"{config.train.grad_accum_steps} micro-batch(es): use a multiple of {pairs_per_step}",
+    )
+
+
+def _validate_chat(data, train) -> None:
+    """data.chat_template, data.messages_field and data.max_prompt_len."""
+    _require(isinstance(data.chat_template, str), "data.chat_template",
+             f"is {data.chat_template!r}; need a template name or header string")
+    if data.chat_template:
+        try:
+            chat_header(data.chat_template)
+        except ValueError as error:
+            raise ConfigError("data.chat_template", str(error)) from None
+    elif "embedded:chat" in source_entries(data.source):
+        raise ConfigError("data.chat_template", "is empty, but data.source reads embedded:chat "
+                          "(conversations); set data.chat_template=openelm")
+    _require(data.messages_field != "", "data.messages_field", "is empty; name the JSONL field of the messages")
+    _require(
+        0 <= data.max_prompt_len < train.seq_len,
+        "data.max_prompt_len",
+        f"is {data.max_prompt_len}; need 0 (= seq_len // 2) or fewer tokens than train.seq_len={train.seq_len}",
     )
 
 

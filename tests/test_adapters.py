@@ -98,3 +98,27 @@ def test_mlx_adapters_refuse_an_embedding_adapter(tmp_path):
     with pytest.raises(ValueError, match="mlx-lm adapts only layers inside the transformer blocks"):
         adapter_export.export_adapters(tmp_path / "a", config, adapted_params(config), to="mlx")
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("config_file,targets", [
+    ("configs/tiny_moe.py", "token_embeddings,qkv_proj,out_proj,lm_head"),  # experts take no adapters
+    ("configs/tiny_btlm.py", "qkv_proj,out_proj,proj_1,proj_2"),
+])
+def test_other_families_adapt_their_linear_layers_and_export_merged(tmp_path, config_file, targets):
+    from elmjax.config import load_config_file
+
+    config = load_config_file(config_file)
+    config.model.num_layers = 2
+    config.model.adapter.kind, config.model.adapter.targets, config.model.adapter.rank = "dora", targets, 4
+    model = build_model(config.model, seed=1)
+    flat = tree.flatten(model)
+    rng = np.random.default_rng(0)
+    params = tree.unflatten({k: (rng.normal(0, 0.05, v.shape).astype(v.dtype) if "lora_b" in k else v)
+                             for k, v in flat.items()})
+    tokens = TOKENS % config.model.vocab_size
+    merged_config, merged = adapter_export.merge(config, params)
+    np.testing.assert_allclose(forward(adapted_model(merged_config, merged), tokens),
+                               forward(adapted_model(config, params), tokens), atol=1e-5, rtol=0)
+    assert "model.safetensors" in export_params(tmp_path / "merged", merged_config.model, merged, target="torch")
+    with pytest.raises(ValueError, match="export the merged model instead"):
+        adapter_export.export_adapters(tmp_path / "a", config, params, to="peft")

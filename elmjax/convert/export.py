@@ -72,6 +72,7 @@ def export_params(
     quantize: int | None = None,
     group_size: int = 64,
     tokenizer=None,
+    chat_template: str | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> list[str]:
@@ -79,7 +80,8 @@ def export_params(
 
     `tokenizer`: an `elmjax.data.tokenizer.Tokenizer` (or None to write no tokenizer files);
     its vocabulary size decides how many embedding rows are exported and its BOS/EOS ids go
-    into config.json and generation_config.json. Returns the names of the files written.
+    into config.json and generation_config.json. `chat_template` (Jinja, elmjax/data/chat.py)
+    goes into tokenizer_config.json for `apply_chat_template`. Returns the names of the files written.
     """
     check_export_args(target, dtype, quantize, group_size)
     check_output_dir(out, overwrite)
@@ -111,6 +113,9 @@ def export_params(
             before = set(os.listdir(tmp))
             tokenizer.save_hf_files(str(tmp))
             files += sorted(set(os.listdir(tmp)) - before)
+            if chat_template and (tmp / "tokenizer_config.json").exists():
+                settings = json.loads((tmp / "tokenizer_config.json").read_text())
+                _write_json(tmp / "tokenizer_config.json", dict(settings, chat_template=chat_template))
     return files
 
 
@@ -146,14 +151,20 @@ def export_checkpoint(
 
         config, params = merge(config, params)
     check_target(config.model, target)  # before the tokenizer, which may take a while to load
-    tokenizer = None
+    tokenizer, chat_template = None, None
     if with_tokenizer:
-        from elmjax.data.tokenizer import load_tokenizer
+        from elmjax.data.tokenizer import load_tokenizer, run_tokenizer
 
-        tokenizer = load_tokenizer(config)
+        tokenizer = run_tokenizer(checkpoint) or load_tokenizer(config)  # the run's own, when kept
+        if config.data.get("chat_template", ""):
+            from elmjax.data.chat import jinja_template
+            from elmjax.data.formats import chat_header
+
+            chat_template = jinja_template(chat_header(config.data.chat_template))
     return export_params(
         out, config.model, params, target=target, dtype=dtype, quantize=quantize,
         group_size=group_size, tokenizer=tokenizer, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+        chat_template=chat_template,
     )
 
 

@@ -4,4 +4,6 @@ Public entry points (imported from their modules, so `import elmjax.data` stays 
   elmjax.data.pipeline.make_train_iterator / make_eval_iterator  -- packed batches
   elmjax.data.tokenizer.load_tokenizer                            -- the run's tokenizer
   elmjax.data.token_store.TokenStoreWriter / TokenStoreSource     -- pre-tokenised stores
+  elmjax.data.chat.encode_conversation / jinja_template           -- chat template, assistant mask
+  elmjax.data.preference.make_preference_iterator                 -- DPO pair batches
 """

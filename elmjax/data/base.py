@@ -24,6 +24,11 @@ class DataSourceError(ConfigError):
         super().__init__(field, message)
 
 
+class RecordError(ValueError):
+    """A record that parses but is not a usable document (its text completes "the record at
+    byte N ..."); file sources turn it into a DataSourceError naming the file."""
+
+
 @dataclasses.dataclass
 class SourceStats:
     """What a source held, and what was skipped or repaired while indexing it."""

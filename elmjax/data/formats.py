@@ -10,6 +10,24 @@ import math
 DATA_FORMATS = ("auto", "text", "jsonl", "parquet", "token_store")  # data.format
 TEXT_UNITS = ("file", "line")  # data.text_unit: a text file's documents (whole file / lines)
 
+# data.chat_template: a name here, or a turn header of its own holding "{role}" once. Every
+# turn is rendered as header(role) + content + EOS (elmjax/data/chat.py).
+CHAT_TEMPLATES = {"openelm": "<|{role}|>\n"}  # OpenELM-Instruct's turns (SPEC §5)
+
+
+def chat_header(template: str) -> str:
+    """The turn header format of `data.chat_template` (a name or a header with "{role}").
+
+    Raises ValueError whose text completes "config field `data.chat_template`: ..."."""
+    header = CHAT_TEMPLATES.get(template, template)
+    rest = header.replace("{role}", "")
+    if header.count("{role}") != 1 or "{" in rest or "}" in rest:
+        raise ValueError(
+            f"is {template!r}; give one of {', '.join(CHAT_TEMPLATES)}, a turn header holding "
+            "\"{role}\" once and no other braces (e.g. \"### {role}:\\n\"), or \"\" for plain documents"
+        )
+    return header
+
 
 def source_entries(source) -> list[str]:
     """`data.source` split into its comma-separated entries (blank entries dropped)."""

@@ -12,6 +12,10 @@ Per source:  documents (split train/eval by a hash of each document's key; a sou
      no token is dropped; each row carries segment ids (1.. per document piece) and positions.
      The piece of a split document that starts a row restarts its positions at 0: RoPE and
      ALiBi see only relative positions within a segment, so attention is unchanged.
+With `data.chat_template` set, documents are conversations (elmjax/data/chat.py): each is
+rendered with the template and carries a per-token target weight (1 on assistant tokens),
+packed next to the tokens as a second feature, so the batch's loss_mask covers only the
+assistant's tokens.
 Then sources are mixed by weight (rows, i.e. tokens, in proportion), batched, turned into the
 model's inputs/targets, and optionally prefetched by worker processes.
 
@@ -29,9 +33,10 @@ import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset
 
 from elmjax.validation import ConfigError
+from elmjax.data import chat as chat_lib
 from elmjax.data import sources as sources_lib
 from elmjax.data.base import DataSourceError, logger
-from elmjax.data.formats import parse_mixture_weights
+from elmjax.data.formats import chat_header, parse_mixture_weights
 from elmjax.data.split import is_eval_document, plan_split, split_indices, token_part  # noqa: F401
 from elmjax.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -110,10 +115,12 @@ class _ToModelInputs:
         tokens = rows[ROW_FEATURE]
         segments = rows[f"{ROW_FEATURE}_segment_ids"]
         positions = rows[f"{ROW_FEATURE}_positions"]
+        # Chat rows carry each token's weight as a target; other rows train on every token.
+        weights = rows.get(chat_lib.WEIGHT_FEATURE, np.ones_like(tokens))
         missing = self.batch_size - tokens.shape[0]
         if missing > 0:  # padding rows: segment 0, masked out of the loss
             pad = lambda a: np.concatenate([a, np.zeros((missing, a.shape[1]), a.dtype)])
-            tokens, segments, positions = pad(tokens), pad(segments), pad(positions)
+            tokens, segments, positions, weights = pad(tokens), pad(segments), pad(positions), pad(weights)
         tokens = np.where(segments > 0, tokens, self.pad_id).astype(np.int32)
         same_document = (segments[:, 1:] == segments[:, :-1]) & (segments[:, :-1] > 0)
         return {
@@ -121,7 +128,7 @@ class _ToModelInputs:
             "targets": tokens[:, 1:],
             "segment_ids": segments[:, :-1].astype(np.int32),
             "positions": positions[:, :-1].astype(np.int32),
-            "loss_mask": same_document.astype(np.float32),
+            "loss_mask": (same_document & (weights[:, 1:] > 0)).astype(np.float32),
         }
 
 
@@ -212,11 +219,19 @@ def build_row_streams(
             f"has {tokenizer.vocab_size} tokens; raise model.vocab_size to at least that"
         )
     row_length = config.train.seq_len + 1
-    pack = lambda docs: ConcatThenSplitIterDataset(docs, length_struct={ROW_FEATURE: row_length})
+    header = chat_header(data.chat_template) if data.chat_template else None
+    features = (ROW_FEATURE,) + ((chat_lib.WEIGHT_FEATURE,) if header else ())
+    pack = lambda docs: ConcatThenSplitIterDataset(docs, length_struct={f: row_length for f in features})
     finite = num_epochs is not None
     streams, document_lists = [], []
     for number, spec in enumerate(specs):
-        source = sources_lib.open_source(spec, data)
+        if header:
+            source = chat_lib.open_chat_source(spec, data)
+        elif spec.kind == "embedded" and chat_lib.EMBEDDED_CHAT in spec.corpora:
+            raise ConfigError("data.chat_template", "is empty, but data.source reads embedded:chat "
+                              "(conversations); set data.chat_template=openelm")
+        else:
+            source = sources_lib.open_source(spec, data)
         if opened is not None:
             opened.append(source)
         stored_with = getattr(source, "meta", {}).get("tokenizer_fingerprint")
@@ -238,6 +253,8 @@ def build_row_streams(
         indices = plan.indices(split)
         fraction = plan.eval_fraction if plan.token_split else 0.0
         to_tokens = _ToTokens(tokenizer, bos, eos, row_length, source.name, split, fraction)
+        if header:  # each turn ends in EOS already; data.add_eos does not apply
+            to_tokens = chat_lib.ChatToTokens(tokenizer, header, bos is not None, split, fraction)
         _log_split(source, split, indices, row_length)
         docs = grain.MapDataset.source(_Documents(source, indices))
         docs = docs[process_index::process_count]

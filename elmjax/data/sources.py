@@ -2,6 +2,7 @@
 
 `config.data.source` is a comma-separated list; each entry is
   - `embedded` (both embedded corpora), `embedded:shakespeare` or `embedded:kjv`;
+    `embedded:chat` (conversations, with `data.chat_template`: elmjax/data/chat.py);
   - `seqio:<registered Task or Mixture>` (optional extra, see elmjax/data/seqio.py);
   - a path or glob, local or remote (`gs://...`, via fsspec): text, JSONL (field
     `data.text_field`) or Parquet (column `data.text_field`) files, or a token store
@@ -22,7 +23,7 @@ import json
 
 import numpy as np
 
-from elmjax.data.base import DataSourceError, DocumentSource, SourceStats, logger  # noqa: F401  (re-exported)
+from elmjax.data.base import DataSourceError, DocumentSource, RecordError, SourceStats, logger  # noqa: F401  (re-exported)
 from elmjax.data.formats import DATA_FORMATS, source_entries
 
 _EXTENSIONS = {
@@ -43,7 +44,7 @@ class SourceSpec:
 
 def parse_source_list(data) -> list[SourceSpec]:
     """`config.data.source` -> one SourceSpec per comma-separated entry."""
-    from elmjax.data.corpus import EMBEDDED_CORPORA
+    from elmjax.data.corpus import EMBEDDED_CHAT, EMBEDDED_CORPORA
 
     entries = source_entries(data.source)
     if not entries:
@@ -53,10 +54,10 @@ def parse_source_list(data) -> list[SourceSpec]:
         if entry == "embedded" or entry.startswith("embedded:"):
             names = EMBEDDED_CORPORA if entry == "embedded" else (entry.split(":", 1)[1],)
             for name in names:
-                if name not in EMBEDDED_CORPORA:
+                if name not in EMBEDDED_CORPORA + (EMBEDDED_CHAT,):
                     raise ValueError(
                         f"config field `data.source`: unknown embedded corpus {name!r}; "
-                        f"available: {', '.join(EMBEDDED_CORPORA)}"
+                        f"available: {', '.join(EMBEDDED_CORPORA + (EMBEDDED_CHAT,))}"
                     )
             specs.append(SourceSpec("embedded", entry, tuple(names)))
         elif entry.startswith("seqio:"):
@@ -190,6 +191,8 @@ class _OffsetIndexedSource(DocumentSource):
                         f"{path}: the record at byte {start} is not valid JSON ({error.msg}); "
                         "JSONL needs one JSON object per line"
                     ) from None
+                except RecordError as error:
+                    raise DataSourceError(f"{path}: the record at byte {start} {error}") from None
                 if document is not None:
                     files.append(file_index), starts.append(start), ends.append(start + len(raw))
             check.refuse_if_binary()

@@ -9,6 +9,12 @@ lengths reuse one compilation.
 
     python -m elmjax.generate --checkpoint WORKDIR --prompt "Once upon a time" \
         [--max_new_tokens 64 --temperature 0.8 --top_k 40 --top_p 0.95 --seed 0]
+    python -m elmjax.generate --checkpoint WORKDIR --chat [--system "Be brief."] --prompt "Hi!"
+
+`--chat` renders each prompt as a user turn (after an optional system turn) with the run's
+chat template (`data.chat_template`, OpenELM-Instruct's by default; elmjax/data/chat.py),
+ends it with the assistant header, and prints the reply, which stops at EOS. The tokenizer
+is the one kept in the checkpoint's workdir (elmjax/data/run_files.py) when there is one.
 """
 from __future__ import annotations
 
@@ -196,7 +202,12 @@ def main(argv=None) -> int:
     parser.add_argument("--top_k", type=int, default=0, help="0 = off")
     parser.add_argument("--top_p", type=float, default=1.0, help="1 = off")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chat", action="store_true",
+                        help="apply the chat template: each prompt is a user turn; print the reply")
+    parser.add_argument("--system", default=None, help="with --chat: a system turn before the prompt")
     args = parser.parse_args(argv)
+    if args.system is not None and not args.chat:
+        parser.error("--system needs --chat")
     if args.top_k < 0 or not 0 < args.top_p <= 1 or args.temperature < 0:
         parser.error("need --top_k >= 0, 0 < --top_p <= 1 and --temperature >= 0")
     if not args.prompt:
@@ -204,22 +215,41 @@ def main(argv=None) -> int:
         return 0
 
     from elmjax.training.checkpoint import load_model
-    from elmjax.data.tokenizer import load_tokenizer
+    from elmjax.data.tokenizer import load_tokenizer, run_tokenizer
 
     config, model = load_model(args.checkpoint, step=args.step)
-    tokenizer = load_tokenizer(config)
+    tokenizer = run_tokenizer(args.checkpoint) or load_tokenizer(config)
+    sampling = dict(max_new_tokens=args.max_new_tokens, max_seq_len=config.model.max_seq_len,
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     try:
-        texts = generate_text(
-            model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-            max_seq_len=config.model.max_seq_len, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-        )
+        if args.chat:
+            texts = chat_replies(model, tokenizer, config.data.get("chat_template", "") or "openelm",
+                                 args.prompt, system=args.system, **sampling)
+        else:
+            texts = generate_text(model, tokenizer, args.prompt, **sampling)
     except PromptTooLongError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for prompt, text in zip(args.prompt, texts):
-        print(f"{prompt}{text}")
+        print(text if args.chat else f"{prompt}{text}")
     return 0
+
+
+def chat_replies(model, tokenizer, template: str, prompts, *, system=None, max_new_tokens: int,
+                 max_seq_len=None, **sampling) -> list[str]:
+    """The assistant's reply to each prompt, rendered as a user turn (after a `system` turn
+    when given) with chat template `template` (a data.chat_template value); stops at EOS."""
+    from elmjax.data.chat import encode_conversation
+    from elmjax.data.formats import chat_header
+
+    header = chat_header(template)
+    turns = [[{"role": "system", "content": system}] if system is not None else [] for _ in prompts]
+    encoded = [encode_conversation(tokenizer, head + [{"role": "user", "content": prompt}], header,
+                                   add_generation_prompt=True)[0].tolist()
+               for head, prompt in zip(turns, prompts)]
+    new = generate(model, encoded, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
+                   max_seq_len=max_seq_len, pad_id=tokenizer.pad_id, **sampling)
+    return [tokenizer.decode(ids) for ids in new]
 
 
 if __name__ == "__main__":

@@ -81,6 +81,11 @@ def train(config, workdir, log=print) -> dict:
             log(line)
         return {}
     if primary:
+        # The tokenizer stays with the run: a fine-tune or generate from this workdir finds it
+        # (checked first: another tokenizer than the run's fails before anything is written).
+        from elmjax.data.tokenizer import keep_with_run, load_tokenizer
+
+        keep_with_run(workdir, load_tokenizer(config))
         (workdir / "config.json").write_text(config.to_json(indent=2))
     setup = setup_lib.build_setup(config)
     log(f"workdir {workdir.resolve()} | mesh {dict(setup.mesh.shape)} | {setup.num_params:,} parameters"
@@ -94,6 +99,10 @@ def train(config, workdir, log=print) -> dict:
     )
     manager = ckpt.make_manager(workdir, config.checkpoint)
     writer = mt.MetricsWriter(workdir, enabled=primary)
+    if config.eval.get("at_start", False) and config.eval.every_steps and step == 0:
+        results = heldout_loss(setup, eval_step, state["params"], frozen)
+        writer.write(0, results)
+        log(f"step 0: held-out loss {results['eval_loss']:.4f}, perplexity {results['eval_perplexity']:.2f}")
     peak, peak_source = mt.device_peak_flops()
     if peak:
         log(f"peak {peak / 1e9:,.1f} GFLOP/s per device ({peak_source})")

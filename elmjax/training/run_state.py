@@ -78,7 +78,8 @@ def finished_summary(workdir, config, step: int, seconds: float | None, last: di
         head,
         f"  checkpoints  {ckpt.checkpoint_dir(workdir)} (steps {', '.join(map(str, steps))})",
         f"  metrics      {workdir}/metrics.jsonl; TensorBoard: tensorboard --logdir {workdir}/tensorboard",
-        f"  next         python -m elmjax.generate --checkpoint {workdir} --prompt \"The\"",
+        f"  next         python -m elmjax.generate --checkpoint {workdir} "
+        + ("--chat --prompt \"Hi! How are you?\"" if config.data.get("chat_template", "") else "--prompt \"The\""),
         f"               python -m elmjax.evaluate --checkpoint {workdir} --tasks openelm_zero_shot --limit 100",
         f"               python tools/export.py --checkpoint {workdir} --to torch --out {workdir}/hf",
     ]
