@@ -434,6 +434,7 @@ def _validate_objective(config) -> None:
     _choice(config, "dpo", "loss", DPO_LOSSES)
     _choice(config, "dpo", "reference", DPO_REFERENCES)
     _require(config.dpo.beta > 0, "dpo.beta", f"is {config.dpo.beta}; need > 0")
+    _require(not config.train.stages, "train.stages", "is set; DPO trains in one stage (remove train.stages)")
     _require(
         config.model.adapter.kind != "none",
         "model.adapter.kind",

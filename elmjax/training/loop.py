@@ -5,18 +5,16 @@ around it is `python -m elmjax.train` (elmjax/train.py).
 """
 from __future__ import annotations
 
-import math
 import signal
 import time
 import zlib
 
 import jax
 
-from elmjax.data.pipeline import make_eval_iterator
 from elmjax.training import checkpoint as ckpt
+from elmjax.training import heldout
 from elmjax.training import memory
 from elmjax.training import metrics as mt
-from elmjax.training import step as ts
 from elmjax.training import run_state
 from elmjax.training import setup as setup_lib
 from elmjax.training import stages
@@ -55,18 +53,6 @@ class StopRequest:
         return f"received {self.signal}" if self.signal else "another process received a stop signal"
 
 
-def heldout_loss(setup, eval_step, params, frozen) -> dict:
-    """Held-out loss and perplexity over up to `config.eval.batches` batches."""
-    total, tokens = 0.0, 0.0
-    for index, batch in enumerate(make_eval_iterator(setup.config)):
-        if index >= setup.config.eval.batches:
-            break
-        ce_sum, count = jax.device_get(eval_step(params, frozen, setup_lib.global_batch(setup, batch)))
-        total, tokens = total + float(ce_sum), tokens + float(count)
-    loss = total / max(tokens, 1.0)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)), "eval_tokens": tokens}
-
-
 def train(config, workdir, log=print) -> dict:
     """Trains to `config.train.steps`, resuming from WORKDIR; returns the last metrics."""
     run_start = time.perf_counter()
@@ -94,15 +80,13 @@ def train(config, workdir, log=print) -> dict:
     plan = stages.plan(config)
     data = stages.train_data(config, plan)  # a staged run's data state carries its stage
     step, state, frozen = setup_lib.initial_state(setup, workdir, data, log)
-    eval_step = ts.make_jit_eval_step(
-        config, setup.graphdef, setup.param_shardings, setup.frozen_shardings, setup.batch_sharding, setup.mesh
-    )
+    evaluator = heldout.Evaluator(setup)
     manager = ckpt.make_manager(workdir, config.checkpoint)
     writer = mt.MetricsWriter(workdir, enabled=primary)
     if config.eval.get("at_start", False) and config.eval.every_steps and step == 0:
-        results = heldout_loss(setup, eval_step, state["params"], frozen)
+        results, line = evaluator.evaluate(setup, state["params"], frozen)
         writer.write(0, results)
-        log(f"step 0: held-out loss {results['eval_loss']:.4f}, perplexity {results['eval_perplexity']:.2f}")
+        log(f"step 0: {line}")
     peak, peak_source = mt.device_peak_flops()
     if peak:
         log(f"peak {peak / 1e9:,.1f} GFLOP/s per device ({peak_source})")
@@ -160,9 +144,9 @@ def train(config, workdir, log=print) -> dict:
         if step % config.checkpoint.every_steps == 0 or step == config.train.steps or stopping:
             ckpt.save(manager, step, state, data, config, force=True)
         if config.eval.every_steps and (step % config.eval.every_steps == 0 or step == config.train.steps):
-            results = heldout_loss(run.setup, eval_step, state["params"], frozen)
+            results, line = evaluator.evaluate(run.setup, state["params"], frozen)
             writer.write(step, results)
-            log(f"step {step}: held-out loss {results['eval_loss']:.4f}, perplexity {results['eval_perplexity']:.2f}")
+            log(f"step {step}: {line}")
             interval_start = time.perf_counter()
         if stopping:
             log(f"{stop.describe()}: saving step {step} and exiting")

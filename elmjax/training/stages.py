@@ -96,6 +96,10 @@ class StagedData:
 def train_data(config, stages: list[Stage]):
     """The run's batch iterator: the plain grain iterator for a one-stage run (checkpoints
     keep their format), `StagedData` otherwise."""
+    if config.train.objective == "dpo":  # preference pairs (one stage: validated)
+        from elmjax.data.preference import make_preference_iterator
+
+        return make_preference_iterator(config, "train")
     if len(stages) == 1:
         from elmjax.data.pipeline import make_train_iterator
 

@@ -290,11 +290,16 @@ def make_jit_train_step(config, graphdef, optimizer, schedule, shardings, frozen
 
 
 def make_jit_eval_step(config, graphdef, param_shardings, frozen_shardings, batch_sharding, mesh):
-    """`jax.jit` of `eval_step` under the same shardings as training."""
+    """`jax.jit` of the held-out sums under the same shardings as training: `eval_step`'s
+    (summed cross-entropy, tokens), or for DPO (`dpo.eval_sums`) (summed terms, pairs)."""
     rules = tuple(config.mesh.rules)
+    objective = config.train.objective if "objective" in config.train else "lm"
 
     def run(params, frozen, batch):
         with shd.use_rules(mesh, rules):
+            if objective == "dpo":
+                return dpo.eval_sums(params, frozen, graphdef, batch, beta=float(config.dpo.beta),
+                                     kind=config.dpo.loss, reference=config.dpo.reference)
             return eval_step(params, frozen, batch, graphdef=graphdef)
 
     batch_shardings = {key: batch_sharding for key in BATCH_KEYS}
