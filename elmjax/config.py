@@ -150,7 +150,8 @@ def base_config(family: str = "openelm") -> ml_collections.ConfigDict:
     config.dpo = dpo = ml_collections.ConfigDict()
     dpo.beta = 0.1  # inverse temperature of the implicit reward (OpenELM-Instruct: 0.01)
     dpo.loss = "sigmoid"  # one of DPO_LOSSES: -log sigmoid(beta delta), or hinge relu(1 - beta delta)
-    dpo.reference = "base"  # one of DPO_REFERENCES: the frozen base under the adapters (adapters off)
+    dpo.reference = "base"  # one of DPO_REFERENCES: the frozen base under the adapters (adapters off), or
+    # "initial": a frozen copy of the starting weights (every weight trains; one more copy in memory)
 
     config.optim = optim = ml_collections.ConfigDict()
     optim.peak_lr = 5.3e-3  # learning rate after warmup
@@ -435,11 +436,26 @@ def _validate_objective(config) -> None:
     _choice(config, "dpo", "reference", DPO_REFERENCES)
     _require(config.dpo.beta > 0, "dpo.beta", f"is {config.dpo.beta}; need > 0")
     _require(not config.train.stages, "train.stages", "is set; DPO trains in one stage (remove train.stages)")
-    _require(
-        config.model.adapter.kind != "none",
-        "model.adapter.kind",
-        "is 'none', but DPO's reference is the frozen base under adapters; set model.adapter.kind=lora or dora",
-    )
+    if config.dpo.reference == "base":
+        _require(
+            config.model.adapter.kind != "none",
+            "model.adapter.kind",
+            "is 'none', but dpo.reference='base' is the frozen base under adapters; set model.adapter.kind=lora "
+            "or dora, or dpo.reference=initial (a frozen copy of the starting weights)",
+        )
+    else:
+        _require(
+            config.model.adapter.kind == "none",
+            "dpo.reference",
+            "is 'initial' (a copy of the starting weights), but adapters are on: their frozen base already is the "
+            "reference, so use dpo.reference=base",
+        )
+        _require(
+            config.train.init_from != "",
+            "train.init_from",
+            "is empty; DPO starts from a trained model (its starting weights are the reference): give its "
+            "workdir or step directory",
+        )
     pairs_per_step = 2 * config.train.grad_accum_steps
     _require(
         config.train.batch_size % pairs_per_step == 0,

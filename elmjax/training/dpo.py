@@ -12,7 +12,11 @@ reported rewards are beta (logp - ref) per sequence, the reward margin their dif
 the preference accuracy the fraction of pairs whose chosen reward is the larger.
 
 The reference log-probabilities come from the same weights with the adapters switched off
-(`dpo.reference="base"`): a LoRA/DoRA run's frozen base, with no second copy of the weights.
+(`dpo.reference="base"`: a LoRA/DoRA run's frozen base, with no second copy of the weights),
+or, when every weight trains (OpenELM-Instruct's recipe), from a frozen copy of the starting
+weights (`"initial"`, from `train.init_from`): the frozen variables are then
+{"model": the model's frozen variables, "reference": that copy} (`model_frozen`,
+`with_reference`), which costs one more copy of the parameters in memory.
 """
 from __future__ import annotations
 
@@ -23,7 +27,22 @@ from flax import nnx
 from elmjax.layers import adapters
 
 DPO_LOSSES = ("sigmoid", "hinge")
-DPO_REFERENCES = ("base",)
+DPO_REFERENCES = ("base", "initial")
+
+
+def uses_initial_reference(config) -> bool:
+    """Whether the run keeps a frozen copy of its starting weights as DPO's reference."""
+    return config.train.get("objective", "lm") == "dpo" and config.dpo.reference == "initial"
+
+
+def with_reference(model_frozen, reference_params) -> dict:
+    """The frozen variables of a `dpo.reference="initial"` run."""
+    return {"model": model_frozen, "reference": reference_params}
+
+
+def model_frozen(config, frozen):
+    """The model's own frozen variables out of a run's frozen variables."""
+    return frozen["model"] if uses_initial_reference(config) else frozen
 
 
 def sequence_logps(logits, targets, loss_mask):
@@ -50,7 +69,8 @@ def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *,
 
 
 def reference_logps(model, batch, reference: str):
-    """Reference sequence log-probabilities [rows]: the model with its adapters off."""
+    """Reference sequence log-probabilities [rows] of `model`: with its adapters off
+    ("base"), or as it is (`model` is then the reference copy, "initial")."""
     if reference not in DPO_REFERENCES:
         raise ValueError(f"unknown DPO reference {reference!r}; dpo.reference must be one of {', '.join(DPO_REFERENCES)}")
     with adapters.disabled():
@@ -63,10 +83,13 @@ def summed_dpo_loss(params, frozen, graphdef, batch, *, beta: float, kind: str, 
     """`scale` * the summed DPO loss of the batch's pairs. Returns (total, terms): terms hold
     `scale` * the sums of the loss, reward margin, preference accuracy, chosen and rejected
     rewards, and of the chosen completions' mean token negative log-likelihood."""
-    model = nnx.merge(graphdef, params, frozen)
+    own_frozen = frozen["model"] if reference == "initial" else frozen
+    model = nnx.merge(graphdef, params, own_frozen)
     with adapters.dropout_key(dropout_key):
         logits, _ = model.forward(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
     policy = sequence_logps(logits, batch["targets"], batch["loss_mask"])  # [rows]
+    if reference == "initial":
+        model = nnx.merge(graphdef, frozen["reference"], own_frozen)
     ref = reference_logps(model, batch, reference)
     losses, chosen, rejected = preference_loss(policy[0::2], policy[1::2], ref[0::2], ref[1::2], beta=beta, kind=kind)
     chosen_tokens = jnp.maximum(jnp.sum(batch["loss_mask"][0::2].astype(jnp.float32), axis=-1), 1.0)

@@ -119,7 +119,7 @@ def train(config, workdir, log=print) -> dict:
                 "step_time": elapsed / interval_steps, "nonfinite_steps": nonfinite,
                 "batch_crc32": zlib.crc32(local["inputs"].tobytes()), "stage": run.stage.index + 1,
                 "elapsed": time.perf_counter() - run_start,
-                **{name: value for name, value in metrics.items() if name.startswith("aux/")},
+                **{name: value for name, value in metrics.items() if name.startswith(("aux/", "dpo/"))},
             }
             last["eta"] = last["step_time"] * (config.train.steps - step)
             if on_cpu and last["mfu"] and last["mfu"] > 1.0 and not remeasured:  # peak measured under load
@@ -185,7 +185,9 @@ def _print_sample(config, state, frozen, setup, log) -> None:
     except ImportError as error:  # generation is optional for training
         log(f"(no sample: {error})")
         return
-    model = nnx.merge(setup.graphdef, jax.device_get(state["params"]), jax.device_get(frozen))
+    from elmjax.training.dpo import model_frozen
+
+    model = nnx.merge(setup.graphdef, jax.device_get(state["params"]), jax.device_get(model_frozen(config, frozen)))
     text = sample_text(model, load_tokenizer(config), "The", 40, max_seq_len=config.model.max_seq_len)
     log(f"sample: The{text}")
 

@@ -16,7 +16,7 @@ from elmjax.layers import adapters
 from elmjax.layers.decoder import abstract_model, build_model
 from elmjax.parallel import sharding as shd
 from elmjax.training import checkpoint as ckpt
-from elmjax.training import optim
+from elmjax.training import dpo, optim
 from elmjax.training import step as ts
 
 
@@ -61,12 +61,16 @@ def build_setup(config, devices=None) -> Setup:
     abstract = jax.eval_shape(lambda p: ts.init_train_state(p, optimizer), nnx.to_pure_dict(train_state))
     state_shardings = ts.state_shardings(abstract, param_shardings, mesh)
     num_trainable, num_params = trainable.count(model, config.model)
+    abstract_frozen = _abstract_with(frozen_shardings, nnx.to_pure_dict(frozen_state))
+    if dpo.uses_initial_reference(config):  # DPO's reference: a frozen copy of the starting weights
+        frozen_shardings = dpo.with_reference(frozen_shardings, param_shardings)
+        abstract_frozen = dpo.with_reference(abstract_frozen, _abstract_with(param_shardings, abstract["params"]))
     return Setup(
         config=config, mesh=mesh, graphdef=graphdef, optimizer=optimizer, schedule=schedule,
         param_shardings=param_shardings, frozen_shardings=frozen_shardings, state_shardings=state_shardings,
         batch_sharding=shd.batch_sharding(mesh, config.mesh.rules),
         abstract_state=_abstract_with(state_shardings, abstract),
-        abstract_frozen=_abstract_with(frozen_shardings, nnx.to_pure_dict(frozen_state)),
+        abstract_frozen=abstract_frozen,
         num_params=num_params, num_trainable=num_trainable,
     )
 
@@ -112,6 +116,12 @@ def frozen_variables(setup: Setup, log=print):
     if not jax.tree.leaves(setup.abstract_frozen):
         return setup.abstract_frozen
     config = setup.config
+    if dpo.uses_initial_reference(config):
+        model_part = dpo.model_frozen(config, setup.abstract_frozen)
+        own = frozen_variables(dataclasses.replace(setup, abstract_frozen=model_part), log) if jax.tree.leaves(model_part) else model_part
+        step_dir, reference = ckpt.restore_params_for_init(config.train.init_from, setup.abstract_frozen["reference"])
+        log(f"DPO reference: a frozen copy of the starting weights of {step_dir}")
+        return dpo.with_reference(own, reference)
     if trainable.adapters_on(config.model):
         step_dir, frozen = ckpt.restore_params_for_init(config.train.init_from, setup.abstract_frozen)
         log(f"frozen base model from {step_dir}; training {config.model.adapter.kind} adapters only")

@@ -1,6 +1,8 @@
-"""A LoRA run end to end with `python -m elmjax.train`: it starts from a trained base
-(`train.init_from`), its checkpoints hold only the adapters and their optimizer state, and a
-SIGKILL after a checkpoint resumes bitwise (adapter dropout included)."""
+"""Fine-tuning runs end to end with `python -m elmjax.train` from a trained base
+(`train.init_from`): a LoRA run's checkpoints hold only the adapters and their optimizer
+state, and a SIGKILL after a checkpoint resumes bitwise (adapter dropout included); DPO runs,
+with LoRA over the frozen base or every weight against a frozen copy, start exactly at the
+loss of a zero reward margin (policy = reference: log 2 for the sigmoid loss, 1 for hinge)."""
 import json
 
 import numpy as np
@@ -78,3 +80,21 @@ def test_lora_run_resumes_bitwise_after_sigkill(lora_run, base, tmp_path, cache)
     for step in range(5, 9):
         assert (after[step]["loss"], after[step]["grad_norm"]) == (straight[step]["loss"], straight[step]["grad_norm"])
     assert json.loads((workdir / "config.json").read_text())["model"]["adapter"]["kind"] == "lora"
+
+
+DPO = ("--config.train.objective=dpo", "--config.data.source=embedded:chat", "--config.data.chat_template=openelm",
+       "--config.train.steps=2", "--config.eval.every_steps=2", "--config.eval.batches=1")
+
+
+@pytest.mark.parametrize("reference,loss,start", [("base", "sigmoid", np.log(2.0)), ("initial", "hinge", 1.0)])
+def test_dpo_starts_at_a_zero_margin_and_reports_preferences(base, tmp_path, cache, reference, loss, start):
+    overrides = (*DPO, f"--config.dpo.reference={reference}", f"--config.dpo.loss={loss}",
+                 f"--config.train.init_from={base}", *(LORA if reference == "base" else ()))
+    result = run(train_command(tmp_path / "dpo", *overrides), env(cache))
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(records[0]["loss"], start, rtol=1e-6)
+    assert abs(records[0]["dpo/reward_margin"]) < 1e-5  # zero up to the order of two forward passes
+    held_out = [r for r in records if "eval_preference_accuracy" in r][-1]
+    assert 0.0 <= held_out["eval_preference_accuracy"] <= 1.0 and held_out["eval_pairs"] == 4
+    assert "held-out DPO loss" in result.stdout
