@@ -10,6 +10,8 @@ from pathlib import Path
 
 import jax
 
+from elmjax import storage
+
 
 class CheckpointError(RuntimeError):
     """A workdir or checkpoint cannot be used; the message says why and what to do."""
@@ -58,8 +60,10 @@ def check_free_space(directory, step: int, state, last_good) -> None:
     step needs (its arrays plus 5%): a full disk then reads as one line, at the step that does
     not fit, instead of a failure inside orbax's background threads surfacing a save later.
     `last_good()` gives the newest complete step (only asked when failing)."""
+    if storage.is_remote(directory):  # object storage has no free space to run out of
+        return
     path = Path(str(directory))
-    if "://" in str(directory) or not path.exists():
+    if not path.exists():
         return
     needed = int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state)) * 1.05) + 2**20
     free = shutil.disk_usage(path).free

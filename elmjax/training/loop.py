@@ -12,6 +12,7 @@ import zlib
 
 import jax
 
+from elmjax import storage
 from elmjax.data.pipeline import make_eval_iterator
 from elmjax.training import checkpoint as ckpt
 from elmjax.training import memory
@@ -81,9 +82,9 @@ def train(config, workdir, log=print) -> dict:
             log(line)
         return {}
     if primary:
-        (workdir / "config.json").write_text(config.to_json(indent=2))
+        storage.write_text(workdir / "config.json", config.to_json(indent=2))
     setup = setup_lib.build_setup(config)
-    log(f"workdir {workdir.resolve()} | mesh {dict(setup.mesh.shape)} | {setup.num_params:,} parameters"
+    log(f"workdir {storage.absolute(workdir)} | mesh {dict(setup.mesh.shape)} | {setup.num_params:,} parameters"
         + ("" if setup.num_trainable == setup.num_params else f" ({setup.num_trainable:,} trainable)"))
     memory.check_fits(setup)  # before restoring or compiling anything
     plan = stages.plan(config)
