@@ -35,10 +35,10 @@ from elmjax.training.checkpoint_errors import (  # noqa: F401  (CheckpointError:
     DamagedCheckpointError,
     SaveFailedError,
     check_free_space,
+    check_matches,
     save_failed,
 )
 from elmjax.training.saved_config import config_to_dict, read_config
-from elmjax.tree import path_name
 
 log = logging.getLogger("elmjax.training.checkpoint")
 
@@ -205,7 +205,7 @@ def restore_train_state(workdir, abstract_state, data_iterator):
         train_checkpoint = is_train_checkpoint(step_dir)
         # A readable step written for another model or optimizer is not damaged: stop with
         # a clear error instead of setting it (and every older step) aside.
-        _check_matches(step_dir, abstract_state if train_checkpoint else {"params": abstract_state["params"]},
+        check_matches(step_dir, abstract_state if train_checkpoint else {"params": abstract_state["params"]},
                        resuming=True)
         try:
             if train_checkpoint:
@@ -241,59 +241,6 @@ def verify(step_dir, restored_state) -> None:
         )
 
 
-def _leaf_shapes(tree) -> dict[str, tuple]:
-    """{"a/b/0": shape} for every array leaf of `tree` (arrays, abstract arrays or orbax
-    array metadata)."""
-    return {
-        path_name(path): tuple(leaf.shape)
-        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
-    }
-
-
-def _check_matches(step_dir: epath.Path, abstract_tree, *, resuming: bool) -> None:
-    """Raises CheckpointError when `step_dir`'s saved state has other arrays or shapes than
-    `abstract_tree` (this run's model and optimizer; only {"params": ...} when `resuming` is
-    False or the step is params-only). Unreadable metadata passes: the restore then fails
-    and the step is treated as damaged."""
-    handler = ocp.PyTreeCheckpointHandler()
-    try:
-        saved = _leaf_shapes(handler.metadata(storage.absolute(step_dir / "state")).tree)
-    except Exception:  # noqa: BLE001 - damaged metadata is the restore's to report
-        return
-    finally:
-        handler.close()
-    wanted = _leaf_shapes(abstract_tree)
-    if "opt_state" not in abstract_tree:  # a params-only restore reads just the params
-        saved = {path: shape for path, shape in saved.items() if path.startswith("params/")}
-    missing = sorted(wanted.keys() - saved.keys())
-    unexpected = sorted(saved.keys() - wanted.keys())
-    reshaped = sorted(path for path in wanted.keys() & saved.keys() if wanted[path] != saved[path])
-    differing = missing + unexpected + reshaped
-    if not differing:
-        return
-    details = []
-    if missing:
-        details.append(f"{len(missing)} arrays this run needs are not in it (e.g. {missing[0]})")
-    if unexpected:
-        details.append(f"{len(unexpected)} saved arrays are not in this run (e.g. {unexpected[0]})")
-    if reshaped:
-        path = reshaped[0]
-        details.append(f"{len(reshaped)} have other shapes (e.g. {path}: saved {saved[path]}, "
-                       f"this run {wanted[path]})")
-    if all(path.startswith("opt_state/") for path in differing):
-        advice = ("Only the optimizer state differs (another optimizer, or an older elmjax): train "
-                  f"in a new --workdir with --config.train.init_from={step_dir} to keep its "
-                  "parameters with a fresh optimizer.")
-    elif resuming:
-        advice = (f"Resume with the config it was saved with ({step_dir / 'config'}), or train in a "
-                  "new --workdir.")
-    else:
-        advice = f"init_from needs the same model: use the config it was saved with ({step_dir / 'config'})."
-    raise CheckpointError(
-        f"checkpoint {step_dir} was written for another model or optimizer: {'; '.join(details)}. {advice}"
-    )
-
-
 def restore_params_for_init(path, abstract_params):
     """(step_dir, params) of the checkpoint at `path` (a workdir or a step directory), placed
     onto `abstract_params`' shardings: the parameters `train.init_from` starts from.
@@ -301,7 +248,7 @@ def restore_params_for_init(path, abstract_params):
     Raises CheckpointError when the path is unusable or its parameters do not fit.
     """
     step_dir = _resolve_step_dir(path, None)
-    _check_matches(step_dir, {"params": abstract_params}, resuming=False)
+    check_matches(step_dir, {"params": abstract_params}, resuming=False)
     params = _restore_params_onto(step_dir, abstract_params)
     verify(step_dir, {"params": params})
     return step_dir, params
