@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import os
-import tempfile
 
 from etils import epath
 
@@ -93,12 +93,19 @@ def check_bucket(location) -> None:
         return
     require_gcs(location)
     bucket = str(location)[len(GCS_PREFIX):].split("/", 1)[0]
+    # gcsfs logs each failed attempt of its retries with a traceback; the error below is the
+    # one line that says it (after the retries: about a minute when the host is unreachable).
+    gcsfs_log = logging.getLogger("gcsfs")
+    level = gcsfs_log.level
+    gcsfs_log.setLevel(logging.CRITICAL)
     try:
         found = _gcs().exists(bucket)
     except Exception as error:  # noqa: BLE001 - auth, network and HTTP errors all end the same way
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise StorageError(f"cannot reach bucket gs://{bucket} ({type(error).__name__}: {first}); check "
                            "the network and credentials (gcloud auth application-default login)") from None
+    finally:
+        gcsfs_log.setLevel(level)
     if not found:
         raise StorageError(f"bucket gs://{bucket} does not exist or these credentials cannot see it; "
                            f"create it (gcloud storage buckets create gs://{bucket}) or use another path")
@@ -111,9 +118,10 @@ def write_text(location, text: str) -> None:
         p.write_text(text)
         return
     p.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=p.parent, prefix=f".{p.name}.", delete=False) as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, p)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")  # open() keeps the umask's file mode
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, p)
 
 
 def move(source, target) -> None:

@@ -4,7 +4,8 @@ Any config field can be overridden (`--config.train.steps=100`); the fields, the
 and allowed values are in elmjax/config.py (shared sections) and the model family's
 `model_fields()` (elmjax/models/<family>/family.py); `--config=FILE --help` does not list
 them, `python tools/count_params.py --config=FILE` shows a config's model. Re-running the same
-command resumes from the newest complete checkpoint in DIR. `--dry_run` compiles the step
+command resumes from the newest complete checkpoint in DIR, which may be a gs:// URL
+(`pip install -e '.[gcs]'`; see elmjax/storage.py). `--dry_run` compiles the step
 for the configured mesh and reports memory instead of training. Multi-process: pass
 --coordinator/--num_processes/--process_id (or nothing on TPU pods / SLURM, where
 `jax.distributed.initialize()` finds them itself with --distributed).

@@ -171,3 +171,24 @@ def test_gs_without_gcsfs_names_the_install_command(monkeypatch):
 def test_other_url_schemes_are_refused_for_run_files():
     with pytest.raises(storage.StorageError, match="only local paths and gs:// URLs"):
         storage.path("s3://bucket/run")
+
+
+def test_a_gcs_step_without_its_commit_file_is_incomplete_and_set_aside(gcs_emulator):
+    """On GCS orbax writes a step in place and commit_success.txt last: a step without it is a
+    save that died, which is not restored and is moved aside (copy + delete) so the step
+    number can be saved again."""
+    import numpy as np
+
+    from elmjax.training import checkpoint as ckpt
+    from tests.train_micro_config import get_config
+
+    workdir = gcs_emulator.url("aside")
+    ckpt.save_params_checkpoint(workdir, get_config(), {"w": np.arange(4, dtype=np.float32)}, step=3)
+    assert ckpt.complete_steps(workdir) == [3]
+    step_dir = storage.path(workdir) / "checkpoints" / "3"
+    (step_dir / "commit_success.txt").unlink()
+    assert ckpt.complete_steps(workdir) == []
+    ckpt.set_aside_incomplete_steps(workdir)
+    names = [p.name for p in (storage.path(workdir) / "checkpoints").iterdir()]
+    assert len(names) == 1 and names[0].startswith("3.damaged-"), names
+    assert (storage.path(workdir) / "checkpoints" / names[0] / "state" / "_METADATA").exists()
