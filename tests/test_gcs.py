@@ -76,6 +76,10 @@ def test_sigkill_on_gcs_then_rerun_resumes_bitwise_and_writes_nothing_locally(gc
     assert json.loads((run_dir / "config.json").read_text())["train"]["steps"] == 8
     assert [p.name for p in (run_dir / "tensorboard").iterdir() if p.name.startswith("events.out.tfevents.")]
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} >= {"4", "8"}
+    from elmjax.training.checkpoint import restore_params  # what generate/evaluate/export read
+
+    config, params = restore_params(workdir)
+    assert config.train.steps == 8 and "token_embeddings" in params
     assert_nothing_written_locally(cwd)
 
 
