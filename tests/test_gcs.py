@@ -167,9 +167,13 @@ def test_a_gcs_workdir_in_a_missing_bucket_is_one_line(gcs_emulator):
 
 
 def test_gs_without_gcsfs_names_the_install_command(monkeypatch):
+    from elmjax.data.sources import expand_glob
+
     monkeypatch.setitem(sys.modules, "gcsfs", None)  # how Python reports a package that is not installed
     with pytest.raises(storage.StorageError, match=r"needs gcsfs: pip install 'elmjax\[gcs\]'"):
         storage.path("gs://bucket/run")
+    with pytest.raises(storage.StorageError, match=r"gs://bucket/\*.jsonl is on Google Cloud Storage"):
+        expand_glob("gs://bucket/*.jsonl")
 
 
 def test_other_url_schemes_are_refused_for_run_files():
