@@ -115,6 +115,7 @@ EXTRAS = {
     "transformers": ("export", ""),
     "libtpu": ("tpu", ""),
     "seqio": ("seqio", ""),
+    "gcsfs": ("gcs", ""),
 }
 
 
@@ -143,19 +144,21 @@ def run_command(main, argv=None) -> int:
 def user_errors() -> tuple[type, ...]:
     """The exception types whose message tells a user what to fix (bad config, data or
     checkpoint path, a missing optional package)."""
+    from elmjax.storage import StorageError
     from elmjax.training.checkpoint_errors import CheckpointError
 
-    return (ConfigError, CheckpointError, ValueError, OSError, ImportError)
+    return (ConfigError, CheckpointError, StorageError, ValueError, OSError, ImportError)
 
 
 def fail_for(error: BaseException):
     """Exits with the one line for a user error: our own errors as they are, a missing
     package with its install command, anything else with the hint to --debug."""
+    from elmjax.storage import StorageError
     from elmjax.training.checkpoint_errors import CheckpointError, SaveFailedError
 
     if isinstance(error, ImportError):
         fail(missing_extra_message(error))
-    if isinstance(error, (ConfigError, CheckpointError)):
+    if isinstance(error, (ConfigError, CheckpointError, StorageError)):
         fail(str(error), immediately=isinstance(error, SaveFailedError))
     fail(f"{error} (run with --debug for the traceback)")
 

@@ -4,7 +4,8 @@ Any config field can be overridden (`--config.train.steps=100`); the fields, the
 and allowed values are in elmjax/config.py (shared sections) and the model family's
 `model_fields()` (elmjax/models/<family>/family.py); `--config=FILE --help` does not list
 them, `python tools/count_params.py --config=FILE` shows a config's model. Re-running the same
-command resumes from the newest complete checkpoint in DIR. `--dry_run` compiles the step
+command resumes from the newest complete checkpoint in DIR, which may be a gs:// URL
+(`pip install -e '.[gcs]'`; see elmjax/storage.py). `--dry_run` compiles the step
 for the configured mesh and reports memory instead of training. Multi-process: pass
 --coordinator/--num_processes/--process_id (or nothing on TPU pods / SLURM, where
 `jax.distributed.initialize()` finds them itself with --distributed).
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from absl import flags
 
-from elmjax import cli
+from elmjax import cli, storage
 
 cli.define_config_flag(cli.default_config_path("tiny.py"))
 flags.DEFINE_string("workdir", None, "Run directory; default config.train.workdir or runs/<config name>.")
@@ -58,11 +59,11 @@ def _enable_compilation_cache() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def _default_workdir(config) -> Path:
+def _default_workdir(config):
     if config.train.workdir:
-        return Path(config.train.workdir)
+        return storage.path(config.train.workdir)
     config_path = getattr(FLAGS["config"], "config_filename", None) or "run"
-    return Path("runs") / Path(str(config_path).split(":")[0]).stem
+    return storage.path(Path("runs") / Path(str(config_path).split(":")[0]).stem)
 
 
 def main(argv) -> None:
@@ -85,7 +86,7 @@ def main(argv) -> None:
         return
     if FLAGS.topology:
         cli.fail("--topology needs --dry_run: it compiles for TPU chips that are not here")
-    workdir = Path(FLAGS.workdir) if FLAGS.workdir else _default_workdir(config)
+    workdir = storage.path(FLAGS.workdir) if FLAGS.workdir else _default_workdir(config)
     if not FLAGS.workdir:
         print(f"no --workdir given; using {workdir}")
     from elmjax.training.loop import train

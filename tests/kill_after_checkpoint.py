@@ -9,18 +9,20 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 
 from absl import app
 
+from elmjax import storage
 from elmjax import train as command
 from elmjax.training import setup
 
 
-def kill_after_checkpoint(step: int, workdir: Path) -> None:
+def kill_after_checkpoint(step: int, workdir) -> None:
     """Wraps the loop's per-step batch placement: fetching step K+2's batch waits for
-    checkpoint K to be finalised and then SIGKILLs the process."""
-    marker = workdir / "checkpoints" / str(step) / "_CHECKPOINT_METADATA"
+    checkpoint K to be finalised and then SIGKILLs the process. WORKDIR may be gs://."""
+    # Orbax writes it last, locally into the temporary directory it then renames into place
+    # and on GCS into the step itself: its presence means the step is finalised either way.
+    marker = storage.path(workdir) / "checkpoints" / str(step) / "commit_success.txt"
     place_batch = setup.global_batch
     calls = 0
 
@@ -38,5 +40,5 @@ def kill_after_checkpoint(step: int, workdir: Path) -> None:
 
 if __name__ == "__main__":
     workdir = next(arg.split("=", 1)[1] for arg in sys.argv if arg.startswith("--workdir="))
-    kill_after_checkpoint(int(os.environ["KILL_AFTER_CHECKPOINT"]), Path(workdir))
+    kill_after_checkpoint(int(os.environ["KILL_AFTER_CHECKPOINT"]), workdir)
     app.run(command.main)

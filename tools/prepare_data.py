@@ -57,6 +57,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from elmjax.config import ConfigError, load_config_file, validate
+    from elmjax.storage import StorageError
 
     config = load_config_file(args.config)
     for name in ("source", "format", "text_field", "text_unit", "tokenizer"):
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
     try:
         validate(config)
         meta = prepare(config, args.output, overwrite=args.overwrite)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ConfigError, StorageError, ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(meta, indent=2))

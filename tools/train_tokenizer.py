@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     from elmjax.config import base_config
     from elmjax.data import sources as sources_lib
     from elmjax.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+    from elmjax.storage import StorageError
 
     data = base_config().data
     data.source, data.format, data.text_field, data.text_unit = (
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
         return 2
     try:
         opened = [sources_lib.open_source(s, data) for s in sources_lib.parse_source_list(data)]
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, StorageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if any(source.tokenized for source in opened):

@@ -5,12 +5,11 @@ SentencePiece, `tokenizer.json` for Hugging Face; the bytes `Tokenizer.stored_fi
 so a fine-tune or `elmjax.generate` that starts from the workdir, or from one of its step
 directories (WORKDIR/checkpoints/STEP), uses the same vocabulary without `data.tokenizer`.
 Bytes only here (no tokenizer library), so elmjax.data.tokenizer can import this module.
+Workdirs may be local or gs:// (elmjax/storage.py).
 """
 from __future__ import annotations
 
-import os
-import pathlib
-import tempfile
+from elmjax import storage
 
 STORED_NAMES = ("tokenizer.model", "tokenizer.json")
 
@@ -18,7 +17,7 @@ STORED_NAMES = ("tokenizer.model", "tokenizer.json")
 def find_stored_tokenizer(path, *, look_up: bool = True) -> tuple[str, bytes, str] | None:
     """(file name, bytes, file path) of the tokenizer kept with the run at `path` (a workdir
     or, with `look_up`, a step directory under it), or None when there is none (an older run)."""
-    path = pathlib.Path(os.path.expanduser(str(path)))
+    path = storage.path(path)
     # A step dir is WORKDIR/checkpoints/STEP (or WORKDIR/STEP); look up to the workdir.
     for directory in (path, path.parent, path.parent.parent) if look_up else (path,):
         for name in STORED_NAMES:
@@ -29,11 +28,8 @@ def find_stored_tokenizer(path, *, look_up: bool = True) -> tuple[str, bytes, st
 
 
 def write_stored_tokenizer(workdir, name: str, payload: bytes) -> str:
-    """Writes the tokenizer file into `workdir` (write, then rename: never half-written);
-    returns its path."""
-    target = pathlib.Path(workdir) / name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
-        tmp.write(payload)
-    os.replace(tmp.name, target)
+    """Writes the tokenizer file into `workdir` (as one step: never half-written); returns
+    its path."""
+    target = storage.path(workdir) / name
+    storage.write_bytes(target, payload)
     return str(target)

@@ -88,6 +88,10 @@ def expand_glob(pattern: str) -> list[str]:
     """Files matching `pattern` (local or remote), sorted; fails with the pattern if none."""
     import fsspec
 
+    from elmjax import storage
+
+    if storage.is_remote(pattern):
+        storage.require_gcs(pattern)  # one line naming the extra, not fsspec's ImportError
     fs, _, paths = fsspec.get_fs_token_paths(pattern)
     paths = sorted(p for p in paths if not fs.isdir(p))
     if not paths:

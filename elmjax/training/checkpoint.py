@@ -7,8 +7,10 @@ Layout (notes/CONTRACTS.md):
 A params-only checkpoint (`save_params_checkpoint`) has `state` = {"params": ...} and no
 `data` item; training from it starts a fresh optimizer.
 
-Orbax writes each step into a temporary directory and renames it when every item is written,
-so a save that dies halfway never replaces the last good step. A finished step whose files
+The workdir may be local or gs:// (elmjax/storage.py). Locally orbax writes each step into a
+temporary directory and renames it when every item is written; on GCS, which cannot rename,
+it writes the step in place and `commit_success.txt` last. Either way a save that dies
+halfway never replaces the last good step. A finished step whose files
 are damaged is skipped on restore with a warning (and moved aside), and the one before it is
 used.
 """
@@ -18,12 +20,14 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from grain import checkpoint as grain_checkpoint
+
+from elmjax import storage
 
 from elmjax.training import checksums
 from elmjax.training.checkpoint_errors import (  # noqa: F401  (CheckpointError: part of this module's API)
@@ -31,10 +35,10 @@ from elmjax.training.checkpoint_errors import (  # noqa: F401  (CheckpointError:
     DamagedCheckpointError,
     SaveFailedError,
     check_free_space,
+    check_matches,
     save_failed,
 )
 from elmjax.training.saved_config import config_to_dict, read_config
-from elmjax.tree import path_name
 
 log = logging.getLogger("elmjax.training.checkpoint")
 
@@ -52,15 +56,22 @@ logging.getLogger("absl").addFilter(_NoItemMetadataWarning())
 CHECKPOINTS = "checkpoints"
 CHECKSUMS = "checksums"  # item of a step: {array path: checksum} (elmjax/training/checksums.py)
 _STEP_MARKER = "_CHECKPOINT_METADATA"  # orbax writes it when a step is finalised
+# Orbax writes it last into a finished step. On GCS the step is written in place, so
+# _STEP_MARKER (written first there) does not say the step is complete: this file does.
+_COMMIT_MARKER = "commit_success.txt"
 
 
-def checkpoint_dir(workdir) -> Path:
-    return Path(workdir) / CHECKPOINTS
+def checkpoint_dir(workdir) -> epath.Path:
+    return storage.path(workdir) / CHECKPOINTS
 
 
-def prepare_workdir(workdir) -> Path:
-    """Creates `workdir` if needed; raises CheckpointError if it is not a writable directory."""
-    path = Path(workdir).expanduser()
+def prepare_workdir(workdir) -> epath.Path:
+    """Creates `workdir` if needed; raises CheckpointError if it is not a writable directory
+    (for gs://, StorageError if its bucket cannot be reached)."""
+    path = storage.path(workdir)
+    if storage.is_remote(path):  # no directories to create or permissions to read on GCS
+        storage.check_bucket(path)
+        return path
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"workdir {path} exists but is not a directory; pass another --workdir")
     try:
@@ -72,19 +83,24 @@ def prepare_workdir(workdir) -> Path:
     return path
 
 
-def _is_complete(step_dir: Path) -> bool:
+def _is_complete(step_dir: epath.Path) -> bool:
     """Whether orbax finalised `step_dir` with its state and config; False (with a warning
     naming the path) for a step directory this process cannot read."""
     state = step_dir / "state"
     try:
+        if storage.is_remote(step_dir):
+            if not (step_dir / _COMMIT_MARKER).is_file():
+                return False
+        else:
+            os.listdir(step_dir)  # an unreadable directory raises here; epath's is_file() says "missing"
         return (step_dir / _STEP_MARKER).is_file() and (state / "_METADATA").is_file() and (step_dir / "config").is_dir()
     except OSError as error:  # e.g. PermissionError for another user's directory
         log.warning("cannot read checkpoint %s (%s); skipping it", step_dir, error.strerror or error)
         return False
 
 
-def _step_dirs(path) -> list[Path]:
-    root = Path(path)
+def _step_dirs(path) -> list[epath.Path]:
+    root = storage.path(path)
     if (root / CHECKPOINTS).is_dir():
         root = root / CHECKPOINTS
     if not root.is_dir():
@@ -104,7 +120,7 @@ def set_aside_incomplete_steps(path) -> None:
     unreadable directory is skipped with a warning and left alone."""
     for step_dir in _step_dirs(path):
         try:
-            readable = os.access(step_dir, os.R_OK | os.X_OK) and all(
+            readable = storage.is_remote(step_dir) or os.access(step_dir, os.R_OK | os.X_OK) and all(
                 os.access(p, os.R_OK) for p in step_dir.iterdir()
             )
         except OSError:
@@ -120,9 +136,9 @@ def latest_complete_step(path) -> int | None:
     return steps[-1] if steps else None
 
 
-def is_train_checkpoint(step_dir: Path) -> bool:
+def is_train_checkpoint(step_dir) -> bool:
     """True for a full training checkpoint (has optimizer + data state), False for params-only."""
-    return (Path(step_dir) / "data").is_dir()
+    return (storage.path(step_dir) / "data").is_dir()
 
 
 def make_manager(workdir, checkpoint_config) -> ocp.CheckpointManager:
@@ -133,7 +149,7 @@ def make_manager(workdir, checkpoint_config) -> ocp.CheckpointManager:
         enable_async_checkpointing=bool(checkpoint_config.async_save),
         create=True,
     )
-    return ocp.CheckpointManager(checkpoint_dir(workdir).absolute(), options=options)
+    return ocp.CheckpointManager(storage.absolute(checkpoint_dir(workdir)), options=options)
 
 
 def wait(manager) -> None:
@@ -142,7 +158,7 @@ def wait(manager) -> None:
         manager.wait_until_finished()
     except Exception as error:  # noqa: BLE001 - any storage failure ends in the same advice
         raise save_failed(manager.directory, getattr(manager, "_elmjax_saving", -1), error,
-                          latest_complete_step(Path(manager.directory))) from error
+                          latest_complete_step(manager.directory)) from error
 
 
 def save(manager, step: int, state, data_iterator, config, *, force: bool = False) -> bool:
@@ -152,7 +168,7 @@ def save(manager, step: int, state, data_iterator, config, *, force: bool = Fals
     failure of the previous (background) save, or of this one, is a SaveFailedError.
     """
     wait(manager)  # orbax waits for the previous save anyway; this way its failure names its step
-    check_free_space(manager.directory, step, state, lambda: latest_complete_step(Path(str(manager.directory))))
+    check_free_space(manager.directory, step, state, lambda: latest_complete_step(manager.directory))
     items = {
         "state": ocp.args.StandardSave(state),
         "config": ocp.args.JsonSave(config_to_dict(config)),
@@ -164,13 +180,14 @@ def save(manager, step: int, state, data_iterator, config, *, force: bool = Fals
     try:
         return manager.save(step, args=ocp.args.Composite(**items), force=force)
     except Exception as error:  # noqa: BLE001
-        raise save_failed(manager.directory, step, error, latest_complete_step(Path(manager.directory))) from error
+        raise save_failed(manager.directory, step, error, latest_complete_step(manager.directory)) from error
 
 
-def _set_aside(step_dir: Path) -> None:
-    """Renames a damaged step so the manager neither restores nor overwrites it."""
+def _set_aside(step_dir: epath.Path) -> None:
+    """Moves a damaged step to a name that is not a step number, so the manager neither
+    restores nor overwrites it (on GCS a copy and delete: see elmjax/storage.py)."""
     if jax.process_index() == 0 and step_dir.exists():
-        step_dir.rename(step_dir.with_name(f"{step_dir.name}.damaged-{int(time.time())}"))
+        storage.move(step_dir, step_dir.with_name(f"{step_dir.name}.damaged-{int(time.time())}"))
 
 
 def restore_train_state(workdir, abstract_state, data_iterator):
@@ -188,7 +205,7 @@ def restore_train_state(workdir, abstract_state, data_iterator):
         train_checkpoint = is_train_checkpoint(step_dir)
         # A readable step written for another model or optimizer is not damaged: stop with
         # a clear error instead of setting it (and every older step) aside.
-        _check_matches(step_dir, abstract_state if train_checkpoint else {"params": abstract_state["params"]},
+        check_matches(step_dir, abstract_state if train_checkpoint else {"params": abstract_state["params"]},
                        resuming=True)
         try:
             if train_checkpoint:
@@ -197,7 +214,7 @@ def restore_train_state(workdir, abstract_state, data_iterator):
                     "data": grain_checkpoint.CheckpointRestore(data_iterator),
                 }
                 restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
-                    step_dir.absolute(), args=ocp.args.Composite(**items)
+                    storage.absolute(step_dir), args=ocp.args.Composite(**items)
                 )
                 verify(step_dir, restored["state"])
                 return step, restored["state"], "train"
@@ -210,71 +227,18 @@ def restore_train_state(workdir, abstract_state, data_iterator):
     return None, None, None
 
 
-def verify(step_dir: Path, restored_state) -> None:
+def verify(step_dir, restored_state) -> None:
     """Raises DamagedCheckpointError when restored arrays differ from what the step wrote
     (checksums item); steps written before checksums existed are not checked."""
-    table = Path(step_dir) / CHECKSUMS / "metadata"
+    table = storage.path(step_dir) / CHECKSUMS / "metadata"
     if not table.is_file():
         return
     bad = checksums.mismatches(json.loads(table.read_text()), restored_state)
     if bad:
         raise DamagedCheckpointError(
-            f"{len(bad)} array(s) differ from what step {Path(step_dir).name} wrote (e.g. {bad[0]}): "
+            f"{len(bad)} array(s) differ from what step {storage.path(step_dir).name} wrote (e.g. {bad[0]}): "
             "the files were changed after the save"
         )
-
-
-def _leaf_shapes(tree) -> dict[str, tuple]:
-    """{"a/b/0": shape} for every array leaf of `tree` (arrays, abstract arrays or orbax
-    array metadata)."""
-    return {
-        path_name(path): tuple(leaf.shape)
-        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
-    }
-
-
-def _check_matches(step_dir: Path, abstract_tree, *, resuming: bool) -> None:
-    """Raises CheckpointError when `step_dir`'s saved state has other arrays or shapes than
-    `abstract_tree` (this run's model and optimizer; only {"params": ...} when `resuming` is
-    False or the step is params-only). Unreadable metadata passes: the restore then fails
-    and the step is treated as damaged."""
-    handler = ocp.PyTreeCheckpointHandler()
-    try:
-        saved = _leaf_shapes(handler.metadata((step_dir / "state").absolute()).tree)
-    except Exception:  # noqa: BLE001 - damaged metadata is the restore's to report
-        return
-    finally:
-        handler.close()
-    wanted = _leaf_shapes(abstract_tree)
-    if "opt_state" not in abstract_tree:  # a params-only restore reads just the params
-        saved = {path: shape for path, shape in saved.items() if path.startswith("params/")}
-    missing = sorted(wanted.keys() - saved.keys())
-    unexpected = sorted(saved.keys() - wanted.keys())
-    reshaped = sorted(path for path in wanted.keys() & saved.keys() if wanted[path] != saved[path])
-    differing = missing + unexpected + reshaped
-    if not differing:
-        return
-    details = []
-    if missing:
-        details.append(f"{len(missing)} arrays this run needs are not in it (e.g. {missing[0]})")
-    if unexpected:
-        details.append(f"{len(unexpected)} saved arrays are not in this run (e.g. {unexpected[0]})")
-    if reshaped:
-        path = reshaped[0]
-        details.append(f"{len(reshaped)} have other shapes (e.g. {path}: saved {saved[path]}, "
-                       f"this run {wanted[path]})")
-    if all(path.startswith("opt_state/") for path in differing):
-        advice = ("Only the optimizer state differs (another optimizer, or an older elmjax): train "
-                  f"in a new --workdir with --config.train.init_from={step_dir} to keep its "
-                  "parameters with a fresh optimizer.")
-    elif resuming:
-        advice = (f"Resume with the config it was saved with ({step_dir / 'config'}), or train in a "
-                  "new --workdir.")
-    else:
-        advice = f"init_from needs the same model: use the config it was saved with ({step_dir / 'config'})."
-    raise CheckpointError(
-        f"checkpoint {step_dir} was written for another model or optimizer: {'; '.join(details)}. {advice}"
-    )
 
 
 def restore_params_for_init(path, abstract_params):
@@ -284,20 +248,20 @@ def restore_params_for_init(path, abstract_params):
     Raises CheckpointError when the path is unusable or its parameters do not fit.
     """
     step_dir = _resolve_step_dir(path, None)
-    _check_matches(step_dir, {"params": abstract_params}, resuming=False)
+    check_matches(step_dir, {"params": abstract_params}, resuming=False)
     params = _restore_params_onto(step_dir, abstract_params)
     verify(step_dir, {"params": params})
     return step_dir, params
 
 
-def _restore_params_onto(step_dir: Path, abstract_params):
+def _restore_params_onto(step_dir: epath.Path, abstract_params):
     target = {"params": abstract_params}
     args = ocp.args.PyTreeRestore(
         item=target,
         restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True,
     )
-    return ocp.PyTreeCheckpointer().restore((step_dir / "state").absolute(), args=args)["params"]
+    return ocp.PyTreeCheckpointer().restore(storage.absolute(step_dir / "state"), args=args)["params"]
 
 
 def _int_keys(tree):
@@ -308,10 +272,10 @@ def _int_keys(tree):
 
 
 def _resolve_step_dir(path, step):
-    path = Path(path).expanduser()
+    path = storage.path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist; pass a training workdir or a step directory")
-    if not os.access(path, os.R_OK | os.X_OK):
+    if not storage.is_remote(path) and not os.access(path, os.R_OK | os.X_OK):
         raise CheckpointError(f"checkpoint path {path} is not readable; fix its permissions")
     if path.name.isdigit() and (path / "state").is_dir():
         return path
@@ -331,12 +295,12 @@ def restore_params(path, step=None):
     `nnx.State.to_pure_dict()` layout, as numpy arrays.
     """
     step_dir = _resolve_step_dir(path, step)
-    metadata = ocp.PyTreeCheckpointer().metadata((step_dir / "state").absolute()).item_metadata
+    metadata = ocp.PyTreeCheckpointer().metadata(storage.absolute(step_dir / "state")).item_metadata
     tree = metadata.tree if hasattr(metadata, "tree") else metadata
     target = {"params": jax.tree.map(lambda m: np.zeros((), m.dtype), tree["params"], is_leaf=lambda x: hasattr(x, "shape"))}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
     restored = ocp.PyTreeCheckpointer().restore(
-        (step_dir / "state").absolute(),
+        storage.absolute(step_dir / "state"),
         args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
     )
     verify(step_dir, {"params": restored["params"]})
@@ -384,7 +348,7 @@ def load_model(path, step=None):
     return config, nnx.merge(graphdef, state)
 
 
-def save_params_checkpoint(workdir, config, params, step: int = 0) -> Path:
+def save_params_checkpoint(workdir, config, params, step: int = 0) -> epath.Path:
     """Writes a params-only checkpoint of `params` (pure dict or nnx.State) at `step`.
 
     Training on this workdir then fine-tunes from these parameters with a fresh optimizer.
@@ -395,7 +359,7 @@ def save_params_checkpoint(workdir, config, params, step: int = 0) -> Path:
         params = nnx.to_pure_dict(params)
     prepare_workdir(workdir)
     manager = ocp.CheckpointManager(
-        checkpoint_dir(workdir).absolute(),
+        storage.absolute(checkpoint_dir(workdir)),
         options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True),
     )
     manager.save(

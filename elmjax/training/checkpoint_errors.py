@@ -1,6 +1,7 @@
 """What goes wrong with checkpoints, as one line each: the error types, the root cause of a
-storage failure (an OS error deep in orbax's or tensorstore's exception chain), and the
-free-space check that makes a full disk fail at the step that does not fit."""
+storage failure (an OS error deep in orbax's or tensorstore's exception chain), the
+free-space check that makes a full disk fail at the step that does not fit, and the check
+that a checkpoint was written for this run's model and optimizer."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,9 @@ import shutil
 from pathlib import Path
 
 import jax
+
+from elmjax import storage
+from elmjax.tree import path_name
 
 
 class CheckpointError(RuntimeError):
@@ -58,8 +62,10 @@ def check_free_space(directory, step: int, state, last_good) -> None:
     step needs (its arrays plus 5%): a full disk then reads as one line, at the step that does
     not fit, instead of a failure inside orbax's background threads surfacing a save later.
     `last_good()` gives the newest complete step (only asked when failing)."""
+    if storage.is_remote(directory):  # object storage has no free space to run out of
+        return
     path = Path(str(directory))
-    if "://" in str(directory) or not path.exists():
+    if not path.exists():
         return
     needed = int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state)) * 1.05) + 2**20
     free = shutil.disk_usage(path).free
@@ -69,3 +75,58 @@ def check_free_space(directory, step: int, state, last_good) -> None:
             f"{free / 2**20:.1f} MiB free (No space left on device); {_last_good(last_good())}; free space "
             "or lower checkpoint.max_to_keep, then re-run the same command to resume from it"
         )
+
+
+def _leaf_shapes(tree) -> dict[str, tuple]:
+    """{"a/b/0": shape} for every array leaf of `tree` (arrays, abstract arrays or orbax
+    array metadata)."""
+    return {
+        path_name(path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+def check_matches(step_dir, abstract_tree, *, resuming: bool) -> None:
+    """Raises CheckpointError when `step_dir`'s saved state has other arrays or shapes than
+    `abstract_tree` (this run's model and optimizer; only {"params": ...} when `resuming` is
+    False or the step is params-only). Unreadable metadata passes: the restore then fails
+    and the step is treated as damaged."""
+    import orbax.checkpoint as ocp  # here: elmjax/cli.py imports this module for its error types
+
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        saved = _leaf_shapes(handler.metadata(storage.absolute(storage.path(step_dir) / "state")).tree)
+    except Exception:  # noqa: BLE001 - damaged metadata is the restore's to report
+        return
+    finally:
+        handler.close()
+    wanted = _leaf_shapes(abstract_tree)
+    if "opt_state" not in abstract_tree:  # a params-only restore reads just the params
+        saved = {path: shape for path, shape in saved.items() if path.startswith("params/")}
+    missing = sorted(wanted.keys() - saved.keys())
+    unexpected = sorted(saved.keys() - wanted.keys())
+    reshaped = sorted(path for path in wanted.keys() & saved.keys() if wanted[path] != saved[path])
+    differing = missing + unexpected + reshaped
+    if not differing:
+        return
+    details = []
+    if missing:
+        details.append(f"{len(missing)} arrays this run needs are not in it (e.g. {missing[0]})")
+    if unexpected:
+        details.append(f"{len(unexpected)} saved arrays are not in this run (e.g. {unexpected[0]})")
+    if reshaped:
+        path = reshaped[0]
+        details.append(f"{len(reshaped)} have other shapes (e.g. {path}: saved {saved[path]}, "
+                       f"this run {wanted[path]})")
+    if all(path.startswith("opt_state/") for path in differing):
+        advice = ("Only the optimizer state differs (another optimizer, or an older elmjax): train "
+                  f"in a new --workdir with --config.train.init_from={step_dir} to keep its "
+                  "parameters with a fresh optimizer.")
+    elif resuming:
+        advice = (f"Resume with the config it was saved with ({storage.path(step_dir) / 'config'}), or train in a "
+                  "new --workdir.")
+    else:
+        advice = f"init_from needs the same model: use the config it was saved with ({storage.path(step_dir) / 'config'})."
+    raise CheckpointError(
+        f"checkpoint {step_dir} was written for another model or optimizer: {'; '.join(details)}. {advice}"
+    )

@@ -11,6 +11,7 @@ import zlib
 
 import jax
 
+from elmjax import storage
 from elmjax.training import checkpoint as ckpt
 from elmjax.training import heldout
 from elmjax.training import memory
@@ -72,9 +73,9 @@ def train(config, workdir, log=print) -> dict:
         from elmjax.data.tokenizer import keep_with_run, load_tokenizer
 
         keep_with_run(workdir, load_tokenizer(config))
-        (workdir / "config.json").write_text(config.to_json(indent=2))
+        storage.write_text(workdir / "config.json", config.to_json(indent=2))
     setup = setup_lib.build_setup(config)
-    log(f"workdir {workdir.resolve()} | mesh {dict(setup.mesh.shape)} | {setup.num_params:,} parameters"
+    log(f"workdir {storage.absolute(workdir)} | mesh {dict(setup.mesh.shape)} | {setup.num_params:,} parameters"
         + ("" if setup.num_trainable == setup.num_params else f" ({setup.num_trainable:,} trainable)"))
     memory.check_fits(setup)  # before restoring or compiling anything
     plan = stages.plan(config)

@@ -15,13 +15,12 @@ import json
 import math
 from datetime import timedelta
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elmjax import models
+from elmjax import models, storage
 
 # device_kind -> (dense bf16 peak FLOP/s, memory bytes) per chip (SPEC §6). TPU kinds are
 # matched exactly (a v5p reports "TPU v5", a v5e "TPU v5 lite"); GPU kinds by prefix.
@@ -117,15 +116,17 @@ def mfu(tokens_per_sec: float, flops_per_tok: float, peak_flops: float | None, n
 
 
 class MetricsWriter:
-    """Appends metrics to WORKDIR/metrics.jsonl and WORKDIR/tensorboard/ (process 0 only)."""
+    """Appends metrics to WORKDIR/metrics.jsonl and WORKDIR/tensorboard/ (process 0 only);
+    WORKDIR may be gs:// (metrics.jsonl grows by GCS compose, see elmjax/storage.py;
+    tensorboardX uploads its event file to gs:// itself, at each flush)."""
 
     def __init__(self, workdir, enabled: bool = True):
         self.enabled = enabled
         self._jsonl = None
         self._tensorboard = None
         if enabled:
-            workdir = Path(workdir)
-            self._jsonl = open(workdir / "metrics.jsonl", "a", buffering=1)
+            workdir = storage.path(workdir)
+            self._jsonl = storage.AppendFile(workdir / "metrics.jsonl")
             from tensorboardX import SummaryWriter
 
             self._tensorboard = SummaryWriter(str(workdir / "tensorboard"))

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import ml_collections
+
+from elmjax import storage
 
 
 def config_to_dict(config) -> dict:
@@ -39,5 +40,5 @@ def _tuples(value):
 
 def read_config(step_dir) -> ml_collections.ConfigDict:
     """The resolved config saved with a step."""
-    metadata_file = Path(step_dir) / "config" / "metadata"
+    metadata_file = storage.path(step_dir) / "config" / "metadata"
     return config_from_dict(json.loads(metadata_file.read_text()))
