@@ -11,6 +11,7 @@ from elmjax.data.corpus import embedded_documents
 from elmjax.data.formats import chat_header
 from elmjax.data.tokenizer import load_tokenizer
 from elmjax.validation import ConfigError
+from data_support import data_config
 
 SEQ = 48
 BATCH = 4
@@ -24,16 +25,7 @@ CONVERSATION = [
 
 
 def chat_config(source="embedded:chat", **data):
-    config = base_config()
-    config.model.vocab_size = 4096
-    config.model.max_seq_len = 256
-    config.train.seq_len = SEQ
-    config.train.batch_size = BATCH
-    config.data.source = source
-    config.data.chat_template = "openelm"
-    for name, value in data.items():
-        config.data[name] = value
-    return validate(config)
+    return data_config(source, seq=SEQ, batch=BATCH, **{"chat_template": "openelm", **data})
 
 
 @pytest.fixture(scope="module")

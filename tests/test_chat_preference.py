@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from elmjax.config import base_config, validate
 from elmjax.data import preference
 from elmjax.data.corpus import embedded_documents
 from elmjax.data.tokenizer import load_tokenizer
 from elmjax.validation import ConfigError
+from data_support import data_config
 
 SEQ = 64
 PAIRS = [
@@ -24,16 +24,7 @@ PAIRS = [
 
 
 def pref_config(source="embedded:chat", batch=4, **data):
-    config = base_config()
-    config.model.vocab_size = 4096
-    config.model.max_seq_len = 256
-    config.train.seq_len = SEQ
-    config.train.batch_size = batch
-    config.data.source = source
-    config.data.chat_template = "openelm"
-    for name, value in data.items():
-        config.data[name] = value
-    return validate(config)
+    return data_config(source, seq=SEQ, batch=batch, **{"chat_template": "openelm", **data})
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,11 @@ import grain
 import numpy as np
 import pytest
 
-from elmjax.config import base_config, validate
 from elmjax.data import pipeline
 from elmjax.data.token_store import TokenStoreWriter
 from elmjax.data.sources import SourceStats
 from elmjax.data.tokenizer import load_tokenizer
+from data_support import data_config
 
 SEQ = 32
 BATCH = 4
@@ -17,15 +17,7 @@ BATCH = 4
 
 
 def small_config(source="embedded", **data):
-    config = base_config()
-    config.model.vocab_size = 4096
-    config.model.max_seq_len = 256
-    config.train.seq_len = SEQ
-    config.train.batch_size = BATCH
-    config.data.source = source
-    for name, value in data.items():
-        config.data[name] = value
-    return validate(config)
+    return data_config(source, seq=SEQ, batch=BATCH, **data)
 
 
 def take(iterator, n):

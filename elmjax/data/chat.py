@@ -162,17 +162,11 @@ class ChatJsonlSource(JsonlSource):
     the file and the record's byte offset."""
 
     def _document(self, text: str, stats: SourceStats | None):
-        record = json.loads(text) if text.strip() else {}
-        if not isinstance(record, dict):
-            raise json.JSONDecodeError("not a JSON object", text, 0)
-        if self._field not in record:
-            if stats is not None and text.strip():
-                stats.missing_field += 1
-            elif stats is not None:
-                stats.empty_skipped += 1
+        messages = self._field_value(text, stats)
+        if messages is None:
             return None
         try:
-            return check_messages(record[self._field])
+            return check_messages(messages)
         except MessagesError as error:
             raise RecordError(f"has a bad {self._field!r} field: {error}") from None
 

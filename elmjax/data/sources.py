@@ -207,19 +207,28 @@ class _OffsetIndexedSource(DocumentSource):
         self.log_stats()
         self.require_documents(field)
 
+    def _field_value(self, text: str, stats: SourceStats | None):
+        """The value of the record's field in a line's decoded text, or None for a blank line
+        or a record without the field (each counted)."""
+        record = json.loads(text) if text.strip() else {}
+        if not isinstance(record, dict):
+            raise json.JSONDecodeError("not a JSON object", text, 0)
+        if self._field not in record:
+            if stats is not None:
+                if text.strip():
+                    stats.missing_field += 1
+                else:
+                    stats.empty_skipped += 1
+            return None
+        return record[self._field]
+
     def _document(self, text: str, stats: SourceStats | None) -> str | None:
         """The document in a record's decoded text, or None when it is empty (counted)."""
         if self._field is not None:
-            record = json.loads(text) if text.strip() else {}
-            if not isinstance(record, dict):
-                raise json.JSONDecodeError("not a JSON object", text, 0)
-            if self._field not in record:
-                if stats is not None and text.strip():
-                    stats.missing_field += 1
-                    return None
-                text = ""
-            else:
-                text = str(record[self._field])
+            value = self._field_value(text, stats)
+            if value is None:
+                return None
+            text = str(value)
         if not text.strip():
             if stats is not None:
                 stats.empty_skipped += 1
