@@ -16,6 +16,7 @@ from elmjax.data.pipeline import make_eval_iterator
 from elmjax.training import checkpoint as ckpt
 from elmjax.training import memory
 from elmjax.training import metrics as mt
+from elmjax.training import peers
 from elmjax.training import step as ts
 from elmjax.training import run_state
 from elmjax.training import setup as setup_lib
@@ -101,11 +102,13 @@ def train(config, workdir, log=print) -> dict:
     on_cpu = jax.devices()[0].platform == "cpu"
     peak_units = jax.process_count() if on_cpu else jax.device_count()
     stop = StopRequest()
+    watchdog = peers.watch(workdir)  # a lost or hanging peer ends the run within a bound
     seen_nonfinite, last, run = int(jax.device_get(state["nonfinite_steps"])), {}, None
     interval_start, interval_steps, remeasured = time.perf_counter(), 0, False
     while step < config.train.steps:
         if run is None or step >= run.stage.last_step:  # the first step, or a stage boundary
-            run = stages.begin(setup, plan, step, data, log)
+            with watchdog.paused():
+                run = stages.begin(setup, plan, step, data, log)
             tokens_per_step = run.stage.tokens_per_step
             flops_per_token = mt.flops_per_token(config.model, run.stage.seq_len)
             log(f"compiled the train step in {run.compile_seconds:.1f} s; {flops_per_token / 1e6:.1f} MFLOPs/token")
@@ -114,6 +117,7 @@ def train(config, workdir, log=print) -> dict:
         state, metrics = run.train_step(state, frozen, setup_lib.global_batch(run.setup, local))
         step, interval_steps = step + 1, interval_steps + 1
         stopping = stop.requested(step, config.train.stop_check_every)
+        watchdog.step_done(step)
         if step % config.train.log_every == 0 or step == config.train.steps or stopping:
             metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
             elapsed = time.perf_counter() - interval_start
@@ -142,6 +146,7 @@ def train(config, workdir, log=print) -> dict:
                     f"gradient; their updates were skipped (train.nonfinite={config.train.nonfinite})")
                 streak = int(jax.device_get(state["nonfinite_streak"]))
                 if config.train.nonfinite == "abort" or streak >= config.train.max_nonfinite_streak:
+                    watchdog.stop()  # the final save may take longer than a step
                     ckpt.save(manager, step, state, data, config, force=True)  # skipped steps changed nothing
                     ckpt.wait(manager)
                     raise FloatingPointError(_nonfinite_advice(config, workdir, step, streak))
@@ -149,15 +154,18 @@ def train(config, workdir, log=print) -> dict:
             interval_start, interval_steps = time.perf_counter(), 0
         # Saved before the held-out evaluation, so a failing evaluation loses no trained step.
         if step % config.checkpoint.every_steps == 0 or step == config.train.steps or stopping:
-            ckpt.save(manager, step, state, data, config, force=True)
+            with watchdog.paused():
+                ckpt.save(manager, step, state, data, config, force=True)
         if config.eval.every_steps and (step % config.eval.every_steps == 0 or step == config.train.steps):
-            results = heldout_loss(run.setup, eval_step, state["params"], frozen)
+            with watchdog.paused():
+                results = heldout_loss(run.setup, eval_step, state["params"], frozen)
             writer.write(step, results)
             log(f"step {step}: held-out loss {results['eval_loss']:.4f}, perplexity {results['eval_perplexity']:.2f}")
             interval_start = time.perf_counter()
         if stopping:
             log(f"{stop.describe()}: saving step {step} and exiting")
             break
+    watchdog.stop()
     ckpt.wait(manager)
     manager.close()
     writer.close()
@@ -166,6 +174,7 @@ def train(config, workdir, log=print) -> dict:
     if step >= config.train.steps:
         for line in run_state.finished_summary(workdir, config, step, time.perf_counter() - run_start, last):
             log(line)
+    peers.finish(watchdog)
     return last
 
 

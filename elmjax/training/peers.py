@@ -1,0 +1,178 @@
+"""Multi-process runs that fail cleanly: when a process dies or hangs, every other process
+exits within a bounded time with one line and exit code `PEER_LOST_EXIT`, so a launcher can
+restart the job (which resumes from the last checkpoint).
+
+Two mechanisms, both bounded by `failure_timeout` seconds (`--failure_timeout`, default 30):
+
+- A process that dies: JAX's coordination service (in process 0) stops hearing its
+  heartbeats after `heartbeat_timeout_seconds` and reports an error to every other process;
+  when process 0 itself dies, the others' next RPC to it fails at once. JAX's default
+  reaction to either is a C++ `LOG(FATAL)` (a stack trace, exit by SIGABRT, up to 100 s
+  late); `initialize` here installs our callback in its place, which prints the line and
+  exits.
+- A process that hangs (alive, so its heartbeats go on) stalls every process in the next
+  collective: `StepWatchdog` notices that no step finished for max(failure_timeout, 5 x the
+  slowest step so far) and exits the same way. It is paused while compiling, saving and
+  evaluating, and armed from the first completed step.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import time
+
+# sysexits.h EX_TEMPFAIL, "a temporary failure; the user is invited to retry": the job can be
+# restarted as it is (2 = a user error, 3 = non-finite loss; see elmjax/train.py).
+PEER_LOST_EXIT = 75
+DEFAULT_FAILURE_TIMEOUT = 30
+
+_settings = {"failure_timeout": None, "workdir": None}
+
+
+def initialize(coordinator=None, num_processes=None, process_id=None, local_device_ids=None,
+               failure_timeout: int = DEFAULT_FAILURE_TIMEOUT) -> None:
+    """`jax.distributed.initialize` (arguments left None are auto-detected: SLURM, TPU VMs,
+    GKE, ...) with a heartbeat timeout of `failure_timeout`, in JAX's recoverable mode: the
+    coordination service then reports a dead process as no longer live instead of aborting
+    every other process, and `Watchdog` turns that into the one-line exit."""
+    import jax
+
+    # CPU processes need a collectives backend; this setting does not affect accelerators.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_enable_recoverability", True)
+    _settings["failure_timeout"] = failure_timeout
+    jax.distributed.initialize(
+        coordinator, num_processes, process_id, local_device_ids=local_device_ids,
+        heartbeat_timeout_seconds=failure_timeout,
+        shutdown_timeout_seconds=max(failure_timeout, 60),
+    )
+
+
+def _client():
+    """JAX's coordination-service client (None without jax.distributed). It is not public
+    API; jax.experimental.multihost_utils reaches it the same way."""
+    from jax._src import distributed as jax_distributed
+
+    return getattr(jax_distributed.global_state, "client", None)
+
+
+def last_saved(workdir) -> str:
+    """'step N (WORKDIR/checkpoints/N)', or that there is none yet."""
+    if workdir is None:
+        return "unknown (no workdir yet)"
+    from elmjax.training import checkpoint as ckpt
+
+    try:
+        step = ckpt.latest_complete_step(workdir)
+    except OSError:
+        step = None
+    return "none yet" if step is None else f"step {step} ({ckpt.checkpoint_dir(workdir) / str(step)})"
+
+
+def exit_now(what: str) -> None:
+    """Prints the one line (what happened, the last saved step, the exit code) and exits at
+    once: the main thread may be blocked in a collective that will never finish."""
+    line = (f"error: {what}; the last saved step is {last_saved(_settings['workdir'])}; restart the "
+            f"job to resume from it (exit code {PEER_LOST_EXIT})")
+    try:
+        sys.stdout.flush()
+        print(line, file=sys.stderr, flush=True)
+    finally:
+        os._exit(PEER_LOST_EXIT)
+
+
+class Watchdog:
+    """Ends this process (`exit_now`) when the coordination service no longer lists a peer as
+    live, or when no training step finishes for max(timeout, 5 x slowest step) seconds while
+    the step check is armed (from the first `step_done`, outside `paused()`). Inactive when
+    `timeout` is None (one process)."""
+
+    def __init__(self, timeout: float | None, client=None, process_count: int = 1):
+        self.timeout = timeout
+        self._last = None  # monotonic time of the last finished step; None = disarmed
+        self._slowest = 0.0
+        self._step = 0
+        self._stopped = threading.Event()
+        if not timeout:
+            return
+        threading.Thread(target=self._watch_steps, name="elmjax-step-watchdog", daemon=True).start()
+        if client is not None:
+            threading.Thread(target=self._watch_peers, args=(client, process_count),
+                             name="elmjax-peer-watchdog", daemon=True).start()
+
+    def limit(self) -> float:
+        return max(self.timeout or 0, 5 * self._slowest)
+
+    def step_done(self, step: int) -> None:
+        now = time.monotonic()
+        if self._last is not None:
+            self._slowest = max(self._slowest, now - self._last)
+        self._last, self._step = now, step
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Compiling, saving and evaluating are not steps: no step limit while they run (a
+        lost peer is still noticed)."""
+        last, self._last = self._last, None
+        try:
+            yield
+        finally:
+            self._last = time.monotonic() if last is not None else None
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _watch_steps(self) -> None:
+        while not self._stopped.wait(1.0):
+            last = self._last
+            if last is not None and time.monotonic() - last > self.limit():
+                exit_now(f"no training step finished for {self.limit():.0f} s after step {self._step}: "
+                         "a process hangs (e.g. in a collective) or was lost")
+
+    def _watch_peers(self, client, process_count: int) -> None:
+        everyone = list(range(process_count))
+        # GetAliveTasks is a barrier of the live tasks: it returns once each live process has
+        # asked, and a process counts as dead `timeout` seconds after its last heartbeat.
+        while not self._stopped.wait(1.0):
+            try:
+                live = client.get_live_nodes(everyone)
+            except Exception:  # noqa: BLE001 - the service is gone; JAX itself ends the process
+                return
+            lost = sorted(set(everyone) - set(live))
+            if lost and not self._stopped.is_set():  # not a peer that finished normally
+                exit_now(f"lost process {', '.join(map(str, lost))} of {process_count} (no heartbeat "
+                         f"for {self.timeout} s: it died, or its host or network failed)")
+
+
+def watch(workdir) -> Watchdog:
+    """The watchdog of this run (inactive with one process or without `initialize`); also
+    what the lost-process line reports as the last saved step."""
+    import jax
+
+    _settings["workdir"] = workdir
+    if jax.process_count() == 1 or _settings["failure_timeout"] is None:
+        return Watchdog(None)
+    return Watchdog(_settings["failure_timeout"], _client(), jax.process_count())
+
+
+def finish(watchdog: Watchdog) -> None:
+    """The end of a multi-process run: stop watching, meet at a barrier, and let process 0
+    (which hosts the coordination service) exit last, once the others have disconnected.
+    In recoverable mode JAX's own shutdown barrier does not wait for them."""
+    import jax
+
+    watchdog.stop()
+    client = _client()
+    if client is None or jax.process_count() == 1:
+        return
+    timeout = _settings["failure_timeout"] or DEFAULT_FAILURE_TIMEOUT
+    client.wait_at_barrier("elmjax_finished", timeout * 1000)
+    if jax.process_index() != 0:
+        return
+    # GetAliveTasks returns once every live listed task has asked too; the others never ask,
+    # so it returns when they have disconnected (at their exit). Bounded by the timeout.
+    waiter = threading.Thread(target=client.get_live_nodes, args=(list(range(jax.process_count())),), daemon=True)
+    waiter.start()
+    waiter.join(timeout)
