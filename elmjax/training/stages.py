@@ -94,12 +94,13 @@ class StagedData:
 
 
 def train_data(config, stages: list[Stage]):
-    """The run's batch iterator: the plain grain iterator for a one-stage run (checkpoints
-    keep their format), `StagedData` otherwise."""
+    """The run's batch iterator: for a one-stage run the grain iterator of this process
+    (wrapped in `LayoutData`, which keeps the checkpoint format and can resume on another
+    process count), `StagedData` otherwise."""
     if len(stages) == 1:
-        from elmjax.data.pipeline import make_train_iterator
+        from elmjax.data.layout import LayoutData
 
-        return make_train_iterator(config)
+        return LayoutData(config)  # resumable on another process count (elastic restarts)
     return StagedData(config, stages)
 
 

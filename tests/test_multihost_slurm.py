@@ -1,0 +1,131 @@
+"""Multi-process runs as a cluster launcher starts them, on this machine's CPU: two processes
+given the environment SLURM gives its tasks (`--distributed`, jax.distributed.initialize()
+detects SLURM; JAX_COORDINATOR_PORT points its coordinator at a free port of 127.0.0.1),
+4 forced host devices each. A lost peer ends the survivor within the bound with one line and
+exit code 75; the restarted job resumes bitwise; and a checkpoint written by 2 processes
+resumes on 1 and one written by 1 resumes on 2, with the same batches (elmjax/data/layout.py).
+"""
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.test_train_multiprocess import free_port
+from tests.test_train_resume import CONFIG, ROOT, env, metrics_by_step
+
+FAILURE_TIMEOUT = 5  # seconds; the default (30) is for real clusters
+
+
+def slurm_env(cache, index: int, port: int, **extra):
+    """What srun sets for task `index` of 2 on one node (the coordinator is the first node
+    of SLURM_STEP_NODELIST; JAX_COORDINATOR_PORT replaces the port jax derives from the job id)."""
+    return env(cache, devices=4, SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="127.0.0.1", SLURM_NTASKS="2",
+               SLURM_PROCID=str(index), SLURM_LOCALID=str(index), JAX_COORDINATOR_PORT=str(port), **extra)
+
+
+def start_slurm_tasks(cache, workdir, *overrides, killed_task=None, kill_after=4):
+    """Both tasks of a SLURM job step; `killed_task` runs under tests/kill_after_checkpoint.py
+    (SIGKILLed once checkpoint `kill_after` is on disk and the step after it has run)."""
+    port = free_port()
+    processes = []
+    for index in range(2):
+        killed = index == killed_task
+        program = [str(ROOT / "tests" / "kill_after_checkpoint.py")] if killed else ["-m", "elmjax.train"]
+        extra = {"KILL_AFTER_CHECKPOINT": str(kill_after)} if killed else {}
+        processes.append(subprocess.Popen(
+            [sys.executable, *program, f"--config={CONFIG}", f"--workdir={workdir}", "--distributed",
+             f"--failure_timeout={FAILURE_TIMEOUT}", *overrides],
+            cwd=ROOT, env=slurm_env(cache, index, port, **extra), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        ))
+    return processes
+
+
+def finish(processes, timeout=400):
+    outputs = [process.communicate(timeout=timeout) for process in processes]
+    for process, (_, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr[-3000:]
+    return outputs
+
+
+def run_single(cache, workdir, devices=8):
+    result = subprocess.run([sys.executable, "-m", "elmjax.train", f"--config={CONFIG}", f"--workdir={workdir}"],
+                            cwd=ROOT, env=env(cache, devices=devices), capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("xla_cache")
+
+
+@pytest.fixture(scope="module")
+def two_task_run(tmp_path_factory, cache):
+    """8 steps on 2 SLURM tasks x 4 devices, checkpoints at 4 and 8."""
+    workdir = tmp_path_factory.mktemp("slurm_straight")
+    outputs = finish(start_slurm_tasks(cache, workdir))
+    assert "'data': 8" in outputs[0][0]  # one mesh over both tasks' devices
+    return workdir
+
+
+def copy_until(workdir, tmp_path, step: int):
+    """A copy of `workdir` as it was after checkpoint `step` (later checkpoints removed)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    for path in (copy / "checkpoints").iterdir():
+        if path.name.isdigit() and int(path.name) > step:
+            shutil.rmtree(path)
+    return copy
+
+
+def test_lost_task_ends_the_survivor_in_bounded_time_and_the_rerun_resumes_bitwise(two_task_run, tmp_path, cache):
+    workdir = tmp_path / "killed"
+    processes = start_slurm_tasks(cache, workdir, killed_task=1)
+    processes[1].wait(timeout=400)
+    killed_at = time.monotonic()
+    _, stderr = processes[0].communicate(timeout=120)
+    survivor_seconds = time.monotonic() - killed_at
+    assert processes[1].returncode == -9
+    assert processes[0].returncode == 75, stderr[-3000:]
+    # The heartbeat timeout, then at most a second to notice; the rest is a busy machine's slack.
+    assert survivor_seconds < FAILURE_TIMEOUT + 10, survivor_seconds
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: lost process 1 of 2"), stderr[-3000:]
+    assert f"the last saved step is step 4 ({workdir}/checkpoints/4)" in errors[0]
+    assert "exit code 75" in errors[0] and "stack trace" not in stderr and "Traceback" not in stderr
+
+    outputs = finish(start_slurm_tasks(cache, workdir))
+    assert f"resumed from {workdir}/checkpoints/4 (step 4)" in outputs[0][0]
+    straight, resumed = metrics_by_step(two_task_run), metrics_by_step(workdir)
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(5, 9):
+        assert resumed[step]["loss"] == straight[step]["loss"], step  # bitwise
+
+
+def test_two_task_checkpoint_resumes_on_one_process_with_the_same_batches(two_task_run, tmp_path, cache):
+    """2 -> 1. "resumed from" means the restored parameters and optimizer state passed the
+    checksum check against what the 2 tasks wrote (elmjax/training/checksums.py)."""
+    workdir = copy_until(two_task_run, tmp_path, 4)
+    result = run_single(cache, workdir)
+    assert f"resumed from {workdir}/checkpoints/4 (step 4)" in result.stdout
+    assert "keep the layout of the 2 process(es)" in result.stdout
+    straight, resumed = metrics_by_step(two_task_run), metrics_by_step(workdir)
+    for step in range(5, 9):
+        assert resumed[step]["loss"] == pytest.approx(straight[step]["loss"], rel=1e-6), step
+    assert [p.name for p in (workdir / "checkpoints" / "8" / "data").glob("*.json")] == ["process_0-of-1.json"]
+
+
+def test_one_process_checkpoint_resumes_on_two_tasks_with_the_same_batches(tmp_path, cache):
+    """1 -> 2, the other direction (and the 2 tasks' checksum check, as above)."""
+    straight = tmp_path / "single"
+    run_single(cache, straight)
+    workdir = copy_until(straight, tmp_path, 4)
+    outputs = finish(start_slurm_tasks(cache, workdir))
+    assert f"resumed from {workdir}/checkpoints/4 (step 4)" in outputs[0][0]
+    assert "keep the layout of the 1 process(es)" in outputs[0][0]
+    reference, resumed = metrics_by_step(straight), metrics_by_step(workdir)
+    for step in range(5, 9):
+        assert resumed[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-6), step
