@@ -2,18 +2,23 @@
 exits within a bounded time with one line and exit code `PEER_LOST_EXIT`, so a launcher can
 restart the job (which resumes from the last checkpoint).
 
-Two mechanisms, both bounded by `failure_timeout` seconds (`--failure_timeout`, default 30):
+Both bounded by `failure_timeout` seconds (`--failure_timeout`, default 30), in `Watchdog`:
 
 - A process that dies: JAX's coordination service (in process 0) stops hearing its
-  heartbeats after `heartbeat_timeout_seconds` and reports an error to every other process;
-  when process 0 itself dies, the others' next RPC to it fails at once. JAX's default
-  reaction to either is a C++ `LOG(FATAL)` (a stack trace, exit by SIGABRT, up to 100 s
-  late); `initialize` here installs our callback in its place, which prints the line and
-  exits.
+  heartbeats and, after `heartbeat_timeout_seconds` (= failure_timeout), no longer lists it
+  as live. By default JAX would then abort every other process with a C++ `LOG(FATAL)` (a
+  stack trace, up to 100 s late); `initialize` turns on JAX's recoverable mode, where the
+  service only reports the task as dead, and the watchdog asks the service which processes
+  are live (once a second) and exits with the line naming the lost one.
 - A process that hangs (alive, so its heartbeats go on) stalls every process in the next
-  collective: `StepWatchdog` notices that no step finished for max(failure_timeout, 5 x the
-  slowest step so far) and exits the same way. It is paused while compiling, saving and
-  evaluating, and armed from the first completed step.
+  collective: the watchdog notices that no step finished for max(failure_timeout, 5 x the
+  slowest step so far) and exits the same way. The step check is paused while compiling,
+  saving and evaluating, and armed from the first finished step.
+
+Not covered: when process 0 (which hosts the service) dies, the others' next RPC to it fails
+at once and JAX aborts them itself (its message and C++ stack trace, SIGABRT) within about a
+second; JAX offers no way to replace that reaction from Python (its client callback cannot
+be given a Python function: the call fails converting the status).
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ import time
 PEER_LOST_EXIT = 75
 DEFAULT_FAILURE_TIMEOUT = 30
 
-_settings = {"failure_timeout": None, "workdir": None}
+_settings = {"failure_timeout": None}
 
 
 def initialize(coordinator=None, num_processes=None, process_id=None, local_device_ids=None,
@@ -71,10 +76,10 @@ def last_saved(workdir) -> str:
     return "none yet" if step is None else f"step {step} ({ckpt.checkpoint_dir(workdir) / str(step)})"
 
 
-def exit_now(what: str) -> None:
-    """Prints the one line (what happened, the last saved step, the exit code) and exits at
-    once: the main thread may be blocked in a collective that will never finish."""
-    line = (f"error: {what}; the last saved step is {last_saved(_settings['workdir'])}; restart the "
+def exit_now(what: str, workdir) -> None:
+    """Prints the one line (what happened, WORKDIR's last saved step, the exit code) and
+    exits at once: the main thread may be blocked in a collective that will never finish."""
+    line = (f"error: {what}; the last saved step is {last_saved(workdir)}; restart the "
             f"job to resume from it (exit code {PEER_LOST_EXIT})")
     try:
         sys.stdout.flush()
@@ -89,8 +94,9 @@ class Watchdog:
     the step check is armed (from the first `step_done`, outside `paused()`). Inactive when
     `timeout` is None (one process)."""
 
-    def __init__(self, timeout: float | None, client=None, process_count: int = 1):
+    def __init__(self, timeout: float | None, workdir=None, client=None, process_count: int = 1):
         self.timeout = timeout
+        self.workdir = workdir  # whose last saved step the line names
         self._last = None  # monotonic time of the last finished step; None = disarmed
         self._slowest = 0.0
         self._step = 0
@@ -129,7 +135,7 @@ class Watchdog:
             last = self._last
             if last is not None and time.monotonic() - last > self.limit():
                 exit_now(f"no training step finished for {self.limit():.0f} s after step {self._step}: "
-                         "a process hangs (e.g. in a collective) or was lost")
+                         "a process hangs (e.g. in a collective) or was lost", self.workdir)
 
     def _watch_peers(self, client, process_count: int) -> None:
         everyone = list(range(process_count))
@@ -143,18 +149,17 @@ class Watchdog:
             lost = sorted(set(everyone) - set(live))
             if lost and not self._stopped.is_set():  # not a peer that finished normally
                 exit_now(f"lost process {', '.join(map(str, lost))} of {process_count} (no heartbeat "
-                         f"for {self.timeout} s: it died, or its host or network failed)")
+                         f"for {self.timeout} s: it died, or its host or network failed)", self.workdir)
 
 
 def watch(workdir) -> Watchdog:
-    """The watchdog of this run (inactive with one process or without `initialize`); also
-    what the lost-process line reports as the last saved step."""
+    """The watchdog of a run in `workdir` (inactive with one process or without
+    `initialize`)."""
     import jax
 
-    _settings["workdir"] = workdir
     if jax.process_count() == 1 or _settings["failure_timeout"] is None:
         return Watchdog(None)
-    return Watchdog(_settings["failure_timeout"], _client(), jax.process_count())
+    return Watchdog(_settings["failure_timeout"], workdir, _client(), jax.process_count())
 
 
 def finish(watchdog: Watchdog) -> None:

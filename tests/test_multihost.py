@@ -3,17 +3,23 @@ given the environment SLURM gives its tasks (`--distributed`, jax.distributed.in
 detects SLURM; JAX_COORDINATOR_PORT points its coordinator at a free port of 127.0.0.1),
 4 forced host devices each. A lost peer ends the survivor within the bound with one line and
 exit code 75; the restarted job resumes bitwise; and a checkpoint written by 2 processes
-resumes on 1 and one written by 1 resumes on 2, with the same batches (elmjax/data/layout.py).
+resumes on 1 and one written by 1 resumes on 2 (the pods of launch/jobset.yaml's indexed Job),
+with the same batches (elmjax/data/layout.py).
 """
+import shlex
 import shutil
 import subprocess
 import sys
 import time
 
 import pytest
+import yaml
 
 from tests.test_train_multiprocess import free_port
 from tests.test_train_resume import CONFIG, ROOT, env, metrics_by_step
+
+sys.path.insert(0, str(ROOT / "launch"))
+import render  # noqa: E402  (launch/ is not a package)
 
 FAILURE_TIMEOUT = 5  # seconds; the default (30) is for real clusters
 
@@ -118,14 +124,46 @@ def test_two_task_checkpoint_resumes_on_one_process_with_the_same_batches(two_ta
     assert [p.name for p in (workdir / "checkpoints" / "8" / "data").glob("*.json")] == ["process_0-of-1.json"]
 
 
-def test_one_process_checkpoint_resumes_on_two_tasks_with_the_same_batches(tmp_path, cache):
-    """1 -> 2, the other direction (and the 2 tasks' checksum check, as above)."""
+def start_jobset_pods(cache, workdir):
+    """The two pods of launch/jobset.yaml's indexed Job, as this machine's processes: each
+    runs the container's command with the JOB_COMPLETION_INDEX Kubernetes gives it (the
+    coordinator's hostname rendered as 127.0.0.1)."""
+    manifest = yaml.safe_load(render.render_jobset(CONFIG, str(workdir), NUM_PROCESSES=2, GPUS_PER_PROCESS=4,
+                                                   COORDINATOR_HOST="127.0.0.1", PORT=free_port()))
+    pod = manifest["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    command = [*container["command"], *container["args"]]
+    assert command[2].startswith(f"python -m elmjax.train --config={CONFIG} ")
+    command[2] = command[2].replace("python", shlex.quote(sys.executable), 1)
+    return [subprocess.Popen(command, cwd=ROOT, env=env(cache, devices=4, JOB_COMPLETION_INDEX=str(index)),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for index in range(2)]
+
+
+def test_one_process_checkpoint_resumes_on_two_indexed_job_pods_with_the_same_batches(tmp_path, cache):
+    """1 -> 2, the other direction (and the 2 processes' checksum check, as above), on the
+    two pods of launch/jobset.yaml."""
     straight = tmp_path / "single"
     run_single(cache, straight)
     workdir = copy_until(straight, tmp_path, 4)
-    outputs = finish(start_slurm_tasks(cache, workdir))
+    outputs = finish(start_jobset_pods(cache, workdir))
     assert f"resumed from {workdir}/checkpoints/4 (step 4)" in outputs[0][0]
     assert "keep the layout of the 1 process(es)" in outputs[0][0]
     reference, resumed = metrics_by_step(straight), metrics_by_step(workdir)
     for step in range(5, 9):
         assert resumed[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-6), step
+
+
+def test_a_stalled_step_ends_the_process_with_one_line_and_exit_code_75(tmp_path):
+    """The step watchdog alone (what bounds a process hanging in a collective: every process
+    then stops finishing steps): armed by a finished step, it fires after its limit."""
+    (tmp_path / "checkpoints" / "6" / "state").mkdir(parents=True)  # no _CHECKPOINT_METADATA: not complete
+    code = ("import time; from elmjax.training import peers; "
+            f"w = peers.Watchdog(2, {str(tmp_path)!r}); w.step_done(7); time.sleep(60)")
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env(tmp_path / "cache"),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 75 and time.monotonic() - start < 30
+    assert result.stderr.strip() == ("error: no training step finished for 2 s after step 7: a process hangs "
+                                     "(e.g. in a collective) or was lost; the last saved step is none yet; "
+                                     "restart the job to resume from it (exit code 75)")
