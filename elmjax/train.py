@@ -82,6 +82,12 @@ def main(argv) -> None:
     from elmjax.config import validate
 
     config = validate(FLAGS.config)
+    from elmjax.training import supervisor
+
+    if (FLAGS.coordinator or FLAGS.distributed) and not FLAGS.dry_run and not supervisor.is_child():
+        # A parent process that turns JAX's abort when process 0 dies into our one line.
+        workdir = Path(FLAGS.workdir) if FLAGS.workdir else _default_workdir(config)
+        raise SystemExit(supervisor.run(workdir, FLAGS.num_processes))
     from elmjax.training import host_memory
 
     # Before anything starts the XLA backend and its threads (see elmjax/training/host_memory.py).

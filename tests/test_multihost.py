@@ -1,10 +1,11 @@
 """Multi-process runs as a cluster launcher starts them, on this machine's CPU: two processes
 given the environment SLURM gives its tasks (`--distributed`, jax.distributed.initialize()
 detects SLURM; JAX_COORDINATOR_PORT points its coordinator at a free port of 127.0.0.1),
-4 forced host devices each. A lost peer ends the survivor within the bound with one line and
-exit code 75; the restarted job resumes bitwise; and a checkpoint written by 2 processes
-resumes on 1 and one written by 1 resumes on 2 (the pods of launch/jobset.yaml's indexed Job),
-with the same batches (elmjax/data/layout.py).
+4 forced host devices each. A lost peer (process 1, or process 0 which hosts JAX's
+coordination service) ends the survivor within the bound with one line and exit code 75;
+the restarted job resumes bitwise; a checkpoint written by 2 processes resumes on 1, and one
+written by 1 resumes on 2 (the pods of launch/jobset.yaml's indexed Job), with the same
+batches (elmjax/data/layout.py).
 """
 import shlex
 import shutil
@@ -87,6 +88,7 @@ def copy_until(workdir, tmp_path, step: int):
     return copy
 
 
+@pytest.mark.slow
 def test_lost_task_ends_the_survivor_in_bounded_time_and_the_rerun_resumes_bitwise(two_task_run, tmp_path, cache):
     workdir = tmp_path / "killed"
     processes = start_slurm_tasks(cache, workdir, killed_task=1)
@@ -111,15 +113,33 @@ def test_lost_task_ends_the_survivor_in_bounded_time_and_the_rerun_resumes_bitwi
         assert resumed[step]["loss"] == straight[step]["loss"], step  # bitwise
 
 
-def test_two_task_checkpoint_resumes_on_one_process_with_the_same_batches(two_task_run, tmp_path, cache):
-    """2 -> 1. "resumed from" means the restored parameters and optimizer state passed the
-    checksum check against what the 2 tasks wrote (elmjax/training/checksums.py)."""
-    workdir = copy_until(two_task_run, tmp_path, 4)
+@pytest.mark.slow
+def test_lost_coordinator_ends_the_other_task_with_one_line_and_the_job_resumes_on_one_process(
+        two_task_run, tmp_path, cache):
+    """Process 0 hosts JAX's coordination service; when it dies JAX aborts the others at
+    once, and their parent process (elmjax/training/supervisor.py) turns that into the line.
+    The job then resumes on 1 process (2 -> 1) with the same batches. "resumed from" means the
+    restored parameters and optimizer state passed the checksum check against what the 2
+    tasks wrote (elmjax/training/checksums.py)."""
+    workdir = tmp_path / "killed"
+    processes = start_slurm_tasks(cache, workdir, killed_task=0)
+    processes[0].wait(timeout=400)
+    killed_at = time.monotonic()
+    _, stderr = processes[1].communicate(timeout=120)
+    assert processes[0].returncode == -9
+    assert processes[1].returncode == 75, stderr[-3000:]
+    assert time.monotonic() - killed_at < 10
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: lost process 0 (the coordinator"), stderr[-3000:]
+    assert f"the last saved step is step 4 ({workdir}/checkpoints/4)" in errors[0]
+    assert "stack trace" not in stderr and "Fatal Python error" not in stderr
+
     result = run_single(cache, workdir)
     assert f"resumed from {workdir}/checkpoints/4 (step 4)" in result.stdout
     assert "keep the layout of the 2 process(es)" in result.stdout
     straight, resumed = metrics_by_step(two_task_run), metrics_by_step(workdir)
-    for step in range(5, 9):
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(5, 9):  # the same batches; the sums' order differs (1 process, not 2)
         assert resumed[step]["loss"] == pytest.approx(straight[step]["loss"], rel=1e-6), step
     assert [p.name for p in (workdir / "checkpoints" / "8" / "data").glob("*.json")] == ["process_0-of-1.json"]
 
@@ -140,6 +160,7 @@ def start_jobset_pods(cache, workdir):
             for index in range(2)]
 
 
+@pytest.mark.slow
 def test_one_process_checkpoint_resumes_on_two_indexed_job_pods_with_the_same_batches(tmp_path, cache):
     """1 -> 2, the other direction (and the 2 processes' checksum check, as above), on the
     two pods of launch/jobset.yaml."""

@@ -15,10 +15,10 @@ Both bounded by `failure_timeout` seconds (`--failure_timeout`, default 30), in 
   slowest step so far) and exits the same way. The step check is paused while compiling,
   saving and evaluating, and armed from the first finished step.
 
-Not covered: when process 0 (which hosts the service) dies, the others' next RPC to it fails
-at once and JAX aborts them itself (its message and C++ stack trace, SIGABRT) within about a
-second; JAX offers no way to replace that reaction from Python (its client callback cannot
-be given a Python function: the call fails converting the status).
+When process 0 (which hosts the service) dies, the others' next RPC to it fails at once and
+JAX aborts them itself (C++ stack trace, SIGABRT); JAX offers no way to replace that from
+Python (its client callback cannot take a Python function: converting the status fails).
+elmjax/training/supervisor.py, a parent process, turns that abort into the same line.
 """
 from __future__ import annotations
 
