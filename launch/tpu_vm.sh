@@ -28,8 +28,9 @@ TRAIN="python -m elmjax.train --config=${CONFIG} --workdir=${WORKDIR} --distribu
 
 run() {
   if [[ -n ${DRY_RUN:-} ]]; then
-    printf '%q ' "$@"
-    echo
+    local line
+    printf -v line '%q ' "$@"
+    echo "${line}"  # one write, so parallel runs print whole lines
   else
     "$@"
   fi

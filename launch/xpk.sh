@@ -23,8 +23,9 @@ if [[ -n ${PROJECT:-} ]]; then location+=(--project="${PROJECT}"); fi
 
 run() {
   if [[ -n ${DRY_RUN:-} ]]; then
-    printf '%q ' "$@"
-    echo
+    local line
+    printf -v line '%q ' "$@"
+    echo "${line}"  # one write, so parallel runs print whole lines
   else
     "$@"
   fi
