@@ -35,15 +35,19 @@ flags.DEFINE_integer("failure_timeout", 30, "Seconds after which a lost or hangi
                      "process of a multi-process run (one line, exit code 75; launch/README.md).")
 FLAGS = flags.FLAGS
 
+def _check_distributed_flags() -> None:
+    """The multi-process flags' one-line errors, before any process is started."""
+    if FLAGS.failure_timeout < 1:
+        cli.fail(f"--failure_timeout is {FLAGS.failure_timeout}; need >= 1 (seconds)")
+    if FLAGS.local_device_ids and not all(i.strip().isdigit() for i in FLAGS.local_device_ids):
+        cli.fail(f"--local_device_ids is {','.join(FLAGS.local_device_ids)}; need device numbers like 0,1,2,3")
+
+
 def _init_distributed() -> None:
     if not (FLAGS.coordinator or FLAGS.distributed):
         return
     from elmjax.training import peers
 
-    if FLAGS.failure_timeout < 1:
-        cli.fail(f"--failure_timeout is {FLAGS.failure_timeout}; need >= 1 (seconds)")
-    if FLAGS.local_device_ids and not all(i.strip().isdigit() for i in FLAGS.local_device_ids):
-        cli.fail(f"--local_device_ids is {','.join(FLAGS.local_device_ids)}; need device numbers like 0,1,2,3")
     local_ids = [int(i) for i in FLAGS.local_device_ids] if FLAGS.local_device_ids else None
     if FLAGS.coordinator:
         peers.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id, local_ids, FLAGS.failure_timeout)
@@ -82,6 +86,7 @@ def main(argv) -> None:
     from elmjax.config import validate
 
     config = validate(FLAGS.config)
+    _check_distributed_flags()
     from elmjax.training import supervisor
 
     if (FLAGS.coordinator or FLAGS.distributed) and not FLAGS.dry_run and not supervisor.is_child():

@@ -188,3 +188,14 @@ def test_a_stalled_step_ends_the_process_with_one_line_and_exit_code_75(tmp_path
     assert result.stderr.strip() == ("error: no training step finished for 2 s after step 7: a process hangs "
                                      "(e.g. in a collective) or was lost; the last saved step is none yet; "
                                      "restart the job to resume from it (exit code 75)")
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--failure_timeout=0", "error: --failure_timeout is 0; need >= 1 (seconds)"),
+    ("--local_device_ids=0,x", "error: --local_device_ids is 0,x; need device numbers like 0,1,2,3"),
+])
+def test_bad_multi_process_flags_are_one_line_errors(tmp_path, flag, message):
+    result = subprocess.run([sys.executable, "-m", "elmjax.train", f"--config={CONFIG}", f"--workdir={tmp_path}",
+                             "--distributed", flag], cwd=ROOT, env=env(tmp_path / "cache"),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip() == message

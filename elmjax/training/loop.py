@@ -174,7 +174,6 @@ def train(config, workdir, log=print) -> dict:
     if step >= config.train.steps:
         for line in run_state.finished_summary(workdir, config, step, time.perf_counter() - run_start, last):
             log(line)
-    peers.finish(watchdog)
     return last
 
 

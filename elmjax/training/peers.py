@@ -22,6 +22,7 @@ elmjax/training/supervisor.py, a parent process, turns that abort into the same 
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import sys
@@ -53,6 +54,9 @@ def initialize(coordinator=None, num_processes=None, process_id=None, local_devi
         heartbeat_timeout_seconds=failure_timeout,
         shutdown_timeout_seconds=max(failure_timeout, 60),
     )
+    if jax.process_index() == 0 and jax.process_count() > 1:
+        # Registered after JAX's own exit handler, so it runs before JAX shuts down.
+        atexit.register(_outlive_the_others, failure_timeout)
 
 
 def _client():
@@ -162,22 +166,25 @@ def watch(workdir) -> Watchdog:
     return Watchdog(_settings["failure_timeout"], workdir, _client(), jax.process_count())
 
 
-def finish(watchdog: Watchdog) -> None:
-    """The end of a multi-process run: stop watching, meet at a barrier, and let process 0
-    (which hosts the coordination service) exit last, once the others have disconnected.
-    In recoverable mode JAX's own shutdown barrier does not wait for them."""
+def _outlive_the_others(timeout: float) -> None:
+    """At the exit of process 0, which hosts the coordination service: wait (at most
+    `timeout` seconds) until the other processes have disconnected. In recoverable mode
+    JAX's shutdown does not wait for them, and a process whose service vanishes while it is
+    still connected is aborted by JAX, e.g. after an error that every process raises."""
     import jax
 
-    watchdog.stop()
     client = _client()
-    if client is None or jax.process_count() == 1:
+    if client is None:
         return
-    timeout = _settings["failure_timeout"] or DEFAULT_FAILURE_TIMEOUT
-    client.wait_at_barrier("elmjax_finished", timeout * 1000)
-    if jax.process_index() != 0:
-        return
-    # GetAliveTasks returns once every live listed task has asked too; the others never ask,
-    # so it returns when they have disconnected (at their exit). Bounded by the timeout.
-    waiter = threading.Thread(target=client.get_live_nodes, args=(list(range(jax.process_count())),), daemon=True)
+    everyone = list(range(jax.process_count()))
+    deadline = time.monotonic() + timeout
+
+    def wait():
+        # GetAliveTasks returns once each live listed task has asked too: the others' own
+        # watchdogs may answer it; otherwise it returns when they have disconnected.
+        while time.monotonic() < deadline and len(client.get_live_nodes(everyone)) > 1:
+            time.sleep(0.1)
+
+    waiter = threading.Thread(target=wait, daemon=True)
     waiter.start()
-    waiter.join(timeout)
+    waiter.join(max(0.0, deadline - time.monotonic()))

@@ -19,6 +19,7 @@ launcher does) kills the run.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,6 +27,11 @@ import threading
 
 MARK = "ELMJAX_SUPERVISED"
 _JAX_FATAL = b"Terminating process because the JAX distributed service detected fatal errors"
+_RECOVERABLE_NOTICE = b"Using experimental recoverable task feature"
+# glog lines (W/E + date) of JAX's coordination client and preemption watcher, and the
+# gRPC detail lines that continue them.
+_SERVICE_LOG = re.compile(rb"^([WE]\d{4} .*(coordination_service_agent|preemption_sync_manager)\.cc|"
+                          rb"Additional GRPC error information|:UNKNOWN:Error received from peer)")
 
 
 def is_child() -> bool:
@@ -43,13 +49,24 @@ def _die_with_parent() -> None:
 
 
 def _pass_stderr(stream, fatal: list) -> None:
-    """Copies the child's stderr to ours until JAX's fatal line (kept in `fatal`)."""
+    """Copies the child's stderr to ours until JAX's fatal line (kept in `fatal`). JAX's log
+    lines about the failing service just before it are held back and dropped with it, and
+    its notice that recoverable mode (which elmjax turns on) is experimental is dropped."""
+    held = []
     for line in stream:
         if not fatal and _JAX_FATAL in line:
             fatal.append(line)
-        if not fatal:
-            sys.stderr.buffer.write(line)
-            sys.stderr.buffer.flush()
+        if fatal or _RECOVERABLE_NOTICE in line:
+            continue
+        if _SERVICE_LOG.match(line):
+            held.append(line)
+            continue
+        sys.stderr.buffer.write(b"".join(held) + line)
+        sys.stderr.buffer.flush()
+        held.clear()
+    if held and not fatal:
+        sys.stderr.buffer.write(b"".join(held))
+        sys.stderr.buffer.flush()
 
 
 def run(workdir, process_count: int | None) -> int:
