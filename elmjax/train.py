@@ -7,8 +7,10 @@ them, `python tools/count_params.py --config=FILE` shows a config's model. Re-ru
 command resumes from the newest complete checkpoint in DIR, which may be a gs:// URL
 (`pip install -e '.[gcs]'`; see elmjax/storage.py). `--dry_run` compiles the step
 for the configured mesh and reports memory instead of training. Multi-process: pass
---coordinator/--num_processes/--process_id (or nothing on TPU pods / SLURM, where
-`jax.distributed.initialize()` finds them itself with --distributed).
+--coordinator/--num_processes/--process_id, or --distributed on TPU pods / SLURM / GKE TPU,
+where `jax.distributed.initialize()` finds them itself (launch/README.md). When a process of
+a multi-process run is lost, the others exit within --failure_timeout seconds with exit code
+75 (restart the job to resume).
 """
 from __future__ import annotations
 
@@ -28,17 +30,30 @@ flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (auto
 flags.DEFINE_string("coordinator", None, "host:port of process 0, for a manual multi-process run.")
 flags.DEFINE_integer("num_processes", None, "Number of processes of a manual multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a manual multi-process run.")
+flags.DEFINE_list("local_device_ids", None, "GPU ids this process uses (e.g. 0,1,2,3,4,5,6,7 for one SLURM task "
+                  "per node); default: jax's choice (under SLURM one GPU per task, SLURM_LOCALID).")
+flags.DEFINE_integer("failure_timeout", 30, "Seconds after which a lost or hanging peer process ends every "
+                     "process of a multi-process run (one line, exit code 75; launch/README.md).")
 FLAGS = flags.FLAGS
 
-def _init_distributed() -> None:
-    import jax
+def _check_distributed_flags() -> None:
+    """The multi-process flags' one-line errors, before any process is started."""
+    if FLAGS.failure_timeout < 1:
+        cli.fail(f"--failure_timeout is {FLAGS.failure_timeout}; need >= 1 (seconds)")
+    if FLAGS.local_device_ids and not all(i.strip().isdigit() for i in FLAGS.local_device_ids):
+        cli.fail(f"--local_device_ids is {','.join(FLAGS.local_device_ids)}; need device numbers like 0,1,2,3")
 
+
+def _init_distributed() -> None:
+    if not (FLAGS.coordinator or FLAGS.distributed):
+        return
+    from elmjax.training import peers
+
+    local_ids = [int(i) for i in FLAGS.local_device_ids] if FLAGS.local_device_ids else None
     if FLAGS.coordinator:
-        # CPU processes need a collectives backend; this setting does not affect accelerators.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
-    elif FLAGS.distributed:
-        jax.distributed.initialize()
+        peers.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id, local_ids, FLAGS.failure_timeout)
+    else:  # the cluster (SLURM, TPU VM, GKE, ...) names the coordinator and this process
+        peers.initialize(local_device_ids=local_ids, failure_timeout=FLAGS.failure_timeout)
 
 
 def _quiet_libraries() -> None:
@@ -72,6 +87,13 @@ def main(argv) -> None:
     from elmjax.config import validate
 
     config = validate(FLAGS.config)
+    _check_distributed_flags()
+    from elmjax.training import supervisor
+
+    if (FLAGS.coordinator or FLAGS.distributed) and not FLAGS.dry_run and not supervisor.is_child():
+        # A parent process that turns JAX's abort when process 0 dies into our one line.
+        workdir = Path(FLAGS.workdir) if FLAGS.workdir else _default_workdir(config)
+        raise SystemExit(supervisor.run(workdir, FLAGS.num_processes))
     from elmjax.training import host_memory
 
     # Before anything starts the XLA backend and its threads (see elmjax/training/host_memory.py).

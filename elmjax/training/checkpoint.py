@@ -28,6 +28,7 @@ from etils import epath
 from grain import checkpoint as grain_checkpoint
 
 from elmjax import storage
+from elmjax.data import layout
 
 from elmjax.training import checksums
 from elmjax.training.checkpoint_errors import (  # noqa: F401  (CheckpointError: part of this module's API)
@@ -207,16 +208,18 @@ def restore_train_state(workdir, abstract_state, data_iterator):
         # a clear error instead of setting it (and every older step) aside.
         check_matches(step_dir, abstract_state if train_checkpoint else {"params": abstract_state["params"]},
                        resuming=True)
+        writers = layout.writers_to_restore(step_dir, data_iterator) if train_checkpoint else None
         try:
             if train_checkpoint:
-                items = {
-                    "state": ocp.args.StandardRestore(abstract_state),
-                    "data": grain_checkpoint.CheckpointRestore(data_iterator),
-                }
+                items = {"state": ocp.args.StandardRestore(abstract_state)}
+                if writers == jax.process_count():  # this process's own file: grain reads it
+                    items["data"] = grain_checkpoint.CheckpointRestore(data_iterator)
                 restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
                     storage.absolute(step_dir), args=ocp.args.Composite(**items)
                 )
                 verify(step_dir, restored["state"])
+                if writers != jax.process_count():  # an elastic restart (elmjax/data/layout.py)
+                    data_iterator.restore_layout(layout.read_saved_states(step_dir / "data"), writers)
                 return step, restored["state"], "train"
             params = _restore_params_onto(step_dir, abstract_state["params"])
             verify(step_dir, {"params": params})

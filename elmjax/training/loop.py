@@ -16,6 +16,7 @@ from elmjax.training import checkpoint as ckpt
 from elmjax.training import heldout
 from elmjax.training import memory
 from elmjax.training import metrics as mt
+from elmjax.training import peers
 from elmjax.training import run_state
 from elmjax.training import setup as setup_lib
 from elmjax.training import stages
@@ -95,11 +96,13 @@ def train(config, workdir, log=print) -> dict:
     on_cpu = jax.devices()[0].platform == "cpu"
     peak_units = jax.process_count() if on_cpu else jax.device_count()
     stop = StopRequest()
+    watchdog = peers.watch(workdir)  # a lost or hanging peer ends the run within a bound
     seen_nonfinite, last, run = int(jax.device_get(state["nonfinite_steps"])), {}, None
     interval_start, interval_steps, remeasured = time.perf_counter(), 0, False
     while step < config.train.steps:
         if run is None or step >= run.stage.last_step:  # the first step, or a stage boundary
-            run = stages.begin(setup, plan, step, data, log)
+            with watchdog.paused():
+                run = stages.begin(setup, plan, step, data, log)
             tokens_per_step = run.stage.tokens_per_step
             flops_per_token = mt.flops_per_token(config.model, run.stage.seq_len)
             log(f"compiled the train step in {run.compile_seconds:.1f} s; {flops_per_token / 1e6:.1f} MFLOPs/token")
@@ -108,6 +111,7 @@ def train(config, workdir, log=print) -> dict:
         state, metrics = run.train_step(state, frozen, setup_lib.global_batch(run.setup, local))
         step, interval_steps = step + 1, interval_steps + 1
         stopping = stop.requested(step, config.train.stop_check_every)
+        watchdog.step_done(step)
         if step % config.train.log_every == 0 or step == config.train.steps or stopping:
             metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
             elapsed = time.perf_counter() - interval_start
@@ -136,6 +140,7 @@ def train(config, workdir, log=print) -> dict:
                     f"gradient; their updates were skipped (train.nonfinite={config.train.nonfinite})")
                 streak = int(jax.device_get(state["nonfinite_streak"]))
                 if config.train.nonfinite == "abort" or streak >= config.train.max_nonfinite_streak:
+                    watchdog.stop()  # the final save may take longer than a step
                     ckpt.save(manager, step, state, data, config, force=True)  # skipped steps changed nothing
                     ckpt.wait(manager)
                     raise FloatingPointError(_nonfinite_advice(config, workdir, step, streak))
@@ -143,15 +148,18 @@ def train(config, workdir, log=print) -> dict:
             interval_start, interval_steps = time.perf_counter(), 0
         # Saved before the held-out evaluation, so a failing evaluation loses no trained step.
         if step % config.checkpoint.every_steps == 0 or step == config.train.steps or stopping:
-            ckpt.save(manager, step, state, data, config, force=True)
+            with watchdog.paused():
+                ckpt.save(manager, step, state, data, config, force=True)
         if config.eval.every_steps and (step % config.eval.every_steps == 0 or step == config.train.steps):
-            results, line = evaluator.evaluate(run.setup, state["params"], frozen)
+            with watchdog.paused():
+                results, line = evaluator.evaluate(run.setup, state["params"], frozen)
             writer.write(step, results)
             log(f"step {step}: {line}")
             interval_start = time.perf_counter()
         if stopping:
             log(f"{stop.describe()}: saving step {step} and exiting")
             break
+    watchdog.stop()
     ckpt.wait(manager)
     manager.close()
     writer.close()

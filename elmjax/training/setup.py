@@ -152,6 +152,8 @@ def initial_state(setup: Setup, workdir, data_iterator, log=print):
     step, restored, kind = ckpt.restore_train_state(workdir, setup.abstract_state, data_iterator)
     if kind == "train":
         log(f"resumed from {ckpt.checkpoint_dir(workdir) / str(step)} (step {step})")
+        if not getattr(data_iterator, "native", True):
+            log(data_iterator.describe())
         return int(step), restored, frozen
     if kind == "params":
         log(f"starting from the parameters of {ckpt.checkpoint_dir(workdir) / str(step)} with a fresh optimizer")

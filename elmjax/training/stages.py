@@ -94,16 +94,18 @@ class StagedData:
 
 
 def train_data(config, stages: list[Stage]):
-    """The run's batch iterator: the plain grain iterator for a one-stage run (checkpoints
-    keep their format), `StagedData` otherwise."""
-    if config.train.objective == "dpo":  # preference pairs (one stage: validated)
-        from elmjax.data.preference import make_preference_iterator
-
-        return make_preference_iterator(config, "train")
+    """The run's batch iterator: for a one-stage run the grain iterator of this process
+    (wrapped in `LayoutData`, which keeps the checkpoint format and can resume on another
+    process count), `StagedData` otherwise."""
     if len(stages) == 1:
-        from elmjax.data.pipeline import make_train_iterator
+        from elmjax.data.layout import LayoutData
 
-        return make_train_iterator(config)
+        if config.train.objective == "dpo":  # preference pairs (one stage: validated)
+            from elmjax.data.preference import make_preference_iterator
+
+            pairs = lambda config, **shard: make_preference_iterator(config, "train", **shard)
+            return LayoutData(config, make_iterator=pairs)
+        return LayoutData(config)  # resumable on another process count (elastic restarts)
     return StagedData(config, stages)
 
 
