@@ -96,5 +96,5 @@ def test_dpo_starts_at_a_zero_margin_and_reports_preferences(base, tmp_path, cac
     np.testing.assert_allclose(records[0]["loss"], start, rtol=1e-6)
     assert abs(records[0]["dpo/reward_margin"]) < 1e-5  # zero up to the order of two forward passes
     held_out = [r for r in records if "eval_preference_accuracy" in r][-1]
-    assert 0.0 <= held_out["eval_preference_accuracy"] <= 1.0 and held_out["eval_pairs"] == 4
+    assert 0.0 <= held_out["eval_preference_accuracy"] <= 1.0 and held_out["eval_pairs"] == 4  # one batch of 4 pairs, none padding
     assert "held-out DPO loss" in result.stdout

@@ -92,20 +92,23 @@ def summed_dpo_loss(params, frozen, graphdef, batch, *, beta: float, kind: str, 
         model = nnx.merge(graphdef, frozen["reference"], own_frozen)
     ref = reference_logps(model, batch, reference)
     losses, chosen, rejected = preference_loss(policy[0::2], policy[1::2], ref[0::2], ref[1::2], beta=beta, kind=kind)
-    chosen_tokens = jnp.maximum(jnp.sum(batch["loss_mask"][0::2].astype(jnp.float32), axis=-1), 1.0)
+    chosen_tokens = jnp.sum(batch["loss_mask"][0::2].astype(jnp.float32), axis=-1)
+    real = (chosen_tokens > 0).astype(jnp.float32)  # [pairs]; 0 for the padding pairs of a last eval batch
     terms = {
-        "loss": jnp.sum(losses),
-        "reward_margin": jnp.sum(chosen - rejected),
-        "preference_accuracy": jnp.sum((chosen > rejected).astype(jnp.float32)),
-        "chosen_reward": jnp.sum(chosen),
-        "rejected_reward": jnp.sum(rejected),
-        "chosen_nll": jnp.sum(-policy[0::2] / chosen_tokens),
+        "loss": jnp.sum(real * losses),
+        "reward_margin": jnp.sum(real * (chosen - rejected)),
+        "preference_accuracy": jnp.sum(real * (chosen > rejected).astype(jnp.float32)),
+        "chosen_reward": jnp.sum(real * chosen),
+        "rejected_reward": jnp.sum(real * rejected),
+        "chosen_nll": jnp.sum(real * -policy[0::2] / jnp.maximum(chosen_tokens, 1.0)),
     }
     terms = {name: value * scale for name, value in terms.items()}
     return terms["loss"], terms
 
 
 def eval_sums(params, frozen, graphdef, batch, *, beta: float, kind: str, reference: str):
-    """Sums over the batch's pairs of the DPO terms (`summed_dpo_loss`), and the pair count."""
+    """Sums over the batch's pairs of the DPO terms (`summed_dpo_loss`), and the number of
+    pairs (padding pairs, whose rows hold no completion, count in neither)."""
     _, terms = summed_dpo_loss(params, frozen, graphdef, batch, beta=beta, kind=kind, reference=reference)
-    return terms, jnp.asarray(batch["inputs"].shape[0] // 2, jnp.float32)
+    pairs = jnp.sum((jnp.sum(batch["loss_mask"][0::2], axis=-1) > 0).astype(jnp.float32))
+    return terms, pairs
