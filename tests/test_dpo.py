@@ -98,3 +98,17 @@ def test_accumulated_dpo_gradients_equal_one_shot():
     np.testing.assert_allclose(one[0], two[0], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(one[2]), jax.tree.leaves(two[2])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_padding_pairs_count_in_no_held_out_sum():
+    config = adapter_config("lora")
+    model = adapted_model(config, adapted_params(config))
+    graphdef, train_state, frozen = nnx.split(model, trainable.trainable_filter(config.model), ...)
+    params, frozen = nnx.to_pure_dict(train_state), nnx.to_pure_dict(frozen)
+    batch = pair_batch(rows=8)
+    padded = {key: np.concatenate([value, np.zeros_like(value[:4])]) for key, value in batch.items()}
+    sums = lambda b: dpo.eval_sums(params, frozen, graphdef, b, beta=0.1, kind="sigmoid", reference="base")
+    (terms, pairs), (padded_terms, padded_pairs) = sums(batch), sums(padded)
+    assert (float(pairs), float(padded_pairs)) == (4.0, 4.0)
+    for name in terms:
+        np.testing.assert_allclose(padded_terms[name], terms[name], rtol=1e-5, atol=1e-6)
