@@ -45,7 +45,7 @@ def test_weights_one_per_source_are_accepted():
 
 
 def test_format_and_text_unit_names_have_one_home_in_the_data_package():
-    from elmjax import config as config_module
+    from elmjax import config_checks as config_module
     from elmjax.data import formats, sources
 
     assert config_module.DATA_FORMATS is formats.DATA_FORMATS
