@@ -26,15 +26,8 @@ NUM_SLICES=${NUM_SLICES:-1}
 # (and, multislice, the MEGASCALE_* variables), so no flag differs between workers.
 TRAIN="python -m elmjax.train --config=${CONFIG} --workdir=${WORKDIR} --distributed"
 
-run() {
-  if [[ -n ${DRY_RUN:-} ]]; then
-    local line
-    printf -v line '%q ' "$@"
-    echo "${line}"  # one write, so parallel runs print whole lines
-  else
-    "$@"
-  fi
-}
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # run: runs a command, or prints it with DRY_RUN
 
 # The TPU VMs: one node, or NUM_SLICES nodes named TPU_NAME-0, TPU_NAME-1, ... (multislice).
 nodes() {

@@ -21,15 +21,8 @@ location=(--cluster="${CLUSTER}")
 if [[ -n ${ZONE:-} ]]; then location+=(--zone="${ZONE}"); fi
 if [[ -n ${PROJECT:-} ]]; then location+=(--project="${PROJECT}"); fi
 
-run() {
-  if [[ -n ${DRY_RUN:-} ]]; then
-    local line
-    printf -v line '%q ' "$@"
-    echo "${line}"  # one write, so parallel runs print whole lines
-  else
-    "$@"
-  fi
-}
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # run: runs a command, or prints it with DRY_RUN
 
 if [[ ${ACTION} == delete ]]; then
   run xpk workload delete --workload="${WORKLOAD}" "${location[@]}"

