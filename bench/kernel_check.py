@@ -135,7 +135,7 @@ def main() -> int:
             names = ("batch", "seq", "heads", "kv_heads", "head_dim", "dtype", "segments", "alibi")
             rows.append({**dict(zip(names, case)), "ok": False,
                          "error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"})
-        print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+        print("case", markdown(rows[-1:]).splitlines()[-1], flush=True)  # progress; the table follows
     print(markdown(rows))
     if args.json:
         with open(args.json, "w") as f:
