@@ -96,6 +96,7 @@ def run(args) -> list[dict]:
             except Exception as error:  # reported in the table, e.g. cudnn off-GPU or OOM
                 row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:100]}"
             rows.append(row)
+            print("row", json.dumps(row), flush=True)  # kept in the log if a time limit stops the run
     return rows
 
 
@@ -186,6 +187,7 @@ def tpu_compile_estimates(args) -> list[dict]:
             except Exception as error:
                 row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:100]}"
             rows.append(row)
+            print("row", json.dumps(row), flush=True)  # kept in the log if a time limit stops the run
     return rows
 
 

@@ -1,19 +1,32 @@
-"""Train-step benchmark: elmjax vs a PyTorch OpenELM, side by side in one run, on this host.
+"""Train-step benchmark: elmjax vs the strongest eager PyTorch OpenELM, side by side in one run.
 
-For each model (tiny, 270m) it runs, each in its own subprocess (so memory and thread
-settings do not mix):
-  jax          elmjax's compiled train step (forward, backward, AdamW; float32; one device),
-               with `train.reuse_host_memory` applied as `python -m elmjax.train` does
-  torch        elmjax.models.openelm.torch_model (same shapes) + torch.optim.AdamW, float32
-  torch_reuse  (--torch_reuse_host_memory) the same PyTorch step with elmjax's glibc settings
-and reports tokens/s, MFU against this CPU's measured float32 matmul peak, compile time,
-peak memory, and the FLOPs of the compiled XLA step (cost analysis) next to SPEC §4's count.
+For each model (tiny, 270m) it starts one elmjax worker and, one after another, a PyTorch
+worker per variant, each in its own subprocess (so memory and thread settings do not mix):
+  elmjax          elmjax's compiled train step (forward, backward, clipped AdamW; float32; one
+                  device), with `train.reuse_host_memory` applied as `python -m elmjax.train` does
+  torch           elmjax.models.openelm.torch_model (Hugging Face style eager model, SDPA causal
+                  attention with native GQA) + torch.optim.AdamW(fused=True), float32,
+                  torch.set_num_threads(cores), OMP_WAIT_POLICY=PASSIVE, the default glibc allocator
+  torch_glibc     the same process given glibc's malloc settings through the environment
+                  (MALLOC_ARENA_MAX=1, MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_=2^40: one heap,
+                  no mmap, never trimmed; what elmjax's reuse_host_memory does with mallopt)
+  torch_jemalloc  (--jemalloc=PATH) the same process with jemalloc LD_PRELOADed, decay disabled
+Both frameworks start from the same weights (the elmjax worker exports its fresh parameters
+as a Hugging Face directory that the PyTorch workers load) and train on the same batch; the
+losses of their first (warm-up) step are printed side by side as a check.
 
-  PYTHONPATH=. python bench/train_step.py                 # tiny and 270m, 3 timed steps
-  PYTHONPATH=. python bench/train_step.py --models=tiny,270m --steps=4 --torch_reuse_host_memory
+Timing: the elmjax worker and one PyTorch worker take turns, one step each per round, the
+order flipping every round (A B, B A, A B, ...), so both see the same drifting load of this
+shared machine. Each round gives a ratio (PyTorch step time / elmjax step time = elmjax
+tokens/s over PyTorch tokens/s); the table reports medians and every round's ratio. The load
+average is read at the start and end of each pairing.
+
+  PYTHONPATH=. python bench/train_step.py                           # tiny and 270m, 5 rounds
+  PYTHONPATH=. python bench/train_step.py --models=270m --rounds=7 --jemalloc=/path/libjemalloc.so.2
 
 FLOPs convention: SPEC §4 (6 * non-embedding matmul weights + 6 * seq * q_heads * head_dim
-per layer) plus 6 * vocab * model_dim for the tied output matmul.
+per layer) plus 6 * vocab * model_dim for the tied output matmul. MFU is over this CPU's
+float32 peak: the best 2048^3 matmul any worker reached in the run.
 """
 from __future__ import annotations
 
@@ -21,15 +34,30 @@ import argparse
 import json
 import os
 import resource
+import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"tiny": None, "270m": (4, 256)}  # (batch, seq); None = the config's own
-FRAMEWORKS = ("jax", "torch", "torch_reuse")
-LABELS = {"jax": "elmjax", "torch": "pytorch", "torch_reuse": "pytorch + glibc reuse"}
+TORCH_VARIANTS = ("torch", "torch_glibc", "torch_jemalloc")
+LABELS = {"jax": "elmjax", "torch": "pytorch (default malloc)",
+          "torch_glibc": "pytorch + glibc env (MALLOC_ARENA_MAX=1, MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_)",
+          "torch_jemalloc": "pytorch + jemalloc (LD_PRELOAD)"}
+# glibc reads these at start-up, before any thread exists, which is why they go through the
+# environment: a malloc setting applied later would miss the arenas of already running threads.
+GLIBC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+# jemalloc's "never give dirty pages back" (the counterpart of the glibc settings above).
+JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:-1,muzzy_decay_ms:-1"
+
+
+def cores() -> int:
+    """CPU cores this process may run on (what both frameworks are given)."""
+    return len(os.sched_getaffinity(0))
 
 
 def load_config(name: str):
@@ -65,8 +93,7 @@ def max_rss_gib() -> float:
 
 def serve(setup_info: dict, step, matmul) -> None:
     """Worker loop: print setup info, then answer `step` / `peak` / `quit` lines from the
-    parent with one JSON line each, so the parent can interleave the two frameworks in time
-    (this shared CPU's load drifts; alternating keeps the comparison fair)."""
+    parent with one JSON line each, so the parent can interleave the frameworks in time."""
     print(json.dumps(setup_info), flush=True)
     for command in sys.stdin:
         command = command.strip()
@@ -86,7 +113,9 @@ def serve(setup_info: dict, step, matmul) -> None:
             return
 
 
-def jax_worker(name: str) -> None:
+def jax_worker(name: str, export_dir: str) -> None:
+    """elmjax's train step; first exports its fresh parameters to `export_dir` (HF layout)
+    so the PyTorch workers start from the very same weights."""
     from elmjax.training import host_memory
 
     config = load_config(name)
@@ -95,60 +124,67 @@ def jax_worker(name: str) -> None:
     import jax
     import jax.numpy as jnp
 
+    from elmjax.convert.export import export_params
     from elmjax.training import step as ts
     from elmjax.training.dry_run import compiled_flops, memory_report
-    from elmjax.training.setup import build_setup, compile_train_step, fresh_params, global_batch
+    from elmjax.training.setup import build_setup, compile_train_step, fresh_params, frozen_variables, global_batch
 
     setup = build_setup(config, jax.devices()[:1])
+    params = fresh_params(setup)
+    export_params(export_dir, config.model, params, target="torch", dtype="float32", overwrite=True)
     holder = {"state": jax.jit(lambda p: ts.init_train_state(p, setup.optimizer),
-                               out_shardings=setup.state_shardings)(fresh_params(setup))}
+                               out_shardings=setup.state_shardings)(params)}
+    del params
     compiled, compile_seconds = compile_train_step(setup)
     batch = global_batch(setup, random_batch(config))
+    frozen = frozen_variables(setup)  # empty: full training freezes nothing
 
     def step():
-        holder["state"], metrics = compiled(holder["state"], batch)
+        holder["state"], metrics = compiled(holder["state"], frozen, batch)
         return float(jax.block_until_ready(metrics)["loss"])
 
     a = jnp.ones((2048, 2048), jnp.float32)
     matmul_fn = jax.jit(lambda x: x @ x)
-    step()  # warm-up
+    first_loss = step()  # warm-up
     serve({"compile_seconds": compile_seconds, "reuse_host_memory": reuse, "xla_flops": compiled_flops(compiled),
-           "xla_memory_gib": memory_report(compiled).get("total_bytes", 0) / 2**30},
+           "xla_memory_gib": memory_report(compiled).get("total_bytes", 0) / 2**30, "first_loss": first_loss},
           step, lambda: matmul_fn(a).block_until_ready())
 
 
-def torch_worker(name: str, threads: int, reuse_host_memory: bool) -> None:
-    from elmjax.training import host_memory
-
-    if reuse_host_memory:  # elmjax's glibc settings, before torch starts threads
-        host_memory.keep_freed_host_memory()
+def torch_worker(name: str, export_dir: str, threads: int) -> None:
+    """The PyTorch baseline as a user would run it eagerly: HF-style OpenELM with SDPA,
+    fused AdamW, as many intra-op threads as cores. Allocator settings come from the
+    environment the parent gives this process."""
     import torch
 
-    from elmjax.convert.hf import hf_config
-    from elmjax.models.openelm.torch_model import OpenELMForCausalLM, OpenELMTorchConfig
+    from elmjax.models.openelm.torch_model import OpenELMForCausalLM
 
     torch.set_num_threads(threads)
     config = load_config(name)
-    model = OpenELMForCausalLM(OpenELMTorchConfig.from_dict(hf_config(config.model, "float32")))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    model = OpenELMForCausalLM.from_pretrained(export_dir, dtype=torch.float32).train()
+    # Same hyper-parameters as configs' AdamW (the schedule's value does not change the cost).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8,
+                                  weight_decay=0.1, fused=True)
     batch = random_batch(config)
     inputs = torch.from_numpy(batch["inputs"]).long()
     targets = torch.from_numpy(batch["targets"]).long()
+    z_loss = config.train.z_loss
 
     def step():
         logits = model(inputs)
         lse = torch.logsumexp(logits, dim=-1)
         ce = lse - logits.gather(-1, targets[..., None])[..., 0]
-        loss = (ce + 1e-4 * lse.square()).mean()
+        loss = (ce + z_loss * lse.square()).mean()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     a = torch.ones(2048, 2048)
-    step()  # warm-up
-    serve({}, step, lambda: a @ a)
+    first_loss = step()  # warm-up
+    serve({"first_loss": first_loss, "torch_version": torch.__version__, "threads": torch.get_num_threads()},
+          step, lambda: a @ a)
 
 
 def _timed(function) -> float:
@@ -160,13 +196,26 @@ def _timed(function) -> float:
 class Worker:
     """A benchmark subprocess answering one JSON line per command."""
 
-    def __init__(self, framework: str, name: str, args):
+    def __init__(self, framework: str, name: str, args, export_dir: str):
         command = [sys.executable, __file__, f"--worker={framework}", f"--models={name}",
-                   f"--threads={args.threads}"]
+                   f"--threads={args.threads}", f"--export_dir={export_dir}"]
         environment = dict(os.environ, PYTHONPATH=str(ROOT))
+        if framework == "jax":
+            # The benchmark runs XLA:CPU; saying so keeps reuse_host_memory's "auto" on even
+            # where an accelerator plugin (libtpu for the TPU dry runs) is installed.
+            environment["JAX_PLATFORMS"] = "cpu"
+        else:
+            # OpenMP's default busy-wait makes PyTorch's 1-5x slower and erratic when another
+            # job shares the cores (measured here: tiny fwd+bwd 1.0-5.2 s vs a steady 0.7 s);
+            # passive waiting is what gives PyTorch its best on a shared host.
+            environment["OMP_WAIT_POLICY"] = "PASSIVE"
+        if framework == "torch_glibc":
+            environment.update(GLIBC_ENV)
+        if framework == "torch_jemalloc":
+            environment.update(LD_PRELOAD=args.jemalloc, MALLOC_CONF=JEMALLOC_CONF)
         self.framework = framework
         self.process = subprocess.Popen(command, env=environment, cwd=ROOT, stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                        stdout=subprocess.PIPE, stderr=None, text=True)
         self.info = self._read()
 
     def _read(self) -> dict:
@@ -186,75 +235,115 @@ class Worker:
         return result
 
 
+def pair_rounds(jax_worker_: Worker, torch_worker_: Worker, rounds: int) -> dict:
+    """`rounds` rounds of one step each, the order flipping every round. Returns per-round
+    step records of both and their matmul peaks."""
+    record = {"jax": [], "torch": [], "peaks": []}
+    for index in range(rounds):
+        order = [("jax", jax_worker_), ("torch", torch_worker_)]
+        for key, worker in order if index % 2 == 0 else order[::-1]:
+            record["peaks"].append(worker.ask("peak")["flops_per_sec"])
+            record[key].append(worker.ask("step"))
+    return record
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="tiny,270m")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per framework, interleaved")
-    parser.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads")
-    parser.add_argument("--torch_reuse_host_memory", action="store_true",
-                        help="add a PyTorch row with elmjax's glibc memory-reuse settings")
-    parser.add_argument("--worker", choices=list(FRAMEWORKS), help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per PyTorch variant")
+    parser.add_argument("--threads", type=int, default=cores(), help="PyTorch intra-op threads (default: cores)")
+    parser.add_argument("--variants", default="torch,torch_glibc",
+                        help=f"PyTorch rows, from {','.join(TORCH_VARIANTS)} (torch_jemalloc needs --jemalloc)")
+    parser.add_argument("--jemalloc", default="", help="path of libjemalloc.so.2 for the torch_jemalloc row")
+    parser.add_argument("--json", default="", help="also write the rows to this file")
+    parser.add_argument("--worker", choices=("jax",) + TORCH_VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--export_dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker == "jax":
-        return jax_worker(args.models)
-    if args.worker in ("torch", "torch_reuse"):
-        return torch_worker(args.models, args.threads, reuse_host_memory=args.worker == "torch_reuse")
+        return jax_worker(args.models, args.export_dir)
+    if args.worker:
+        return torch_worker(args.models, args.export_dir, args.threads)
 
     from elmjax.training.metrics import flops_per_token
 
-    rows = []
+    variants = args.variants.split(",")
+    if "torch_jemalloc" in variants and not os.path.exists(args.jemalloc):
+        parser.error("the torch_jemalloc row needs --jemalloc=PATH of libjemalloc.so.2")
+    print(f"host: {cores()} cores, PyTorch threads {args.threads}; load average at start "
+          f"{os.getloadavg()}", flush=True)
+    rows, jax_rows = [], []
     for name in args.models.split(","):
         config = load_config(name)
         tokens = config.train.batch_size * config.train.seq_len
         spec_flops = flops_per_token(config.model, config.train.seq_len) * tokens
-        frameworks = ["jax", "torch"] + (["torch_reuse"] if args.torch_reuse_host_memory else [])
-        workers = [Worker(framework, name, args) for framework in frameworks]
-        steps = {w.framework: [] for w in workers}
-        peaks = {w.framework: [] for w in workers}
-        for _ in range(args.steps):  # alternate, so all see the same drifting load
-            for worker in workers:
-                peaks[worker.framework].append(worker.ask("peak")["flops_per_sec"])
-                steps[worker.framework].append(worker.ask("step"))
-        results = {}
-        for worker in workers:
-            fastest = min(steps[worker.framework], key=lambda step: step["seconds"])
-            results[worker.framework] = {**worker.info, **worker.close(), "step_time": fastest["seconds"],
-                                         "page_faults": fastest["page_faults"],
-                                         "matmul_peak": max(peaks[worker.framework])}
-        # The CPU's float32 peak: the best 2048^3 matmul any framework reached in this run.
-        peak = max(result["matmul_peak"] for result in results.values())
-        for framework, result in results.items():
-            tokens_per_sec = tokens / result["step_time"]
-            rows.append({
-                "model": name, "framework": LABELS[framework],
-                "batch": f"{config.train.batch_size}x{config.train.seq_len}",
-                "tokens_per_sec": tokens_per_sec, "step_time": result["step_time"],
-                "mfu": spec_flops / result["step_time"] / peak,
-                "own_matmul_peak_gflops": result["matmul_peak"] / 1e9,
-                "page_faults_per_step": result["page_faults"],
-                "compile_seconds": result.get("compile_seconds"),
-                "xla_flops_over_spec": (result["xla_flops"] / spec_flops) if result.get("xla_flops") else None,
-                "xla_memory_gib": result.get("xla_memory_gib"), "max_rss_gib": result["max_rss_gib"],
-                "speed_vs_pytorch": results["torch"]["step_time"] / result["step_time"],
-                "reuse_host_memory": result.get("reuse_host_memory"),
-            })
-    print("| model | framework | batch | tokens/s | step s | vs PyTorch | MFU (SPEC §4 / fp32 matmul peak) | "
-          "own matmul peak GFLOP/s | page faults/step | compile s | XLA FLOPs / SPEC | XLA mem GiB | "
-          "max RSS GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        export_dir = tempfile.mkdtemp(prefix=f"train_step_{name}_")
+        try:
+            # One PyTorch worker at a time next to the elmjax worker: the 270M processes take
+            # 6-10 GB each, and this host's memory is shared.
+            jax_w = Worker("jax", name, args, os.path.join(export_dir, "hf"))
+            jax_steps, peaks = [], []
+            for variant in variants:
+                load_start = os.getloadavg()
+                torch_w = Worker(variant, name, args, os.path.join(export_dir, "hf"))
+                record = pair_rounds(jax_w, torch_w, args.rounds)
+                torch_info = {**torch_w.info, **torch_w.close()}
+                load_end = os.getloadavg()
+                jax_steps += record["jax"]
+                peaks += record["peaks"]
+                ratios = [t["seconds"] / j["seconds"] for j, t in zip(record["jax"], record["torch"])]
+                jax_s = statistics.median(s["seconds"] for s in record["jax"])
+                torch_s = statistics.median(s["seconds"] for s in record["torch"])
+                rows.append({
+                    "model": name, "variant": LABELS[variant], "batch": f"{config.train.batch_size}x{config.train.seq_len}",
+                    "rounds": args.rounds, "elmjax_tokens_per_sec": tokens / jax_s, "torch_tokens_per_sec": tokens / torch_s,
+                    "elmjax_step_s": jax_s, "torch_step_s": torch_s, "round_ratios": ratios,
+                    "median_ratio": statistics.median(ratios),
+                    "elmjax_faults": statistics.median(s["page_faults"] for s in record["jax"]),
+                    "torch_faults": statistics.median(s["page_faults"] for s in record["torch"]),
+                    "torch_max_rss_gib": torch_info["max_rss_gib"], "torch_first_loss": torch_info["first_loss"],
+                    "torch_threads": torch_info["threads"], "torch_version": torch_info["torch_version"],
+                    "load_start": load_start, "load_end": load_end, "spec_flops": spec_flops,
+                })
+                print(f"{name} {variant}: rounds {', '.join(f'{r:.3f}' for r in ratios)}; load {load_start} -> "
+                      f"{load_end}", flush=True)
+            jax_info = {**jax_w.info, **jax_w.close()}
+        finally:
+            shutil.rmtree(export_dir, ignore_errors=True)
+        peak = max(peaks)
+        jax_rows.append({
+            "model": name, "elmjax_first_loss": jax_info["first_loss"], "compile_seconds": jax_info["compile_seconds"],
+            "xla_flops_over_spec": jax_info["xla_flops"] / spec_flops if jax_info.get("xla_flops") else None,
+            "xla_memory_gib": jax_info["xla_memory_gib"], "max_rss_gib": jax_info["max_rss_gib"],
+            "reuse_host_memory": jax_info["reuse_host_memory"], "matmul_peak_gflops": peak / 1e9,
+            "elmjax_median_tokens_per_sec": tokens / statistics.median(s["seconds"] for s in jax_steps),
+        })
+        for row in rows:
+            if row["model"] == name:
+                row["elmjax_mfu"] = spec_flops / row["elmjax_step_s"] / peak
+                row["torch_mfu"] = spec_flops / row["torch_step_s"] / peak
+
+    print(f"load average at end {os.getloadavg()}")
+    print("\n| model | PyTorch variant | batch | elmjax tok/s | PyTorch tok/s | elmjax / PyTorch (median of rounds) | "
+          "per-round ratios | elmjax MFU | PyTorch MFU | page faults/step elmjax, PyTorch | PyTorch max RSS GiB | "
+          "load avg (1 min) start -> end |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        def fmt(value, spec):
-            return "-" if value is None else format(value, spec)
-        print(f"| {row['model']} | {row['framework']} | {row['batch']} | {row['tokens_per_sec']:,.1f} | "
-              f"{row['step_time']:.2f} | {row['speed_vs_pytorch']:.2f}x | {100 * row['mfu']:.1f}% | "
-              f"{row['own_matmul_peak_gflops']:.1f} | {row['page_faults_per_step']:,} | "
-              f"{fmt(row['compile_seconds'], '.1f')} | "
-              f"{fmt(row['xla_flops_over_spec'], '.3f')} | {fmt(row['xla_memory_gib'], '.2f')} | "
-              f"{row['max_rss_gib']:.2f} |")
-    for row in rows:
-        if row["framework"] == "elmjax":
-            print(f"{row['model']}: elmjax ran with reuse_host_memory {'on' if row['reuse_host_memory'] else 'off'}")
-            print(f"{row['model']}: elmjax step is {row['speed_vs_pytorch']:.2f}x PyTorch's speed")
+        print(f"| {row['model']} | {row['variant']} | {row['batch']} | {row['elmjax_tokens_per_sec']:,.1f} | "
+              f"{row['torch_tokens_per_sec']:,.1f} | **{row['median_ratio']:.2f}x** | "
+              f"{' '.join(f'{r:.2f}' for r in row['round_ratios'])} | {100 * row['elmjax_mfu']:.1f}% | "
+              f"{100 * row['torch_mfu']:.1f}% | {row['elmjax_faults']:,.0f}, {row['torch_faults']:,.0f} | "
+              f"{row['torch_max_rss_gib']:.2f} | {row['load_start'][0]:.2f} -> {row['load_end'][0]:.2f} |")
+    print("\n| model | elmjax compile s | XLA FLOPs / SPEC | XLA mem GiB | elmjax max RSS GiB | reuse_host_memory | "
+          "fp32 matmul peak GFLOP/s | first-step loss elmjax | first-step loss PyTorch |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in jax_rows:
+        torch_losses = ", ".join(f"{r['torch_first_loss']:.5f}" for r in rows if r["model"] == row["model"])
+        flops = "-" if row["xla_flops_over_spec"] is None else f"{row['xla_flops_over_spec']:.3f}"
+        print(f"| {row['model']} | {row['compile_seconds']:.1f} | {flops} | {row['xla_memory_gib']:.2f} | "
+              f"{row['max_rss_gib']:.2f} | {'on' if row['reuse_host_memory'] else 'off'} | "
+              f"{row['matmul_peak_gflops']:.1f} | {row['elmjax_first_loss']:.5f} | {torch_losses} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "elmjax": jax_rows}, indent=1))
     print(json.dumps(rows))
 
 
