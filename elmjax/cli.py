@@ -61,7 +61,11 @@ def describe_flag_error(error: BaseException, argv) -> str:
         hint = f" (did you mean {unknown.group(2)!r}?)" if unknown else ""
         return f"{override} is not a config field{hint}; the fields are listed in elmjax/config.py and the family's model_fields()"
     if isinstance(error, flags.Error):
-        return text.splitlines()[0]
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        # "Error whilst parsing config file:" is followed by the config's own error as its last line
+        if len(lines) > 1 and lines[0].endswith(":"):
+            return f"{lines[0]} {lines[-1]}"
+        return lines[0] if lines else type(error).__name__
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 

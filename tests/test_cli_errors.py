@@ -44,6 +44,11 @@ def config_files(tmp_path):
     (["--config=DIR/returns_none.py"], "get_config() of the config file returned None"),
     (["--config.train.steps=many"], "flag --config.train.steps=many: invalid literal for int()"),
     (["--config.model.family=gpt"], "config field `model.family`: is 'gpt'; known families: "),
+    (["--config=configs/dpo_openelm_instruct.py:9b"], "unknown OpenELM size '9b' in --config=...:9b; choose one of"),
+    (["--config=configs/tiny.py", "--config.model.adapter.kind=lora"], "config field `train.init_from`: is empty, but "
+     "adapters train over a frozen base model"),
+    (["--config=configs/tiny.py", "--config.train.objective=dpo"], "config field `model.adapter.kind`: is 'none', "
+     "but dpo.reference='base' is the frozen base under adapters"),
 ])
 def test_config_mistakes_are_one_line_errors(config_files, args, expected):
     args = [a.replace("DIR", str(config_files)).replace("MISSING", str(config_files / "missing")) for a in args]
