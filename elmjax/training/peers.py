@@ -11,8 +11,10 @@ Both bounded by `failure_timeout` seconds (`--failure_timeout`, default 30), in 
   service only reports the task as dead, and the watchdog asks the service which processes
   are live (once a second) and exits with the line naming the lost one.
 - A process that hangs (alive, so its heartbeats go on) stalls every process in the next
-  collective: the watchdog notices that no step finished for max(failure_timeout, 5 x the
-  slowest step so far) and exits the same way. The step check is paused while compiling,
+  collective: the watchdog notices that no step finished for max(2 x failure_timeout, 5 x
+  the slowest step so far) and exits the same way. (Twice the timeout: a process that died
+  also stops the steps, and the peer check, which names it, needs up to the timeout plus a
+  heartbeat to notice; the stall check must not win that race.) The step check is paused while compiling,
   saving and evaluating, and armed from the first finished step.
 
 When process 0 (which hosts the service) dies, the others' next RPC to it fails at once and
@@ -94,7 +96,7 @@ def exit_now(what: str, workdir) -> None:
 
 class Watchdog:
     """Ends this process (`exit_now`) when the coordination service no longer lists a peer as
-    live, or when no training step finishes for max(timeout, 5 x slowest step) seconds while
+    live, or when no training step finishes for max(2 x timeout, 5 x slowest step) seconds while
     the step check is armed (from the first `step_done`, outside `paused()`). Inactive when
     `timeout` is None (one process)."""
 
@@ -113,7 +115,7 @@ class Watchdog:
                              name="elmjax-peer-watchdog", daemon=True).start()
 
     def limit(self) -> float:
-        return max(self.timeout or 0, 5 * self._slowest)
+        return max(2 * (self.timeout or 0), 5 * self._slowest)
 
     def step_done(self, step: int) -> None:
         now = time.monotonic()
