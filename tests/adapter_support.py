@@ -7,6 +7,7 @@ from flax import nnx
 
 from elmjax import tree
 from elmjax.tree import path_name
+from elmjax.layers.adapters import scale
 from elmjax.layers.decoder import abstract_model
 from export_support import random_params, tiny_config
 
@@ -46,9 +47,8 @@ def adapted_params(config, seed=0) -> dict:
         if key.endswith("magnitude"):
             prefix = key[: -len("magnitude")]
             kernel = base["token_embeddings"] if prefix == "embedding_adapter/" else base[prefix.removesuffix("adapter/") + "kernel"]
-            scale = config.model.adapter.alpha / (np.sqrt(config.model.adapter.rank) if config.model.adapter.rslora
-                                                  else config.model.adapter.rank)
-            norms = np.linalg.norm(kernel + scale * flat[prefix + "lora_a"] @ flat[prefix + "lora_b"], axis=0)
+            norms = np.linalg.norm(kernel + scale(config.model.adapter) * flat[prefix + "lora_a"] @ flat[prefix + "lora_b"],
+                                   axis=0)
             flat[key] = (norms * rng.uniform(0.8, 1.2, norms.shape)).astype(np.float32)
     return tree.unflatten(flat)
 

@@ -40,13 +40,14 @@ def _base_kernel(flat: dict, layer: str) -> np.ndarray:
     return flat[EMBEDDING_TARGET] if layer == EMBEDDING_TARGET else flat[f"{layer}/kernel"]
 
 
-def _merged_kernel(flat: dict, layer: str, prefix: str, adapter_config) -> np.ndarray:
-    """W + s A B, rescaled per output column to the magnitude under DoRA (float32 [in, out])."""
+def _merged_kernel(flat: dict, layer: str, prefix: str, adapter_config, magnitude: bool = True) -> np.ndarray:
+    """W + s A B, rescaled per output column to the magnitude under DoRA (unless `magnitude`
+    is False), float32 [in, out]."""
     kernel = _base_kernel(flat, layer).astype(np.float32)
     adapted = kernel + scale(adapter_config) * (
         flat[prefix + "lora_a"].astype(np.float32) @ flat[prefix + "lora_b"].astype(np.float32)
     )
-    if prefix + "magnitude" in flat:
+    if magnitude and prefix + "magnitude" in flat:
         adapted = adapted * (flat[prefix + "magnitude"].astype(np.float32) / np.linalg.norm(adapted, axis=0))
     return adapted
 
@@ -116,15 +117,10 @@ def peft_tensors(model_config, params, vocab_rows: int | None = None) -> dict[st
         if prefix + "magnitude" in flat:
             magnitude = flat[prefix + "magnitude"].astype(np.float32)
             if layer == EMBEDDING_TARGET and vocab_rows is not None and vocab_rows < lora_a.shape[0]:
-                unmerged = _merged_without_magnitude(flat, layer, prefix, model_config.adapter)
+                unmerged = _merged_kernel(flat, layer, prefix, model_config.adapter, magnitude=False)
                 magnitude = magnitude * np.linalg.norm(unmerged[:vocab_rows], axis=0) / np.linalg.norm(unmerged, axis=0)
             out[f"{name}.lora_magnitude_vector"] = magnitude.astype(flat[prefix + "magnitude"].dtype)
     return out
-
-
-def _merged_without_magnitude(flat, layer, prefix, adapter_config):
-    kernel = _base_kernel(flat, layer).astype(np.float32)
-    return kernel + scale(adapter_config) * (flat[prefix + "lora_a"].astype(np.float32) @ flat[prefix + "lora_b"])
 
 
 def peft_config(model_config, names: list[str], base_model: str) -> dict:
