@@ -10,7 +10,13 @@ from elmjax.layers.init import param
 
 
 class Linear(nnx.Module):
-    """`y = x @ kernel (+ bias)`; the matmul runs in `compute_dtype` with float32 accumulation."""
+    """`y = x @ kernel (+ bias)`; the matmul runs in `compute_dtype` with float32 accumulation.
+
+    With a 16-bit compute dtype the product is returned in that dtype directly (the MXU /
+    tensor cores still accumulate in float32): a float32 result that is cast down at once
+    would make the backward pass carry float32 cotangents, [batch, seq, out] buffers twice
+    the size. An adapter adds its term to the float32 product, so it keeps one.
+    """
 
     def __init__(
         self,
@@ -31,11 +37,12 @@ class Linear(nnx.Module):
 
     def __call__(self, x):
         kernel = self.kernel[...].astype(self.compute_dtype)
+        wide = self.adapter is not None or jnp.dtype(self.compute_dtype).itemsize >= 4
         y = jax.lax.dot_general(
             x.astype(self.compute_dtype),
             kernel,
             (((x.ndim - 1,), (0,)), ((), ())),
-            preferred_element_type=jnp.float32,
+            preferred_element_type=jnp.float32 if wide else None,
         )
         if self.adapter is not None:
             y = self.adapter.linear(x.astype(self.compute_dtype), kernel, y)
