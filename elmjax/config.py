@@ -72,6 +72,15 @@ def base_config(family: str = "openelm") -> ml_collections.ConfigDict:
     model.compute_dtype = "float32"  # matmul dtype; bfloat16 on accelerators
     model.param_dtype = "float32"  # parameter storage dtype
     model.remat_policy = "none"  # activation checkpointing per block, one of REMAT_POLICIES
+    # Compile runs of alike consecutive layers once, as a scan (elmjax/layers/scan.py): faster
+    # compiles, the same function. scan_padding > 0 also joins layers of equal heads whose FFN
+    # widths differ (OpenELM), zero-padding each FFN to its run's widest, for at most that
+    # fraction of extra matmul FLOPs.
+    model.scan_layers = True
+    # The loss applies the output head in this many pieces along the sequence, each recomputed
+    # in the backward pass: 1/chunks of the float32 [batch, seq, vocab] logits alive at a time.
+    model.logit_chunks = 1
+    model.scan_padding = 0.0
     for name, value in models.get(family).model_fields().items():
         model[name] = value
     # LoRA / DoRA adapters over a frozen base (elmjax/layers/adapters.py); defaults are SPEC §1's

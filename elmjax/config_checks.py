@@ -69,6 +69,16 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _choice(config, "model", "compute_dtype", DTYPES)
     _choice(config, "model", "param_dtype", DTYPES)
     _choice(config, "model", "remat_policy", REMAT_POLICIES)
+    at_least(model, "model", "logit_chunks", 1)
+    _require(isinstance(model.scan_layers, bool), "model.scan_layers", f"is {model.scan_layers!r}; need True or False")
+    _require(
+        0 <= model.scan_padding < 1, "model.scan_padding",
+        f"is {model.scan_padding}; need a fraction of extra FFN FLOPs in [0, 1), e.g. 0.05",
+    )
+    _require(
+        model.scan_padding == 0 or model.adapter.kind != "dora", "model.scan_padding",
+        "must be 0 with DoRA adapters (a zero-padded FFN column has no norm to rescale); set it to 0",
+    )
     for name in ("embedding_scale", "logit_scale"):
         value = model[name]
         _require(

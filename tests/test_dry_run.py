@@ -47,3 +47,30 @@ def test_a_step_that_cannot_fit_stops_before_compiling():
     assert "need at least 824.0 GiB per device" in error and "logits 500.0," in error
     assert "lower train.batch_size" in error
     assert "compile time" not in result.stdout
+
+
+def test_the_bound_counts_one_piece_of_the_logits_with_logit_chunks():
+    result = train("--config=configs/270m.py", "--dry_run", "--config.model.logit_chunks=4")
+    assert result.returncode == 2
+    assert "logits 125.0," in result.stderr.strip().splitlines()[-1]
+
+
+def _flops(out):
+    return float(out.split("compiled FLOPs per device per step")[1].split(": ")[1].split(" ")[0])
+
+
+def test_scanned_layers_and_accumulation_count_every_iteration_like_the_unrolled_step():
+    """XLA's cost analysis counts a loop body once; the dry run adds the other iterations.
+    Oracle: the compiler's count for the same step with unrolled layers and no accumulation."""
+    base = ["--config=configs/tiny_btlm.py", "--dry_run"]
+    unrolled = train(*base, "--config.model.scan_layers=False")
+    scanned = train(*base)
+    accumulated = train(*base, "--config.train.grad_accum_steps=2")
+    for result in (unrolled, scanned, accumulated):
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "layers: 4, compiled as 1 bodies (runs of 4 layers;" in scanned.stdout
+    assert "with every loop iteration counted" in scanned.stdout
+    assert "with every loop iteration counted" not in unrolled.stdout
+    expected = _flops(unrolled.stdout)
+    assert _flops(scanned.stdout) == pytest.approx(expected, rel=0.01)
+    assert _flops(accumulated.stdout) == pytest.approx(expected, rel=0.02)

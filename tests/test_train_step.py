@@ -65,6 +65,23 @@ def test_gradient_accumulation_matches_one_big_batch(setup):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7), one[4], four[4])
 
 
+def test_the_head_in_sequence_pieces_gives_the_same_loss_and_gradients(setup):
+    """`model.logit_chunks`: 3 uneven pieces; the oracle is the float64 numpy loss."""
+    config, model, _, params = setup
+    chunked = config.copy_and_resolve_references()
+    chunked.model.logit_chunks = 3
+    graphdef, _, _ = trainable.split(build_model(chunked.model, 0), chunked.model)
+    batch = synthetic_batch(config)
+    logits = model(jnp.asarray(batch["inputs"]), segment_ids=jnp.asarray(batch["segment_ids"]),
+                   positions=jnp.asarray(batch["positions"]))
+    expected_total, _ = reference_loss(logits, batch["targets"], batch["loss_mask"], 1e-4)
+    whole = ts.loss_and_grads(params, {}, setup[2], batch, z_loss_weight=1e-4, accum_steps=1)
+    pieces = ts.loss_and_grads(params, {}, graphdef, batch, z_loss_weight=1e-4, accum_steps=1)
+    assert float(pieces[0]) == pytest.approx(expected_total, rel=1e-5)
+    assert float(pieces[0]) == pytest.approx(float(whole[0]), rel=1e-7)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), whole[4], pieces[4])
+
+
 def _step(config, graphdef, clip_norm=1.0):
     optimizer = optim.make_optimizer(config.optim, config.train.steps)
     schedule = optim.learning_rate_schedule(config.optim, config.train.steps)

@@ -16,6 +16,7 @@ from elmjax.layers.init import materialize, param
 from elmjax.layers.linear import Linear
 from elmjax.layers.positions import rope_tables
 from elmjax.layers.remat import REMAT_POLICIES
+from elmjax.layers.scan import plan_for, scan_run
 from elmjax.parallel.sharding import constrain
 
 
@@ -50,8 +51,9 @@ class Block(nnx.Module):
 class Transformer(nnx.Module):
     """A decoder-only language model built from a validated `config.model`.
 
-    Layers may differ in shape (OpenELM's layer-wise scaling), so they are a list, not a
-    scan. Construct it with `build_model` (initialised) or `abstract_model` (shapes only):
+    Layers may differ in shape (OpenELM's layer-wise scaling), so parameters are stored per
+    layer; runs of alike layers are scanned in the forward pass (elmjax/layers/scan.py,
+    `model.scan_layers`, `model.scan_padding`). Construct it with `build_model` (initialised) or `abstract_model` (shapes only):
     the constructor itself only declares parameters (elmjax/layers/init.py).
     """
 
@@ -70,6 +72,10 @@ class Transformer(nnx.Module):
         self.tie_embeddings = cfg.tie_embeddings
         self.compute_dtype = jnp.dtype(cfg.compute_dtype)
         self.remat_policy = cfg.remat_policy
+        self.logit_chunks = cfg.logit_chunks
+        # Groups of consecutive layer indices, each compiled as one scanned body; a group of
+        # one runs unrolled.
+        self.runs = plan_for(cfg)
         param_dtype = jnp.dtype(cfg.param_dtype)
         init = family.init_rules(cfg)
 
@@ -141,21 +147,38 @@ class Transformer(nnx.Module):
     def forward(self, tokens, *, segment_ids=None, positions=None):
         """(logits [batch, seq, vocab] float32, aux dict) for training; see `__call__` for the
         arguments and elmjax/layers/aux.py for the aux dict (empty for most families)."""
+        h, aux = self.hidden(tokens, segment_ids=segment_ids, positions=positions)
+        return self.head(h), aux
+
+    def hidden(self, tokens, *, segment_ids=None, positions=None):
+        """(final-normed hidden states [batch, seq, model_dim], aux dict): `forward` without
+        the output head, for losses that apply the head chunk by chunk."""
         positions = self._positions(tokens, positions)
         h = self.embed(tokens)
         rope = self.rope(positions)
         per_layer = {}
-        for index, block in enumerate(self.layers):
-            if self.remat_policy == "none":
-                h, layer_aux = block(h, rope, segment_ids)
-            else:
-                h, layer_aux = nnx.remat(Block.__call__, policy=REMAT_POLICIES[self.remat_policy])(
-                    block, h, rope, segment_ids
-                )
-            if layer_aux is not None:
-                per_layer[index] = layer_aux
+        policy = None if self.remat_policy == "none" else REMAT_POLICIES[self.remat_policy]
+        for run in self.runs:
+            scanned = None
+            if len(run) > 1:
+                blocks = [self.layers[i] for i in run]
+                scanned = scan_run(blocks, [self.schedule[i].ffn_dim for i in run], h, rope, segment_ids, policy)
+            if scanned is not None:
+                h, run_aux = scanned
+            else:  # one layer, or blocks that differ in structure: unrolled
+                run_aux = []
+                for index in run:
+                    block = self.layers[index]
+                    if policy is None:
+                        h, layer_aux = block(h, rope, segment_ids)
+                    else:
+                        h, layer_aux = nnx.remat(Block.__call__, policy=policy)(block, h, rope, segment_ids)
+                    run_aux.append(layer_aux)
+            for index, layer_aux in zip(run, run_aux):
+                if layer_aux is not None:
+                    per_layer[index] = layer_aux
         aux = aux_terms.merge_layers(per_layer) if per_layer else aux_terms.empty()
-        return self.head(self.norm(h)), aux
+        return self.norm(h), aux
 
     def decode(self, tokens, cache, *, segment_ids=None, positions=None):
         """(logits, updated KVCache): `tokens` attend to the cache and are written into it."""

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import os
 
-
+from elmjax.layers.scan import describe_plan
 from elmjax.training import memory
+from elmjax.training.loop_costs import counted_costs, scanned_runs, whole_step_costs
 from elmjax.training.metrics import accelerator_spec, flops_per_token
 from elmjax.training.setup import build_setup, compile_train_step
 
 GiB = 2.0**30
+COUNTED = " with every loop iteration counted"  # elmjax/training/loop_costs.py
 
 
 def tpu_devices(topology: str):
@@ -52,23 +54,9 @@ def memory_report(compiled) -> dict:
     return report
 
 
-def cost_report(compiled) -> dict:
-    """XLA's cost analysis of one device's program: flops, and `optimal_seconds` (the
-    compiler's estimate of the step time) where the backend gives it."""
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0] if analysis else None
-    if not analysis:
-        return {}
-    report = {"flops": analysis.get("flops")}
-    if analysis.get("optimal_seconds") is not None:
-        report["optimal_seconds"] = analysis["optimal_seconds"]
-    return report
-
-
 def compiled_flops(compiled) -> float | None:
     """FLOPs of one device's compiled step (XLA's cost analysis)."""
-    return cost_report(compiled).get("flops")
+    return counted_costs(compiled).get("flops")
 
 
 def dry_run(config, topology: str | None = None, log=print) -> dict:
@@ -81,7 +69,7 @@ def dry_run(config, topology: str | None = None, log=print) -> dict:
     chips = setup.mesh.devices.size
     report = {"num_params": setup.num_params, "compile_seconds": seconds, "platform": device.platform,
               "device_kind": device.device_kind, "devices": chips, "lower_bound_bytes": bound["total"],
-              **memory_report(compiled), **cost_report(compiled)}
+              **memory_report(compiled)}
     tokens = config.train.batch_size * config.train.seq_len
     report["spec_flops_per_device"] = flops_per_token(config.model, config.train.seq_len) * tokens / chips
     log(f"mesh {dict(setup.mesh.shape)} on {chips} {device.platform} devices ({device.device_kind})"
@@ -89,6 +77,7 @@ def dry_run(config, topology: str | None = None, log=print) -> dict:
     log(f"parameters: {setup.num_params:,} ({setup.num_trainable:,} trainable)")
     log(f"batch {config.train.batch_size} x {config.train.seq_len} tokens, grad_accum_steps "
         f"{config.train.grad_accum_steps}, remat {config.model.remat_policy}, attention {config.model.attention_impl}")
+    log(describe_plan(config.model))
     log(f"compile time: {seconds:.1f} s")
     if "total_bytes" in report:
         capacity, source = memory.device_capacity(device)
@@ -98,13 +87,22 @@ def dry_run(config, topology: str | None = None, log=print) -> dict:
             f"(arguments {report['argument_bytes'] / GiB:.2f}, outputs {report['output_bytes'] / GiB:.2f}, "
             f"aliased {report['alias_bytes'] / GiB:.2f}, temporaries {report['temp_bytes'] / GiB:.2f}){fits}; "
             f"analytic lower bound {bound['total'] / GiB:.2f} GiB")
+    runs = scanned_runs(config.model)
+    if runs:  # the slow part comes last, announced: memory is known by now
+        log(f"counting every loop iteration in the cost figures: compiling one layer of each of the "
+            f"{len(runs)} scanned runs ...")
+    report.update(whole_step_costs(setup, compiled))
+    if report["corrected"]:
+        log(f"one-layer compiles: {report['layer_compile_seconds']:.1f} s")
+    counted = COUNTED if report["corrected"] else ""
     if report.get("flops"):
-        log(f"compiled FLOPs per device per step: {report['flops']:.4g} "
+        log(f"compiled FLOPs per device per step{counted}: {report['flops']:.4g} "
             f"({report['flops'] / report['spec_flops_per_device']:.2f}x SPEC §4's {report['spec_flops_per_device']:.4g})")
     spec = accelerator_spec(device.device_kind)
     if report.get("optimal_seconds") and report["optimal_seconds"] > 0 and spec is not None:
         report["estimated_mfu"] = report["spec_flops_per_device"] / report["optimal_seconds"] / spec[0]
-        log(f"estimated step time (compiler's optimal_seconds, an estimate): {report['optimal_seconds']:.4f} s; "
+        log(f"estimated step time (compiler's optimal_seconds, an estimate{counted}): "
+            f"{report['optimal_seconds']:.4g} s; "
             f"estimated MFU {100 * report['estimated_mfu']:.1f}% of {spec[0] / 1e12:.0f} TFLOP/s per chip "
             f"({tokens / report['optimal_seconds']:,.0f} tokens/s estimated)")
     return report

@@ -4,7 +4,8 @@ host killed by the kernel, teaches nothing).
 
 The bound counts only what the step cannot do without: the train state's shard (parameters,
 optimizer moments), a gradient per trainable parameter, one float32 copy of the micro-batch's
-logits, and each layer's saved input (kept even under full rematerialisation). Real use is
+logits (one piece of them with `model.logit_chunks`), and each layer's saved input (kept even
+under full rematerialisation). Real use is
 higher (XLA's temporaries, attention, the unsaved activations); `--dry_run` reports XLA's
 own figure.
 """
@@ -44,7 +45,7 @@ def lower_bound(setup) -> dict:
     for logical, target in config.mesh.rules:
         if logical == "vocab":
             vocab_ways = _ways(mesh, target)
-    logits = tokens * (config.model.vocab_size // vocab_ways) * 4
+    logits = -(-config.train.seq_len // config.model.logit_chunks) * rows * (config.model.vocab_size // vocab_ways) * 4
     compute_bytes = np.dtype(config.model.compute_dtype).itemsize
     activations = config.model.num_layers * tokens * config.model.model_dim * compute_bytes
     total = state + gradients + logits + activations

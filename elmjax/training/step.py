@@ -23,6 +23,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -57,6 +58,19 @@ def token_losses(logits, targets, z_loss_weight: float):
     return log_normalizer - target_logit, z_loss_weight * jnp.square(log_normalizer)
 
 
+def chunked_token_losses(model, h, targets, z_loss_weight: float):
+    """`token_losses` of the model's head over final hidden states h [batch, seq, model_dim],
+    in `model.logit_chunks` pieces along the sequence, each rematerialised in the backward
+    pass: only one piece's float32 logits [batch, seq / chunks, vocab] are alive at a time,
+    for one more head matmul per piece."""
+    if model.logit_chunks == 1:
+        return token_losses(model.head(h), targets, z_loss_weight)
+    piece = nnx.remat(lambda model, h, t: token_losses(model.head(h), t, z_loss_weight))
+    bounds = np.linspace(0, h.shape[1], model.logit_chunks + 1).astype(int)
+    parts = [piece(model, h[:, a:b], targets[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    return tuple(jnp.concatenate(values, axis=1) for values in zip(*parts))
+
+
 def summed_loss(params, frozen, graphdef, batch, z_loss_weight: float, scale=1.0, aux_scale=1.0, dropout_key=None):
     """`scale` * sums over `loss_mask` tokens of (ce + z), plus `aux_scale` * the weighted
     auxiliary losses. Returns (total, (ce, z, weighted aux losses, aux values)).
@@ -69,8 +83,8 @@ def summed_loss(params, frozen, graphdef, batch, z_loss_weight: float, scale=1.0
     """
     model = nnx.merge(graphdef, params, frozen)
     with adapters.dropout_key(dropout_key):
-        logits, aux = model.forward(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
-    ce, z = token_losses(logits, batch["targets"], z_loss_weight)
+        h, aux = model.hidden(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+    ce, z = chunked_token_losses(model, h, batch["targets"], z_loss_weight)
     mask = batch["loss_mask"].astype(jnp.float32)
     ce_sum, z_sum = jnp.sum(ce * mask) * scale, jnp.sum(z * mask) * scale
     aux_loss = aux_scale * aux_terms.weighted_sum(aux)

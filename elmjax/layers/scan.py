@@ -1,0 +1,203 @@
+"""Runs of alike layers compiled once: `jax.lax.scan` over a run instead of one copy per layer.
+
+An unrolled decoder hands the compiler one forward, one recomputation and one backward per
+layer, so compile time grows with depth (OpenELM-1.1B: 28 layers). Consecutive layers with
+the same shapes (every layer of OLMoE and BTLM) can share one compiled body: their
+parameters are stacked along a new leading axis and `scan` walks the run.
+
+OpenELM's layers differ: heads change in plateaus, the FFN width changes every layer. With
+`model.scan_padding = p > 0`, layers of one head plateau may also share a body: each FFN is
+zero-padded to the widest in its run. Zero columns of SwiGLU's gate and up projections and
+zero rows of its down projection add exactly nothing to the output and get zero gradient,
+so the model computes the same function; the price is the padded matmuls, at most a
+fraction p of the layers' matmul FLOPs (`plan_runs` picks the fewest runs within it).
+
+Parameters stay stored per layer (checkpoints, converters and adapters see the same tree);
+only the forward pass stacks them, so the stacking and its gradient's unstacking cost one
+copy of a run's parameters per step.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from elmjax.parallel.sharding import constrain
+
+FFN_AXIS = "mlp"  # the logical axis of FFN inner widths: the only one padding may grow
+
+
+def _shape(spec) -> tuple:
+    return (spec.num_query_heads, spec.num_kv_heads, spec.ffn_dim)
+
+
+def plan_runs(schedule, *, max_padding: float, matmul_params) -> tuple[tuple[int, ...], ...]:
+    """Consecutive layer indices grouped into runs that share one compiled body.
+
+    A run holds layers with equal attention heads; their FFN widths may differ, padded to
+    the run's widest. Among groupings whose padded matmul parameters exceed the true ones by
+    at most `max_padding` (a fraction of all layers' matmul parameters), this returns one
+    with the fewest runs (then the least padding). `max_padding=0` groups identical layers.
+
+    Args:
+      schedule: per-layer `LayerSpec`s, first layer first.
+      max_padding: allowed extra matmul parameters, a fraction >= 0.
+      matmul_params: `fn(spec) -> int`, one layer's matmul weights a token uses.
+    """
+    n = len(schedule)
+    total = sum(matmul_params(spec) for spec in schedule)
+
+    def extra(start, stop):  # padding cost of one run [start, stop), None if it cannot be a run
+        heads = {_shape(s)[:2] for s in schedule[start:stop]}
+        if len(heads) > 1:
+            return None
+        widest = max(schedule[start:stop], key=lambda s: s.ffn_dim)
+        return sum(matmul_params(dataclasses.replace(s, ffn_dim=widest.ffn_dim)) - matmul_params(s)
+                   for s in schedule[start:stop])
+
+    # best[i][k]: (least padding, cut points) covering layers [0, i) with k runs.
+    best = [dict() for _ in range(n + 1)]
+    best[0][0] = (0, ())
+    for stop in range(1, n + 1):
+        for start in range(stop):
+            cost = extra(start, stop)
+            if cost is None:
+                continue
+            for k, (padding, cuts) in best[start].items():
+                candidate = (padding + cost, cuts + (start,))
+                if k + 1 not in best[stop] or candidate[0] < best[stop][k + 1][0]:
+                    best[stop][k + 1] = candidate
+    budget = max_padding * total
+    runs_count = min(k for k, (padding, _) in best[n].items() if padding <= budget)
+    cuts = best[n][runs_count][1] + (n,)
+    return tuple(tuple(range(cuts[i], cuts[i + 1])) for i in range(runs_count))
+
+
+def plan_for(model_config) -> tuple[tuple[int, ...], ...]:
+    """`plan_runs` for a validated `config.model` (one run per layer when `scan_layers` is off)."""
+    from elmjax import models
+
+    family = models.get(model_config.family)
+    schedule = family.layer_specs(model_config)
+    if not model_config.scan_layers:
+        return tuple((i,) for i in range(len(schedule)))
+    return plan_runs(schedule, max_padding=model_config.scan_padding,
+                     matmul_params=lambda spec: family.layer_matmul_params(model_config, spec))
+
+
+def describe_plan(model_config) -> str:
+    """One line: how many compiled layer bodies, the runs' lengths and the padding's cost."""
+    from elmjax import models
+
+    family = models.get(model_config.family)
+    schedule = family.layer_specs(model_config)
+    runs = plan_for(model_config)
+    cost = lambda spec: family.layer_matmul_params(model_config, spec)
+    padded = sum(cost(dataclasses.replace(schedule[i], ffn_dim=max(schedule[j].ffn_dim for j in run)))
+                 for run in runs for i in run)
+    extra = padded / sum(cost(s) for s in schedule) - 1
+    if all(len(run) == 1 for run in runs):
+        return f"layers: {len(schedule)}, compiled one by one (no scanned runs)"
+    return (f"layers: {len(schedule)}, compiled as {len(runs)} bodies (runs of "
+            f"{', '.join(str(len(run)) for run in runs)} layers; FFN padding adds {100 * extra:.1f}% "
+            "of the layers' matmul FLOPs)")
+
+
+def _pad_ffn(value, target_shape, logical_axes, ffn_dim: int, widest_ffn: int):
+    """`value` zero-padded to `target_shape` along its FFN axis; a fused axis holding k
+    FFN-wide chunks (SwiGLU's [gate | up]) pads every chunk at its end."""
+    if value.shape == tuple(target_shape):
+        return value
+    axis = next(i for i, (a, b) in enumerate(zip(value.shape, target_shape)) if a != b)
+    if logical_axes[axis] != FFN_AXIS or value.shape[axis] % ffn_dim:
+        raise ValueError(f"cannot pad axis {axis} ({logical_axes[axis]!r}) of a {value.shape} parameter "
+                         f"to {tuple(target_shape)}: only FFN widths ({FFN_AXIS!r}) are padded")
+    chunks = value.shape[axis] // ffn_dim
+    split = value.reshape(value.shape[:axis] + (chunks, ffn_dim) + value.shape[axis + 1:])
+    widths = [(0, 0)] * split.ndim
+    widths[axis + 1] = (0, widest_ffn - ffn_dim)
+    return jnp.pad(split, widths).reshape(target_shape)
+
+
+def split_run(blocks):
+    """(graphdef, each block's nnx.State, each block's flat {path: array}) of a run; None when
+    the blocks differ in structure (e.g. per-layer adapter indices): the caller then runs
+    them one by one."""
+    graphdefs_and_states = [nnx.split(block) for block in blocks]
+    graphdef = graphdefs_and_states[0][0]
+    if any(other != graphdef for other, _ in graphdefs_and_states):
+        return None
+    flats = [{path: jnp.asarray(v[...]) for path, v in nnx.to_flat_state(state)} for _, state in graphdefs_and_states]
+    return graphdef, [state for _, state in graphdefs_and_states], flats
+
+
+def scan_run(blocks, ffn_dims, h, rope, segment_ids, remat_policy):
+    """Runs `blocks` (one run of `plan_runs`) over `h` [batch, seq, model_dim] with one scan.
+
+    Returns (h, [each block's aux dict or None]), or None when the blocks cannot share a body.
+    """
+    split = split_run(blocks)
+    if split is None:
+        return None
+    graphdef, states, flats = split
+    widest = max(range(len(blocks)), key=lambda i: ffn_dims[i])
+    template = states[widest]
+    paths = list(flats[widest])
+    axes = {path: v.get_metadata().get("out_sharding") for path, v in nnx.to_flat_state(template)}
+    cast = _compute_dtypes(blocks[widest])
+    weights = {}  # aux loss name -> weight (a Python float, recorded while tracing the body)
+
+    def stack(values, path):  # [layers, *parameter shape], FFN widths padded to the widest
+        target = flats[widest][path].shape
+        logical = axes.get(path) or (None,) * len(target)
+        if path in cast:  # the layer casts it before use anyway: stack half the bytes
+            values = [v.astype(cast[path]) for v in values]
+        padded = [_pad_ffn(v, target, logical, f, ffn_dims[widest]) for v, f in zip(values, ffn_dims)]
+        return constrain(jnp.stack(padded), (None, *logical))
+
+    def body(h, layer_params):
+        block = nnx.merge(graphdef, _with_values(template, dict(zip(paths, layer_params))))
+        h, aux = block(h, rope, segment_ids)
+        if aux is None:
+            return h, None
+        for name, (_, weight) in aux["losses"].items():
+            weights[name] = weight
+        return h, {"losses": {name: value for name, (value, _) in aux["losses"].items()},
+                   "metrics": dict(aux["metrics"])}
+
+    if remat_policy is not None:
+        body = jax.checkpoint(body, policy=remat_policy, prevent_cse=False)
+    stacked = [stack([flat[path] for flat in flats], path) for path in paths]
+    h, stacked_aux = jax.lax.scan(body, h, stacked)
+    if stacked_aux is None:
+        return h, [None] * len(blocks)
+    per_layer = []
+    for k in range(len(blocks)):
+        layer = jax.tree.map(lambda x, k=k: x[k], stacked_aux)
+        per_layer.append({"losses": {name: (value, weights[name]) for name, value in layer["losses"].items()},
+                          "metrics": layer["metrics"]})
+    return h, per_layer
+
+
+def _compute_dtypes(block) -> dict:
+    """{flat path: dtype} of the parameters the block's `Linear` layers cast to their compute
+    dtype before any use (kernels and biases of layers without adapters). Stacking them in
+    that dtype gives the layer the very values it would compute with."""
+    from elmjax.layers.linear import Linear
+
+    dtypes = {}
+    for path, module in nnx.iter_modules(block):
+        if isinstance(module, Linear) and module.adapter is None:
+            dtypes[(*path, "kernel")] = module.compute_dtype
+            if module.bias is not None:
+                dtypes[(*path, "bias")] = module.compute_dtype
+    return dtypes
+
+
+def _with_values(template, values_by_path):
+    """A copy of the nnx.State `template` holding `values_by_path` (flat path -> array)."""
+    return nnx.from_flat_state(
+        [(path, variable.replace(values_by_path[path])) for path, variable in nnx.to_flat_state(template)]
+    )

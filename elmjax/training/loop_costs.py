@@ -1,0 +1,102 @@
+"""Compiler cost figures of a step that contains loops, with every iteration counted.
+
+XLA's cost analysis (FLOPs, bytes, the TPU compiler's `optimal_seconds`) counts the body of a
+while loop once, whatever its trip count. A train step has two kinds of loops: scanned runs
+of layers (elmjax/layers/scan.py) and gradient accumulation's scan over micro-batches. So
+`--dry_run` adds the missing iterations itself:
+
+  step ~= accum_steps x (counted + sum over scanned runs of (layers - 1) x one layer)
+
+where "one layer" is a separate compile of one block of the run (forward, the remat
+recomputation and backward, with its weights' all-gathers and gradient reductions) at the
+micro-batch's shape on the same mesh. Scaling by `accum_steps` also counts the optimizer
+update that many times, an overcount of a few elementwise passes over the parameter shard
+(~1% of a step at the configs' sizes). The result is an estimate composed of the
+compiler's estimates, and is labelled so.
+"""
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from elmjax.layers.decoder import abstract_model
+from elmjax.layers.remat import REMAT_POLICIES
+from elmjax.layers.scan import plan_for
+from elmjax.parallel import sharding as shd
+
+
+def counted_costs(compiled) -> dict:
+    """XLA's cost analysis of one device's program as it counts it (each loop body once):
+    flops, and `optimal_seconds` (the compiler's step-time estimate) where the backend gives it."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    analysis = analysis or {}
+    return {key: float(analysis[key]) for key in ("flops", "optimal_seconds") if analysis.get(key) is not None}
+
+
+def compile_layer(setup, index: int):
+    """(compiled forward + backward of layer `index` alone at the micro-batch's shape, seconds)."""
+    config, mesh = setup.config, setup.mesh
+    model = abstract_model(config.model)
+    graphdef, state = nnx.split(model.layers[index])
+    abstract_state = jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        nnx.to_pure_dict(state), shd.param_shardings(state, mesh, config.mesh.rules),
+    )
+    rows = config.train.batch_size // config.train.grad_accum_steps
+    seq = config.train.seq_len
+    batch_spec = setup.batch_sharding.spec[0]
+    hidden = jax.ShapeDtypeStruct(  # [batch, seq, model_dim]
+        (rows, seq, config.model.model_dim), jnp.dtype(config.model.compute_dtype),
+        sharding=NamedSharding(mesh, PartitionSpec(batch_spec, None, None)),
+    )
+    policy = REMAT_POLICIES.get(config.model.remat_policy)
+
+    def forward_backward(pure_state, h):
+        positions = jnp.broadcast_to(jnp.arange(seq), (rows, seq))
+        segment_ids = jnp.ones((rows, seq), jnp.int32)
+
+        def layer(pure_state, h):
+            return nnx.merge(graphdef, pure_state)(h, model.rope(positions), segment_ids)[0]
+
+        if policy is not None:
+            layer = jax.checkpoint(layer, policy=policy)
+        out, vjp = jax.vjp(layer, pure_state, h)
+        return vjp(out)
+
+    with shd.use_rules(mesh, config.mesh.rules):
+        start = time.perf_counter()
+        compiled = jax.jit(forward_backward).lower(abstract_state, hidden).compile()
+    return compiled, time.perf_counter() - start
+
+
+def scanned_runs(model_config) -> list[tuple[int, ...]]:
+    """The runs of `plan_for` that compile as a loop (more than one layer)."""
+    return [run for run in plan_for(model_config) if len(run) > 1]
+
+
+def whole_step_costs(setup, compiled_step) -> dict:
+    """{flops, optimal_seconds (where the backend gives it), layer_compile_seconds, corrected}
+    of the step with every loop iteration counted (see the module docstring)."""
+    config = setup.config
+    counted = counted_costs(compiled_step)
+    runs = scanned_runs(config.model)
+    accum = config.train.grad_accum_steps
+    if not runs and accum == 1:
+        return {**counted, "layer_compile_seconds": 0.0, "corrected": False}
+    schedule = abstract_model(config.model).schedule
+    total, seconds = dict(counted), 0.0
+    for run in runs:
+        widest = max(run, key=lambda i: schedule[i].ffn_dim)
+        compiled, spent = compile_layer(setup, widest)
+        seconds += spent
+        for key, value in counted_costs(compiled).items():
+            if key in total:
+                total[key] += (len(run) - 1) * value
+    total = {key: accum * value for key, value in total.items()}
+    return {**total, "layer_compile_seconds": seconds, "corrected": True}
