@@ -77,10 +77,10 @@ def base_config(family: str = "openelm") -> ml_collections.ConfigDict:
     # widths differ (OpenELM), zero-padding each FFN to its run's widest, for at most that
     # fraction of extra matmul FLOPs.
     model.scan_layers = True
+    model.scan_padding = 0.0
     # The loss applies the output head in this many pieces along the sequence, each recomputed
     # in the backward pass: 1/chunks of the float32 [batch, seq, vocab] logits alive at a time.
     model.logit_chunks = 1
-    model.scan_padding = 0.0
     for name, value in models.get(family).model_fields().items():
         model[name] = value
     # LoRA / DoRA adapters over a frozen base (elmjax/layers/adapters.py); defaults are SPEC §1's

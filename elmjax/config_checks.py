@@ -75,10 +75,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         0 <= model.scan_padding < 1, "model.scan_padding",
         f"is {model.scan_padding}; need a fraction of extra FFN FLOPs in [0, 1), e.g. 0.05",
     )
-    _require(
-        model.scan_padding == 0 or model.adapter.kind != "dora", "model.scan_padding",
-        "must be 0 with DoRA adapters (a zero-padded FFN column has no norm to rescale); set it to 0",
-    )
     for name in ("embedding_scale", "logit_scale"):
         value = model[name]
         _require(

@@ -14,7 +14,8 @@ fraction p of the layers' matmul FLOPs (`plan_runs` picks the fewest runs within
 
 Parameters stay stored per layer (checkpoints, converters and adapters see the same tree);
 only the forward pass stacks them, so the stacking and its gradient's unstacking cost one
-copy of a run's parameters per step.
+copy of a run's parameters (Linear kernels in the compute dtype) per forward pass, i.e. per
+micro-batch under gradient accumulation.
 """
 from __future__ import annotations
 
@@ -79,9 +80,15 @@ def plan_for(model_config) -> tuple[tuple[int, ...], ...]:
     """`plan_runs` for a validated `config.model` (one run per layer when `scan_layers` is off)."""
     from elmjax import models
 
+    from elmjax.layers.adapters import EMBEDDING_TARGET, target_names
+
     family = models.get(model_config.family)
     schedule = family.layer_specs(model_config)
-    if not model_config.scan_layers:
+    adapter = model_config.adapter
+    # Adapters in the blocks carry a per-layer index (their dropout stream), so adapted blocks
+    # differ in structure and run one by one.
+    adapted_blocks = adapter.kind != "none" and set(target_names(adapter)) - {EMBEDDING_TARGET}
+    if not model_config.scan_layers or adapted_blocks:
         return tuple((i,) for i in range(len(schedule)))
     return plan_runs(schedule, max_padding=model_config.scan_padding,
                      matmul_params=lambda spec: family.layer_matmul_params(model_config, spec))
@@ -155,7 +162,7 @@ def scan_run(blocks, ffn_dims, h, rope, segment_ids, remat_policy):
         if path in cast:  # the layer casts it before use anyway: stack half the bytes
             values = [v.astype(cast[path]) for v in values]
         padded = [_pad_ffn(v, target, logical, f, ffn_dims[widest]) for v, f in zip(values, ffn_dims)]
-        return constrain(jnp.stack(padded), (None, *logical))
+        return constrain(jnp.stack(padded), (None, *logical), fit=True)
 
     def body(h, layer_params):
         block = nnx.merge(graphdef, _with_values(template, dict(zip(paths, layer_params))))

@@ -55,13 +55,18 @@ def active_rules():
     return getattr(_active, "value", None)
 
 
-def constrain(x, logical_axes):
-    """`with_sharding_constraint` of `x` by logical axis names, if rules are active."""
+def constrain(x, logical_axes, *, fit: bool = False):
+    """`with_sharding_constraint` of `x` by logical axis names, if rules are active. `fit`:
+    dimensions the mesh axes do not divide stay replicated (`fit_spec_to_shape`), as the
+    parameters themselves are placed."""
     active = active_rules()
     if active is None:
         return x
     mesh, rules = active
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(logical_axes, rules)))
+    spec = logical_to_spec(logical_axes, rules)
+    if fit:
+        spec = fit_spec_to_shape(spec, x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,7 +55,8 @@ def memory_report(compiled) -> dict:
 
 
 def compiled_flops(compiled) -> float | None:
-    """FLOPs of one device's compiled step (XLA's cost analysis)."""
+    """FLOPs of one device's compiled step as XLA's cost analysis counts them: each loop body
+    (scanned layers, accumulation) once; `whole_step_costs` counts every iteration."""
     return counted_costs(compiled).get("flops")
 
 
@@ -88,7 +89,10 @@ def dry_run(config, topology: str | None = None, log=print) -> dict:
             f"aliased {report['alias_bytes'] / GiB:.2f}, temporaries {report['temp_bytes'] / GiB:.2f}){fits}; "
             f"analytic lower bound {bound['total'] / GiB:.2f} GiB")
     runs = scanned_runs(config.model)
-    if runs:  # the slow part comes last, announced: memory is known by now
+    if runs and config.train.objective == "dpo":
+        log("cost figures left out: the compiler counts each scanned run once, and DPO's reference "
+            "forward is not corrected for; use --config.model.scan_layers=False for them")
+    elif runs:  # the slow part comes last, announced: memory is known by now
         log(f"counting every loop iteration in the cost figures: compiling one layer of each of the "
             f"{len(runs)} scanned runs ...")
     report.update(whole_step_costs(setup, compiled))

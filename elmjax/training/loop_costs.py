@@ -87,6 +87,10 @@ def whole_step_costs(setup, compiled_step) -> dict:
     counted = counted_costs(compiled_step)
     runs = scanned_runs(config.model)
     accum = config.train.grad_accum_steps
+    if config.train.objective == "dpo" and runs:
+        # DPO's reference forward is a second scan per run, not counted here: no figures
+        # rather than wrong ones.
+        return {"layer_compile_seconds": 0.0, "corrected": False}
     if not runs and accum == 1:
         return {**counted, "layer_compile_seconds": 0.0, "corrected": False}
     schedule = abstract_model(config.model).schedule

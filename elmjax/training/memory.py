@@ -45,7 +45,9 @@ def lower_bound(setup) -> dict:
     for logical, target in config.mesh.rules:
         if logical == "vocab":
             vocab_ways = _ways(mesh, target)
-    logits = -(-config.train.seq_len // config.model.logit_chunks) * rows * (config.model.vocab_size // vocab_ways) * 4
+    # DPO's sequence log-probabilities take the whole logits; the LM loss one piece of them.
+    pieces = 1 if config.train.objective == "dpo" else config.model.logit_chunks
+    logits = -(-config.train.seq_len // pieces) * rows * (config.model.vocab_size // vocab_ways) * 4
     compute_bytes = np.dtype(config.model.compute_dtype).itemsize
     activations = config.model.num_layers * tokens * config.model.model_dim * compute_bytes
     total = state + gradients + logits + activations
