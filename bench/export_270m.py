@@ -27,7 +27,7 @@ sys.path.insert(0, {repo!r})
 import numpy as np
 from elmjax.training.checkpoint import restore_params
 from elmjax.convert.export import export_checkpoint
-from elmjax.data.tokenizer import load_tokenizer
+from elmjax.data.tokenizer_choice import load_tokenizer
 
 def status_bytes(key):
     with open("/proc/self/status") as f:
@@ -61,7 +61,7 @@ print(json.dumps(dict(case=case, seconds=seconds, cpu=cpu, peak=peak, baseline=b
 def make_checkpoint(workdir: str) -> int:
     """A params-only 270M checkpoint with random float32 weights; returns the weight bytes."""
     from elmjax.training.checkpoint import latest_complete_step, save_params_checkpoint
-    from elmjax.data.tokenizer import load_tokenizer
+    from elmjax.data.tokenizer_choice import load_tokenizer
     from elmjax.layers.decoder import abstract_model, count_params
     from tests.export_support import random_params
 

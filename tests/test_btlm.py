@@ -363,7 +363,7 @@ def test_bfloat16_export_imports(small, tmp_path):
 
 def test_export_and_import_tools_carry_the_gpt2_tokenizer(small, tmp_path, capsys):
     from elmjax.convert.export import export_checkpoint
-    from elmjax.data.tokenizer import load_tokenizer
+    from elmjax.data.tokenizer_choice import load_tokenizer
     from elmjax.training.checkpoint import restore_params, save_params_checkpoint
     from tools import import_hf as import_tool
 

@@ -9,7 +9,7 @@ from elmjax.config import base_config, validate
 from elmjax.data import chat, pipeline
 from elmjax.data.corpus import embedded_documents
 from elmjax.data.formats import chat_header
-from elmjax.data.tokenizer import load_tokenizer
+from elmjax.data.tokenizer_choice import load_tokenizer
 from elmjax.validation import ConfigError
 from data_support import data_config
 

@@ -8,7 +8,7 @@ import pytest
 
 from elmjax.data import preference
 from elmjax.data.corpus import embedded_documents
-from elmjax.data.tokenizer import load_tokenizer
+from elmjax.data.tokenizer_choice import load_tokenizer
 from elmjax.validation import ConfigError
 from data_support import data_config
 

@@ -8,7 +8,7 @@ import pytest
 from elmjax.data import pipeline
 from elmjax.data.token_store import TokenStoreWriter
 from elmjax.data.sources import SourceStats
-from elmjax.data.tokenizer import load_tokenizer
+from elmjax.data.tokenizer_choice import load_tokenizer
 from data_support import data_config
 
 SEQ = 32

@@ -10,7 +10,8 @@ import tokenizers
 
 from elmjax.config import base_config
 from elmjax.data.corpus import EMBEDDED_CORPORA, embedded_documents
-from elmjax.data.tokenizer import HuggingFaceTokenizer, embedded_tokenizer, load_tokenizer, open_tokenizer
+from elmjax.data.tokenizer import HuggingFaceTokenizer, embedded_tokenizer, open_tokenizer
+from elmjax.data.tokenizer_choice import load_tokenizer
 
 SAMPLES = [
     "When shall we three meet again\nIn thunder, lightning, or in rain?",

@@ -15,7 +15,7 @@ from elmjax.training.checkpoint import CheckpointError, load_model, restore_para
 from elmjax.convert.export import export_checkpoint
 from elmjax.convert.outdir import OutputExistsError, atomic_output_dir
 from elmjax.models.openelm.torch_model import OpenELMForCausalLM
-from elmjax.data.tokenizer import load_tokenizer
+from elmjax.data.tokenizer_choice import load_tokenizer
 from tests.export_support import logits as elmjax_logits
 from tests.export_support import model_logits, random_params, train_tiny
 from tools import export as export_tool

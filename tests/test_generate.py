@@ -173,7 +173,7 @@ def checkpoint(model, tmp_path_factory):
 
 
 def test_cli_prints_each_prompt_with_its_greedy_continuation(checkpoint, model, capsys):
-    from elmjax.data.tokenizer import load_tokenizer
+    from elmjax.data.tokenizer_choice import load_tokenizer
 
     tokenizer = load_tokenizer(validate(get_config()))
     code = gen.main(["--checkpoint", str(checkpoint), "--prompt", "And God said", "--prompt", "To be",
@@ -191,7 +191,7 @@ def test_cli_refuses_a_prompt_longer_than_the_context(checkpoint, capsys):
 
 
 def test_continuation_text_keeps_the_space_before_the_first_new_word():
-    from elmjax.data.tokenizer import load_tokenizer
+    from elmjax.data.tokenizer_choice import load_tokenizer
 
     tokenizer = load_tokenizer(validate(get_config()))
     prompt, new = tokenizer.encode("In the"), tokenizer.encode("In the beginning")[len(tokenizer.encode("In the")):]

@@ -11,7 +11,7 @@ from elmjax.training.checkpoint import complete_steps, restore_params, save_para
 from elmjax.config import openelm_config
 from elmjax.convert.export import export_checkpoint, export_params
 from elmjax.convert.hf_import import HFConfigError, config_from_hf, load_hf_dir
-from elmjax.data.tokenizer import load_tokenizer
+from elmjax.data.tokenizer_choice import load_tokenizer
 from tests.export_support import random_params, tiny_config
 from tools import import_hf as import_tool
 

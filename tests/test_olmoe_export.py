@@ -179,7 +179,7 @@ def test_transformers_checkpoint_through_elmjax_is_bit_exact(tmp_path):
 def test_a_trained_moe_checkpoint_exports_with_its_tokenizer(tmp_path):
     """The real trainer on the embedded corpus, then tools/export.py: transformers runs the
     result with elmjax's logits, and the tokenizer's ids land in config.json."""
-    from elmjax.data.tokenizer import load_tokenizer
+    from elmjax.data.tokenizer_choice import load_tokenizer
     from elmjax.training.checkpoint import load_model as load_checkpoint
     from elmjax.training.loop import train
     from export_support import model_logits

@@ -23,7 +23,7 @@ def prepare(config, output: str, *, overwrite: bool = False, batch_docs: int = 2
     `output`; returns the store's metadata."""
     from elmjax.data import sources as sources_lib
     from elmjax.data.token_store import TokenStoreWriter
-    from elmjax.data.tokenizer import load_tokenizer
+    from elmjax.data.tokenizer_choice import load_tokenizer
 
     tokenizer = load_tokenizer(config)
     specs = sources_lib.parse_source_list(config.data)

@@ -135,7 +135,7 @@ def export_checkpoint(
     """`export_params` for a checkpoint: a workdir (newest complete step) or a step directory.
 
     Only the parameters are read (no optimizer state); the tokenizer comes from the
-    checkpoint's config (`elmjax.data.tokenizer.load_tokenizer`). A checkpoint of adapters is
+    checkpoint's config (`elmjax.data.tokenizer_choice.load_tokenizer`). A checkpoint of adapters is
     exported merged into its base (elmjax/convert/adapters.py; `export_adapter_checkpoint`
     writes the adapters alone).
     """
@@ -153,7 +153,7 @@ def export_checkpoint(
     check_target(config.model, target)  # before the tokenizer, which may take a while to load
     tokenizer, chat_template = None, None
     if with_tokenizer:
-        from elmjax.data.tokenizer import load_tokenizer, run_tokenizer
+        from elmjax.data.tokenizer_choice import load_tokenizer, run_tokenizer
 
         tokenizer = run_tokenizer(checkpoint) or load_tokenizer(config)  # the run's own, when kept
         if config.data.get("chat_template", ""):
@@ -180,7 +180,7 @@ def export_adapter_checkpoint(checkpoint, out, *, to: str, step: int | None = No
     (`to="mlx"`) format (elmjax/convert/adapters.py); the embedding rows follow the
     tokenizer's vocabulary, as the base export's do."""
     from elmjax.convert.adapters import export_adapters
-    from elmjax.data.tokenizer import load_tokenizer
+    from elmjax.data.tokenizer_choice import load_tokenizer
     from elmjax.training.checkpoint import restore_params
 
     check_output_dir(out, overwrite)

@@ -38,7 +38,8 @@ from elmjax.data import sources as sources_lib
 from elmjax.data.base import DataSourceError, logger
 from elmjax.data.formats import chat_header, parse_mixture_weights
 from elmjax.data.split import is_eval_document, plan_split, split_indices, token_part  # noqa: F401
-from elmjax.data.tokenizer import Tokenizer, load_tokenizer
+from elmjax.data.tokenizer import Tokenizer
+from elmjax.data.tokenizer_choice import load_tokenizer
 
 ROW_FEATURE = "tokens"
 

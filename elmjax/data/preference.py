@@ -38,7 +38,8 @@ from elmjax.data.chat import MessagesError, check_messages, continuation_ids, en
 from elmjax.data.formats import chat_header
 from elmjax.data.sources import JsonlSource, parse_source_list
 from elmjax.data.split import plan_split
-from elmjax.data.tokenizer import Tokenizer, load_tokenizer
+from elmjax.data.tokenizer import Tokenizer
+from elmjax.data.tokenizer_choice import load_tokenizer
 from elmjax.validation import ConfigError
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")

@@ -1,10 +1,10 @@
 """Tokenizers: SentencePiece `.model` files and Hugging Face `tokenizer.json` behind one API.
 
-`load_tokenizer(config)` opens `config.data.tokenizer` (a file, or "gpt2" for GPT-2's BPE,
-elmjax/data/gpt2_bpe.py), or, when that is empty and the source
-is the embedded corpus, trains a SentencePiece BPE of `config.model.vocab_size` pieces on it
-on first use and caches it under $ELMJAX_CACHE (default ~/.cache/elmjax), keyed by the
-corpus text and the training settings so any change retrains.
+`open_tokenizer(path)` opens a file (or "gpt2" for GPT-2's BPE, elmjax/data/gpt2_bpe.py);
+`embedded_tokenizer` trains a SentencePiece BPE on the embedded corpus on first use and
+caches it under $ELMJAX_CACHE (default ~/.cache/elmjax), keyed by the corpus text and the
+training settings so any change retrains. Which tokenizer a run uses, and keeping it with
+the run, is elmjax/data/tokenizer_choice.py.
 
 Encoding never adds BOS/EOS: the pipeline adds them per document as `config.data` says.
 `save_hf_files(out_dir)` writes files `transformers.AutoTokenizer` and mlx-lm load offline.
@@ -381,77 +381,3 @@ def embedded_tokenizer(vocab_size: int, corpora: Sequence[str]) -> SentencePiece
             tmp.write(proto)
         os.replace(tmp.name, path)
     return SentencePieceTokenizer.from_file(path)
-
-
-def load_store_tokenizer(root: str) -> Tokenizer:
-    """The tokenizer saved inside the token store at `root`."""
-    from elmjax.data.token_store import read_stored_tokenizer
-
-    return Tokenizer.from_stored_file(*read_stored_tokenizer(root), name=root)
-
-
-def run_tokenizer(path, *, look_up: bool = True) -> Tokenizer | None:
-    """The tokenizer kept with the run at `path` (workdir or step dir), or None (run_files.py)."""
-    from elmjax.data.run_files import find_stored_tokenizer
-
-    found = find_stored_tokenizer(path, look_up=look_up)
-    return None if found is None else Tokenizer.from_stored_file(found[0], found[1], name=found[2])
-
-
-def keep_with_run(workdir, tokenizer: Tokenizer) -> None:
-    """Writes `tokenizer` into `workdir` unless it is there; a different one there (the run
-    trained with another) is a one-line ConfigError naming both."""
-    from elmjax.data.run_files import write_stored_tokenizer
-    from elmjax.validation import ConfigError
-
-    kept = run_tokenizer(workdir, look_up=False)
-    if kept is None:
-        write_stored_tokenizer(workdir, *tokenizer.stored_file())
-    elif kept.fingerprint != tokenizer.fingerprint:
-        raise ConfigError("data.tokenizer", f"{tokenizer.name} ({tokenizer.fingerprint}) is not the tokenizer "
-                          f"this run trained with, {kept.name} ({kept.fingerprint}); use that one or a new workdir")
-
-
-def load_tokenizer(config) -> Tokenizer:
-    """The tokenizer a run uses: `config.data.tokenizer`; else, when the run starts from
-    `train.init_from`, the tokenizer kept with that checkpoint's run; else the embedded
-    corpus's own. A configured tokenizer that differs from the checkpoint's is an error."""
-    from elmjax.data.sources import parse_source_list
-
-    init_from = config.train.get("init_from", "") if "train" in config else ""
-    kept = run_tokenizer(init_from) if init_from else None
-    if config.data.tokenizer:
-        tokenizer = open_tokenizer(config.data.tokenizer)
-        if kept is not None and kept.fingerprint != tokenizer.fingerprint:
-            from elmjax.validation import ConfigError
-
-            raise ConfigError("data.tokenizer", f"is {tokenizer.name} ({tokenizer.fingerprint}), but train.init_from's "
-                              f"checkpoint was trained with {kept.name} ({kept.fingerprint}); leave data.tokenizer "
-                              "empty to use the checkpoint's")
-        return tokenizer
-    if kept is not None:
-        return kept
-    specs = parse_source_list(config.data)
-    if specs and all(spec.kind == "token_store" for spec in specs):
-        tokenizers_ = [load_store_tokenizer(spec.location) for spec in specs]
-        if len({t.fingerprint for t in tokenizers_}) > 1:
-            raise ValueError(
-                "config field `data.source`: the token stores were made with different "
-                "tokenizers; mix only stores written with the same one"
-            )
-        return tokenizers_[0]
-    corpora = sorted({name for spec in specs if spec.kind == "embedded" for name in spec.corpora})
-    if any(spec.kind == "seqio" for spec in specs):
-        raise ValueError(
-            "config field `data.tokenizer`: is empty, but data.source reads a seqio Task, whose "
-            "token ids are its vocabulary's; set data.tokenizer to that vocabulary's .model file"
-        )
-    if len(corpora) == 0 or any(spec.kind != "embedded" for spec in specs):
-        raise ValueError(
-            "config field `data.tokenizer`: is empty, which trains a tokenizer only for the "
-            f"embedded corpus, but data.source is {config.data.source!r}; train one with "
-            "`python tools/train_tokenizer.py` and set data.tokenizer to its .model file"
-        )
-    # The embedded tokenizer is always trained on both corpora, so a mixture of one of them
-    # uses the same vocabulary as the default.
-    return embedded_tokenizer(config.model.vocab_size, ("kjv", "shakespeare"))

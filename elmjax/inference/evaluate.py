@@ -66,7 +66,7 @@ class ElmjaxLM(TemplateLM):
         super().__init__()
         if checkpoint is not None:
             from elmjax.training.checkpoint import load_model
-            from elmjax.data.tokenizer import load_tokenizer
+            from elmjax.data.tokenizer_choice import load_tokenizer
 
             config, model = load_model(checkpoint, step=None if step is None else int(step))
             tokenizer = load_tokenizer(config)

@@ -215,7 +215,7 @@ def main(argv=None) -> int:
         return 0
 
     from elmjax.training.checkpoint import load_model
-    from elmjax.data.tokenizer import load_tokenizer, run_tokenizer
+    from elmjax.data.tokenizer_choice import load_tokenizer, run_tokenizer
 
     config, model = load_model(args.checkpoint, step=args.step)
     tokenizer = run_tokenizer(args.checkpoint) or load_tokenizer(config)

@@ -71,7 +71,7 @@ def train(config, workdir, log=print) -> dict:
     if primary:
         # The tokenizer stays with the run: a fine-tune or generate from this workdir finds it
         # (checked first: another tokenizer than the run's fails before anything is written).
-        from elmjax.data.tokenizer import keep_with_run, load_tokenizer
+        from elmjax.data.tokenizer_choice import keep_with_run, load_tokenizer
 
         keep_with_run(workdir, load_tokenizer(config))
         storage.write_text(workdir / "config.json", config.to_json(indent=2))
@@ -189,7 +189,7 @@ def _print_sample(config, state, frozen, setup, log) -> None:
     from flax import nnx
 
     try:
-        from elmjax.data.tokenizer import load_tokenizer
+        from elmjax.data.tokenizer_choice import load_tokenizer
         from elmjax.inference.generate import sample_text
     except ImportError as error:  # generation is optional for training
         log(f"(no sample: {error})")
