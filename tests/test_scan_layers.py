@@ -91,7 +91,7 @@ def _compare_scanned_with_unrolled(config, *, loss_atol, grad_relative_norm=None
     unrolled_model, unrolled, unrolled_aux, unrolled_grads = _loss_and_grads(config, tokens)
     config.model.scan_layers = True
     model, scanned, aux, grads = _loss_and_grads(config, tokens)
-    assert len(model.runs) < len(model.schedule) and len(unrolled_model.runs) == len(model.schedule)
+    assert len(model.plan.runs) < len(model.schedule) and len(unrolled_model.plan.runs) == len(model.schedule)
     # what ran, not only what was planned: the forward really contains a loop
     assert " scan[" in str(jax.make_jaxpr(lambda m: m.forward(tokens))(model))
     np.testing.assert_allclose(scanned, unrolled, atol=loss_atol, rtol=0)
@@ -147,7 +147,7 @@ def test_padded_ffn_runs_give_the_unrolled_loss_and_gradients():
 def test_a_padded_scanned_openelm_equals_mlx_lm():
     """The 1.1B head/FFN schedule, scaled down (tests/model_helpers.py), in 10 padded runs."""
     config, model = small_model("1_1b", seed=3, scan_padding=0.1)
-    assert len(model.runs) <= 10
+    assert len(model.plan.runs) <= 10
     twin = mlx_twin(model, config.model)
     tokens = np.random.default_rng(0).integers(0, 512, size=(2, 30))
     np.testing.assert_allclose(forward(model, tokens), mlx_logits(twin, tokens), atol=1e-4, rtol=0)
@@ -157,7 +157,7 @@ def test_lora_models_run_their_layers_one_by_one_and_match():
     """Adapters carry a per-layer index (their dropout stream), so blocks differ in structure."""
     config = with_adapters(load_config_file("configs/tiny_btlm.py"))
     config.model.adapter.dropout = 0.0
-    assert plan_for(config.model) == ((0,), (1,), (2,), (3,))
+    assert plan_for(config.model).runs == ((0,), (1,), (2,), (3,))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 4096, (2, 16)), jnp.int32)
     config.model.scan_layers = False
     unrolled = build_model(config.model, seed=1)(tokens)

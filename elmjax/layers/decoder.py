@@ -61,7 +61,9 @@ class Transformer(nnx.Module):
         cfg = model_config
         family = models.get(cfg.family)
         self.family = cfg.family
-        self.schedule = tuple(family.layer_specs(cfg))
+        # Per-layer shapes and the runs of consecutive layers compiled as one scanned body.
+        self.plan = plan_for(cfg)
+        self.schedule = self.plan.schedule
         self.model_dim = cfg.model_dim
         self.head_dim = cfg.head_dim
         self.vocab_size = cfg.vocab_size
@@ -73,9 +75,6 @@ class Transformer(nnx.Module):
         self.compute_dtype = jnp.dtype(cfg.compute_dtype)
         self.remat_policy = cfg.remat_policy
         self.logit_chunks = cfg.logit_chunks
-        # Groups of consecutive layer indices, each compiled as one scanned body; a group of
-        # one runs unrolled.
-        self.runs = plan_for(cfg)
         param_dtype = jnp.dtype(cfg.param_dtype)
         init = family.init_rules(cfg)
 
@@ -158,7 +157,7 @@ class Transformer(nnx.Module):
         rope = self.rope(positions)
         per_layer = {}
         policy = None if self.remat_policy == "none" else REMAT_POLICIES[self.remat_policy]
-        for run in self.runs:
+        for run in self.plan.runs:
             scanned = None
             if len(run) > 1:
                 blocks = [self.layers[i] for i in run]

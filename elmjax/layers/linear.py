@@ -35,6 +35,13 @@ class Linear(nnx.Module):
         self.kernel = param((in_features, out_features), param_dtype, logical_axes, init)  # [in, out]
         self.bias = param((out_features,), param_dtype, (logical_axes[1],), ("zeros",)) if use_bias else None
 
+    def cast_before_use(self) -> dict:
+        """{parameter path: dtype} this layer casts before any use (elmjax/layers/scan.py
+        stacks them so); an adapter uses the kernel as stored."""
+        if self.adapter is not None:
+            return {}
+        return {("kernel",): self.compute_dtype, **({("bias",): self.compute_dtype} if self.bias is not None else {})}
+
     def __call__(self, x):
         kernel = self.kernel[...].astype(self.compute_dtype)
         wide = self.adapter is not None or jnp.dtype(self.compute_dtype).itemsize >= 4

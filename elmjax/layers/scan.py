@@ -76,40 +76,47 @@ def plan_runs(schedule, *, max_padding: float, matmul_params) -> tuple[tuple[int
     return tuple(tuple(range(cuts[i], cuts[i + 1])) for i in range(runs_count))
 
 
-def plan_for(model_config) -> tuple[tuple[int, ...], ...]:
-    """`plan_runs` for a validated `config.model` (one run per layer when `scan_layers` is off)."""
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """How a model's layers compile: its per-layer shapes and their runs (`plan_runs`)."""
+
+    schedule: tuple  # per-layer LayerSpecs, first layer first
+    runs: tuple  # groups of consecutive layer indices; a group of one runs unrolled
+    padding: float  # extra matmul FLOPs of the padded FFNs, a fraction of the layers' total
+
+    @property
+    def scanned(self) -> tuple:
+        """The runs that compile as a loop (more than one layer)."""
+        return tuple(run for run in self.runs if len(run) > 1)
+
+    def describe(self) -> str:
+        """One line: how many compiled layer bodies, the runs' lengths and the padding's cost."""
+        if not self.scanned:
+            return f"layers: {len(self.schedule)}, compiled one by one (no scanned runs)"
+        return (f"layers: {len(self.schedule)}, compiled as {len(self.runs)} bodies (runs of "
+                f"{', '.join(str(len(run)) for run in self.runs)} layers; FFN padding adds "
+                f"{100 * self.padding:.1f}% of the layers' matmul FLOPs)")
+
+
+def plan_for(model_config) -> LayerPlan:
+    """The `LayerPlan` of a validated `config.model` (one run per layer when `scan_layers` is off)."""
     from elmjax import models
 
     from elmjax.layers.adapters import EMBEDDING_TARGET, target_names
 
     family = models.get(model_config.family)
-    schedule = family.layer_specs(model_config)
+    schedule = tuple(family.layer_specs(model_config))
     adapter = model_config.adapter
     # Adapters in the blocks carry a per-layer index (their dropout stream), so adapted blocks
     # differ in structure and run one by one.
     adapted_blocks = adapter.kind != "none" and set(target_names(adapter)) - {EMBEDDING_TARGET}
     if not model_config.scan_layers or adapted_blocks:
-        return tuple((i,) for i in range(len(schedule)))
-    return plan_runs(schedule, max_padding=model_config.scan_padding,
-                     matmul_params=lambda spec: family.layer_matmul_params(model_config, spec))
-
-
-def describe_plan(model_config) -> str:
-    """One line: how many compiled layer bodies, the runs' lengths and the padding's cost."""
-    from elmjax import models
-
-    family = models.get(model_config.family)
-    schedule = family.layer_specs(model_config)
-    runs = plan_for(model_config)
-    cost = lambda spec: family.layer_matmul_params(model_config, spec)
+        return LayerPlan(schedule, tuple((i,) for i in range(len(schedule))), 0.0)
+    cost = lambda spec: family.layer_matmul_params(model_config, spec)  # noqa: E731
+    runs = plan_runs(schedule, max_padding=model_config.scan_padding, matmul_params=cost)
     padded = sum(cost(dataclasses.replace(schedule[i], ffn_dim=max(schedule[j].ffn_dim for j in run)))
                  for run in runs for i in run)
-    extra = padded / sum(cost(s) for s in schedule) - 1
-    if all(len(run) == 1 for run in runs):
-        return f"layers: {len(schedule)}, compiled one by one (no scanned runs)"
-    return (f"layers: {len(schedule)}, compiled as {len(runs)} bodies (runs of "
-            f"{', '.join(str(len(run)) for run in runs)} layers; FFN padding adds {100 * extra:.1f}% "
-            "of the layers' matmul FLOPs)")
+    return LayerPlan(schedule, runs, padded / sum(cost(spec) for spec in schedule) - 1)
 
 
 def _pad_ffn(value, target_shape, logical_axes, ffn_dim: int, widest_ffn: int):
@@ -189,17 +196,14 @@ def scan_run(blocks, ffn_dims, h, rope, segment_ids, remat_policy):
 
 
 def _compute_dtypes(block) -> dict:
-    """{flat path: dtype} of the parameters the block's `Linear` layers cast to their compute
-    dtype before any use (kernels and biases of layers without adapters). Stacking them in
-    that dtype gives the layer the very values it would compute with."""
-    from elmjax.layers.linear import Linear
-
+    """{flat path: dtype} of the block's parameters that its modules cast before any use
+    (each module's `cast_before_use()`: {path within the module: dtype}). Stacking them in that
+    dtype gives the layer the very values it would compute with, in fewer bytes."""
     dtypes = {}
     for path, module in nnx.iter_modules(block):
-        if isinstance(module, Linear) and module.adapter is None:
-            dtypes[(*path, "kernel")] = module.compute_dtype
-            if module.bias is not None:
-                dtypes[(*path, "bias")] = module.compute_dtype
+        declared = getattr(module, "cast_before_use", None)
+        if declared is not None:
+            dtypes.update({(*path, *within): dtype for within, dtype in declared().items()})
     return dtypes
 
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import os
 
-from elmjax.layers.scan import describe_plan
 from elmjax.training import memory
-from elmjax.training.loop_costs import counted_costs, scanned_runs, whole_step_costs
+from elmjax.training.loop_costs import counted_costs, whole_step_costs
 from elmjax.training.metrics import accelerator_spec, flops_per_token
 from elmjax.training.setup import build_setup, compile_train_step
 
@@ -78,7 +77,7 @@ def dry_run(config, topology: str | None = None, log=print) -> dict:
     log(f"parameters: {setup.num_params:,} ({setup.num_trainable:,} trainable)")
     log(f"batch {config.train.batch_size} x {config.train.seq_len} tokens, grad_accum_steps "
         f"{config.train.grad_accum_steps}, remat {config.model.remat_policy}, attention {config.model.attention_impl}")
-    log(describe_plan(config.model))
+    log(setup.model.plan.describe())
     log(f"compile time: {seconds:.1f} s")
     if "total_bytes" in report:
         capacity, source = memory.device_capacity(device)
@@ -88,7 +87,7 @@ def dry_run(config, topology: str | None = None, log=print) -> dict:
             f"(arguments {report['argument_bytes'] / GiB:.2f}, outputs {report['output_bytes'] / GiB:.2f}, "
             f"aliased {report['alias_bytes'] / GiB:.2f}, temporaries {report['temp_bytes'] / GiB:.2f}){fits}; "
             f"analytic lower bound {bound['total'] / GiB:.2f} GiB")
-    runs = scanned_runs(config.model)
+    runs = setup.model.plan.scanned
     if runs and config.train.objective == "dpo":
         log("cost figures left out: the compiler counts each scanned run once, and DPO's reference "
             "forward is not corrected for; use --config.model.scan_layers=False for them")

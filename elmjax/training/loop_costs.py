@@ -23,9 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from elmjax.layers.decoder import abstract_model
 from elmjax.layers.remat import REMAT_POLICIES
-from elmjax.layers.scan import plan_for
 from elmjax.parallel import sharding as shd
 
 
@@ -41,8 +39,7 @@ def counted_costs(compiled) -> dict:
 
 def compile_layer(setup, index: int):
     """(compiled forward + backward of layer `index` alone at the micro-batch's shape, seconds)."""
-    config, mesh = setup.config, setup.mesh
-    model = abstract_model(config.model)
+    config, mesh, model = setup.config, setup.mesh, setup.model
     graphdef, state = nnx.split(model.layers[index])
     abstract_state = jax.tree.map(
         lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
@@ -75,17 +72,12 @@ def compile_layer(setup, index: int):
     return compiled, time.perf_counter() - start
 
 
-def scanned_runs(model_config) -> list[tuple[int, ...]]:
-    """The runs of `plan_for` that compile as a loop (more than one layer)."""
-    return [run for run in plan_for(model_config) if len(run) > 1]
-
-
 def whole_step_costs(setup, compiled_step) -> dict:
     """{flops, optimal_seconds (where the backend gives it), layer_compile_seconds, corrected}
     of the step with every loop iteration counted (see the module docstring)."""
     config = setup.config
     counted = counted_costs(compiled_step)
-    runs = scanned_runs(config.model)
+    runs = setup.model.plan.scanned
     accum = config.train.grad_accum_steps
     if config.train.objective == "dpo" and runs:
         # DPO's reference forward is a second scan per run, not counted here: no figures
@@ -93,7 +85,7 @@ def whole_step_costs(setup, compiled_step) -> dict:
         return {"layer_compile_seconds": 0.0, "corrected": False}
     if not runs and accum == 1:
         return {**counted, "layer_compile_seconds": 0.0, "corrected": False}
-    schedule = abstract_model(config.model).schedule
+    schedule = setup.model.schedule
     total, seconds = dict(counted), 0.0
     for run in runs:
         widest = max(run, key=lambda i: schedule[i].ffn_dim)

@@ -26,6 +26,7 @@ class Setup:
 
     config: object
     mesh: jax.sharding.Mesh
+    model: object  # the Transformer with ShapeDtypeStruct parameters (its layer plan, layers' shapes)
     graphdef: object
     optimizer: object
     schedule: object
@@ -66,7 +67,7 @@ def build_setup(config, devices=None) -> Setup:
         frozen_shardings = dpo.with_reference(frozen_shardings, param_shardings)
         abstract_frozen = dpo.with_reference(abstract_frozen, _abstract_with(param_shardings, abstract["params"]))
     return Setup(
-        config=config, mesh=mesh, graphdef=graphdef, optimizer=optimizer, schedule=schedule,
+        config=config, mesh=mesh, model=model, graphdef=graphdef, optimizer=optimizer, schedule=schedule,
         param_shardings=param_shardings, frozen_shardings=frozen_shardings, state_shardings=state_shardings,
         batch_sharding=shd.batch_sharding(mesh, config.mesh.rules),
         abstract_state=_abstract_with(state_shardings, abstract),

@@ -64,6 +64,11 @@ class MoEFeedForward(nnx.Module):
         self.router = Router(model_dim, num_experts, init=init.linear(model_dim), param_dtype=param_dtype)
         self.experts = Experts(model_dim, ffn_dim, num_experts, init=init, param_dtype=param_dtype)
 
+    def cast_before_use(self) -> dict:
+        """{parameter path: dtype}: the experts' weights are used only in the compute dtype
+        (elmjax/layers/moe/dispatch.py), so scanned runs stack them so (elmjax/layers/scan.py)."""
+        return {("experts", "gate_up"): self.compute_dtype, ("experts", "down"): self.compute_dtype}
+
     def route(self, x):
         """(logits [..., E], probs [..., E], weights [..., k], experts [..., k]) for x [..., d]."""
         logits = self.router(x)
