@@ -89,7 +89,7 @@ class Transformer(nnx.Module):
             else Linear(
                 cfg.model_dim, cfg.vocab_size, init=init.output_head(cfg.model_dim),
                 logical_axes=("embed", "vocab"), use_bias=False, compute_dtype=self.compute_dtype,
-                param_dtype=param_dtype,
+                param_dtype=param_dtype, output_dtype=jnp.float32,  # float32 logits, as the tied head's
             )
         )
         self.embedding_adapter = nnx.data(None)  # LoRA/DoRA on the lookup (adapters.attach)
@@ -118,7 +118,7 @@ class Transformer(nnx.Module):
             embedding = self.token_embeddings[...].astype(self.compute_dtype)
             logits = jnp.einsum("bsd,vd->bsv", h, embedding, preferred_element_type=jnp.float32)
         else:
-            logits = self.lm_head(h).astype(jnp.float32)
+            logits = self.lm_head(h)
         if self.logit_scale != 1.0:
             logits = logits * self.logit_scale
         return constrain(logits, ("batch", "seq", "vocab"))

@@ -16,6 +16,7 @@ class Linear(nnx.Module):
     tensor cores still accumulate in float32): a float32 result that is cast down at once
     would make the backward pass carry float32 cotangents, [batch, seq, out] buffers twice
     the size. An adapter adds its term to the float32 product, so it keeps one.
+    `output_dtype` overrides the result's dtype (the output head returns float32 logits).
     """
 
     def __init__(
@@ -28,8 +29,10 @@ class Linear(nnx.Module):
         use_bias: bool,
         compute_dtype,
         param_dtype,
+        output_dtype=None,
     ):
         self.compute_dtype = compute_dtype
+        self.output_dtype = jnp.dtype(output_dtype or compute_dtype)
         self.logical_axes = tuple(logical_axes)
         self.adapter = nnx.data(None)  # a LowRank module when adapters target this layer (adapters.attach)
         self.kernel = param((in_features, out_features), param_dtype, logical_axes, init)  # [in, out]
@@ -44,7 +47,7 @@ class Linear(nnx.Module):
 
     def __call__(self, x):
         kernel = self.kernel[...].astype(self.compute_dtype)
-        wide = self.adapter is not None or jnp.dtype(self.compute_dtype).itemsize >= 4
+        wide = self.adapter is not None or max(jnp.dtype(self.compute_dtype).itemsize, self.output_dtype.itemsize) >= 4
         y = jax.lax.dot_general(
             x.astype(self.compute_dtype),
             kernel,
@@ -53,7 +56,7 @@ class Linear(nnx.Module):
         )
         if self.adapter is not None:
             y = self.adapter.linear(x.astype(self.compute_dtype), kernel, y)
-        y = y.astype(self.compute_dtype)
+        y = y.astype(self.output_dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.compute_dtype)
         return y
