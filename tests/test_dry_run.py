@@ -65,7 +65,7 @@ def test_scanned_layers_and_accumulation_count_every_iteration_like_the_unrolled
     base = ["--config=configs/tiny_btlm.py", "--dry_run"]
     unrolled = train(*base, "--config.model.scan_layers=False")
     scanned = train(*base)
-    accumulated = train(*base, "--config.train.grad_accum_steps=2")
+    accumulated = train(*base, "--config.train.grad_accum_steps=8")  # one row per micro-batch
     for result in (unrolled, scanned, accumulated):
         assert result.returncode == 0, result.stderr[-3000:]
     assert "layers: 4, compiled as 1 bodies (runs of 4 layers;" in scanned.stdout
@@ -73,4 +73,6 @@ def test_scanned_layers_and_accumulation_count_every_iteration_like_the_unrolled
     assert "with every loop iteration counted" not in unrolled.stdout
     expected = _flops(unrolled.stdout)
     assert _flops(scanned.stdout) == pytest.approx(expected, rel=0.01)
-    assert _flops(accumulated.stdout) == pytest.approx(expected, rel=0.02)
+    # the optimizer update runs once per step, not per micro-batch: counting it 8 times would
+    # be 1% over here
+    assert _flops(accumulated.stdout) == pytest.approx(expected, rel=0.003)

@@ -96,7 +96,8 @@ def dry_run(config, topology: str | None = None, log=print) -> dict:
             f"{len(runs)} scanned runs ...")
     report.update(whole_step_costs(setup, compiled))
     if report["corrected"]:
-        log(f"one-layer compiles: {report['layer_compile_seconds']:.1f} s")
+        log(f"compiles for the loop counts (one layer per scanned run; the update alone under "
+            f"accumulation): {report['layer_compile_seconds']:.1f} s")
     counted = COUNTED if report["corrected"] else ""
     if report.get("flops"):
         log(f"compiled FLOPs per device per step{counted}: {report['flops']:.4g} "

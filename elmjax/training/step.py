@@ -194,25 +194,7 @@ def train_step(state, frozen, batch, *, graphdef, optimizer, schedule, z_loss_we
         )
         ce, z = dpo_terms["chosen_nll"], jnp.zeros((), jnp.float32)
         terms = {f"dpo/{name}": value for name, value in dpo_terms.items() if name != "loss"}
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-    def update(params, opt_state):
-        clipped = optim.clip_by_global_norm(grads, grad_norm, clip_norm)
-        updates, opt_state = optimizer.update(clipped, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    # A conditional (not a select) so a finite step costs no extra pass over the state.
-    new_params, new_opt_state = jax.lax.cond(
-        finite, update, lambda params, opt_state: (params, opt_state), params, state["opt_state"]
-    )
-    new_state = {
-        "params": new_params,
-        "opt_state": new_opt_state,
-        "step": state["step"] + 1,
-        "nonfinite_steps": state["nonfinite_steps"] + (~finite).astype(jnp.int32),
-        "nonfinite_streak": jnp.where(finite, 0, state["nonfinite_streak"] + 1).astype(jnp.int32),
-    }
+    grad_norm, finite, new_state = apply_gradients(state, grads, loss, optimizer=optimizer, clip_norm=clip_norm)
     metrics = {
         "loss": loss,
         "ce_loss": ce,
@@ -224,6 +206,30 @@ def train_step(state, frozen, batch, *, graphdef, optimizer, schedule, z_loss_we
         **terms,
     }
     return new_state, metrics
+
+
+def apply_gradients(state, grads, loss, *, optimizer, clip_norm=0.0):
+    """(gradient norm, whether loss and norm are finite, the state after one optimizer update
+    with `grads`, or unchanged but counted when not finite); see `train_step`."""
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def update(params, opt_state):
+        clipped = optim.clip_by_global_norm(grads, grad_norm, clip_norm)
+        updates, opt_state = optimizer.update(clipped, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    # A conditional (not a select) so a finite step costs no extra pass over the state.
+    new_params, new_opt_state = jax.lax.cond(
+        finite, update, lambda params, opt_state: (params, opt_state), state["params"], state["opt_state"]
+    )
+    return grad_norm, finite, {
+        "params": new_params,
+        "opt_state": new_opt_state,
+        "step": state["step"] + 1,
+        "nonfinite_steps": state["nonfinite_steps"] + (~finite).astype(jnp.int32),
+        "nonfinite_streak": jnp.where(finite, 0, state["nonfinite_streak"] + 1).astype(jnp.int32),
+    }
 
 
 def eval_step(params, frozen, batch, *, graphdef):
