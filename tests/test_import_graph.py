@@ -123,6 +123,7 @@ def test_token_store_and_seqio_use_only_the_source_interface_not_sources(module)
     graph = import_graph()
     assert "elmjax.data.sources" not in graph[f"elmjax.data.{module}"]
     assert "elmjax.data.tokenizer" not in graph[f"elmjax.data.{module}"]
+    assert "elmjax.data.tokenizer_choice" not in graph[f"elmjax.data.{module}"]
 
 
 def test_shared_layers_know_no_family():

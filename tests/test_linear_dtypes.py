@@ -1,6 +1,7 @@
 """`Linear` under a bfloat16 compute dtype: hidden layers return bfloat16 products (no float32
 [batch, seq, out] cotangents in the backward pass); the untied output head returns float32
 logits, as the tied head does. The oracle is numpy float64 on the bfloat16-rounded operands."""
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -23,6 +24,8 @@ def test_a_hidden_linear_returns_its_bfloat16_product():
     x = np.random.default_rng(0).standard_normal((2, 5, 64)).astype(np.float32)
     y = layer(jnp.asarray(x))
     assert y.dtype == jnp.bfloat16
+    # the product itself is bfloat16 (a float32 one cast down would give float32 cotangents)
+    assert "preferred_element_type=float32" not in str(jax.make_jaxpr(layer)(jnp.asarray(x)))
     expected = _rounded(x) @ _rounded(layer.kernel[...])
     np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=2**-7, atol=1e-2)
 

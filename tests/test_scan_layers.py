@@ -170,3 +170,17 @@ def test_padding_outside_zero_to_one_is_refused():
     config.model.scan_padding = 1.5
     with pytest.raises(ConfigError, match=r"model.scan_padding.*is 1.5; need a fraction"):
         validate(config)
+
+
+def test_moe_experts_and_linear_kernels_are_stacked_in_the_compute_dtype():
+    """Modules declare what they cast before use (`cast_before_use`); scanned runs stack those
+    in the compute dtype: OLMoE's expert banks as well as every Linear kernel."""
+    from elmjax.layers.scan import _compute_dtypes
+
+    config = load_config_file("configs/tiny_moe.py")
+    config.model.compute_dtype = "bfloat16"
+    dtypes = _compute_dtypes(build_model(config.model, seed=0).layers[0])
+    assert dtypes[("ffn", "experts", "gate_up")] == jnp.bfloat16
+    assert dtypes[("ffn", "experts", "down")] == jnp.bfloat16
+    assert dtypes[("attn", "qkv_proj", "kernel")] == jnp.bfloat16
+    assert ("ffn", "router", "kernel") not in dtypes  # routing runs in float32

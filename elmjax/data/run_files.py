@@ -4,7 +4,7 @@ A training run writes the tokenizer it trains with into its workdir (`tokenizer.
 SentencePiece, `tokenizer.json` for Hugging Face; the bytes `Tokenizer.stored_file` gives),
 so a fine-tune or `elmjax.generate` that starts from the workdir, or from one of its step
 directories (WORKDIR/checkpoints/STEP), uses the same vocabulary without `data.tokenizer`.
-Bytes only here (no tokenizer library), so elmjax.data.tokenizer can import this module.
+Bytes only here (no tokenizer library), so elmjax.data.tokenizer_choice can import this module.
 Workdirs may be local or gs:// (elmjax/storage.py).
 """
 from __future__ import annotations

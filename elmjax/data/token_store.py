@@ -138,7 +138,7 @@ def read_meta(root: str) -> dict:
 
 
 def read_stored_tokenizer(root: str) -> tuple[str, bytes]:
-    """(file name, bytes) of the tokenizer saved inside the store; the tokenizer module
+    """(file name, bytes) of the tokenizer saved inside the store; tokenizer_choice
     rebuilds it (`elmjax.data.tokenizer_choice.load_store_tokenizer`)."""
     meta = read_meta(root)
     kv = ts.KvStore.open(kvstore_url(root), context=_CONTEXT).result()

@@ -63,7 +63,6 @@ class Transformer(nnx.Module):
         self.family = cfg.family
         # Per-layer shapes and the runs of consecutive layers compiled as one scanned body.
         self.plan = plan_for(cfg)
-        self.schedule = self.plan.schedule
         self.model_dim = cfg.model_dim
         self.head_dim = cfg.head_dim
         self.vocab_size = cfg.vocab_size
@@ -94,6 +93,11 @@ class Transformer(nnx.Module):
         )
         self.embedding_adapter = nnx.data(None)  # LoRA/DoRA on the lookup (adapters.attach)
         adapters.attach(self, cfg)
+
+    @property
+    def schedule(self) -> tuple:
+        """Per-layer `LayerSpec`s (heads, FFN width), first layer first."""
+        return self.plan.schedule
 
     def embed(self, tokens):
         """tokens [batch, seq] int -> [batch, seq, model_dim] in the compute dtype."""

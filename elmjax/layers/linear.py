@@ -32,7 +32,7 @@ class Linear(nnx.Module):
         output_dtype=None,
     ):
         self.compute_dtype = compute_dtype
-        self.output_dtype = jnp.dtype(output_dtype or compute_dtype)
+        self.output_dtype = jnp.dtype(compute_dtype if output_dtype is None else output_dtype)
         self.logical_axes = tuple(logical_axes)
         self.adapter = nnx.data(None)  # a LowRank module when adapters target this layer (adapters.attach)
         self.kernel = param((in_features, out_features), param_dtype, logical_axes, init)  # [in, out]
@@ -57,6 +57,6 @@ class Linear(nnx.Module):
         if self.adapter is not None:
             y = self.adapter.linear(x.astype(self.compute_dtype), kernel, y)
         y = y.astype(self.output_dtype)
-        if self.bias is not None:
+        if self.bias is not None:  # in the compute dtype, as stacked (cast_before_use); y keeps its dtype
             y = y + self.bias[...].astype(self.compute_dtype)
         return y

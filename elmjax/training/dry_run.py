@@ -91,13 +91,13 @@ def dry_run(config, topology: str | None = None, log=print) -> dict:
     if runs and config.train.objective == "dpo":
         log("cost figures left out: the compiler counts each scanned run once, and DPO's reference "
             "forward is not corrected for; use --config.model.scan_layers=False for them")
-    elif runs:  # the slow part comes last, announced: memory is known by now
-        log(f"counting every loop iteration in the cost figures: compiling one layer of each of the "
-            f"{len(runs)} scanned runs ...")
+    elif runs or config.train.grad_accum_steps > 1:  # the slow part comes last, announced
+        parts = ([f"one layer of each of the {len(runs)} scanned runs"] if runs else []) + (
+            ["the optimizer update alone"] if config.train.grad_accum_steps > 1 else [])
+        log(f"counting every loop iteration in the cost figures: compiling {' and '.join(parts)} ...")
     report.update(whole_step_costs(setup, compiled))
     if report["corrected"]:
-        log(f"compiles for the loop counts (one layer per scanned run; the update alone under "
-            f"accumulation): {report['layer_compile_seconds']:.1f} s")
+        log(f"compiles for the loop counts: {report['loop_compile_seconds']:.1f} s")
     counted = COUNTED if report["corrected"] else ""
     if report.get("flops"):
         log(f"compiled FLOPs per device per step{counted}: {report['flops']:.4g} "
