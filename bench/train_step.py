@@ -126,7 +126,8 @@ def jax_worker(name: str, export_dir: str) -> None:
 
     from elmjax.convert.export import export_params
     from elmjax.training import step as ts
-    from elmjax.training.dry_run import compiled_flops, memory_report
+    from elmjax.training.dry_run import memory_report
+    from elmjax.training.loop_costs import counted_costs  # each loop body once, as XLA counts
     from elmjax.training.setup import build_setup, compile_train_step, fresh_params, frozen_variables, global_batch
 
     setup = build_setup(config, jax.devices()[:1])
@@ -146,7 +147,7 @@ def jax_worker(name: str, export_dir: str) -> None:
     a = jnp.ones((2048, 2048), jnp.float32)
     matmul_fn = jax.jit(lambda x: x @ x)
     first_loss = step()  # warm-up
-    serve({"compile_seconds": compile_seconds, "reuse_host_memory": reuse, "xla_flops": compiled_flops(compiled),
+    serve({"compile_seconds": compile_seconds, "reuse_host_memory": reuse, "xla_flops": counted_costs(compiled).get("flops"),
            "xla_memory_gib": memory_report(compiled).get("total_bytes", 0) / 2**30, "first_loss": first_loss},
           step, lambda: matmul_fn(a).block_until_ready())
 

@@ -53,8 +53,9 @@ class Transformer(nnx.Module):
 
     Layers may differ in shape (OpenELM's layer-wise scaling), so parameters are stored per
     layer; runs of alike layers are scanned in the forward pass (elmjax/layers/scan.py,
-    `model.scan_layers`, `model.scan_padding`). Construct it with `build_model` (initialised) or `abstract_model` (shapes only):
-    the constructor itself only declares parameters (elmjax/layers/init.py).
+    `model.scan_layers`, `model.scan_padding`). Construct it with `build_model` (initialised)
+    or `abstract_model` (shapes only): the constructor itself only declares parameters
+    (elmjax/layers/init.py).
     """
 
     def __init__(self, model_config):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 from elmjax.training import memory
-from elmjax.training.loop_costs import counted_costs, whole_step_costs
+from elmjax.training.loop_costs import whole_step_costs
 from elmjax.training.metrics import accelerator_spec, flops_per_token
 from elmjax.training.setup import build_setup, compile_train_step
 
@@ -51,12 +51,6 @@ def memory_report(compiled) -> dict:
         report["argument_bytes"] + report["output_bytes"] - report["alias_bytes"] + report["temp_bytes"]
     )
     return report
-
-
-def compiled_flops(compiled) -> float | None:
-    """FLOPs of one device's compiled step as XLA's cost analysis counts them: each loop body
-    (scanned layers, accumulation) once; `whole_step_costs` counts every iteration."""
-    return counted_costs(compiled).get("flops")
 
 
 def dry_run(config, topology: str | None = None, log=print) -> dict:

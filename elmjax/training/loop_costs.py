@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from elmjax.layers.remat import REMAT_POLICIES
 from elmjax.parallel import sharding as shd
 from elmjax.training import step as ts
+from elmjax.training.setup import abstract_with
 
 
 def counted_costs(compiled) -> dict:
@@ -42,10 +43,7 @@ def compile_layer(setup, index: int):
     """(compiled forward + backward of layer `index` alone at the micro-batch's shape, seconds)."""
     config, mesh, model = setup.config, setup.mesh, setup.model
     graphdef, state = nnx.split(model.layers[index])
-    abstract_state = jax.tree.map(
-        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-        nnx.to_pure_dict(state), shd.param_shardings(state, mesh, config.mesh.rules),
-    )
+    abstract_state = abstract_with(shd.param_shardings(state, mesh, config.mesh.rules), nnx.to_pure_dict(state))
     rows = config.train.batch_size // config.train.grad_accum_steps
     seq = config.train.seq_len
     batch_spec = setup.batch_sharding.spec[0]

@@ -40,7 +40,8 @@ class Setup:
     num_trainable: int  # the elements that train
 
 
-def _abstract_with(shardings, tree):
+def abstract_with(shardings, tree):
+    """`tree`'s leaves as `jax.ShapeDtypeStruct`s carrying the matching `shardings`."""
     return jax.tree.map(
         lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), tree, shardings
     )
@@ -62,15 +63,15 @@ def build_setup(config, devices=None) -> Setup:
     abstract = jax.eval_shape(lambda p: ts.init_train_state(p, optimizer), nnx.to_pure_dict(train_state))
     state_shardings = ts.state_shardings(abstract, param_shardings, mesh)
     num_trainable, num_params = trainable.count(model, config.model)
-    abstract_frozen = _abstract_with(frozen_shardings, nnx.to_pure_dict(frozen_state))
+    abstract_frozen = abstract_with(frozen_shardings, nnx.to_pure_dict(frozen_state))
     if dpo.uses_initial_reference(config):  # DPO's reference: a frozen copy of the starting weights
         frozen_shardings = dpo.with_reference(frozen_shardings, param_shardings)
-        abstract_frozen = dpo.with_reference(abstract_frozen, _abstract_with(param_shardings, abstract["params"]))
+        abstract_frozen = dpo.with_reference(abstract_frozen, abstract_with(param_shardings, abstract["params"]))
     return Setup(
         config=config, mesh=mesh, model=model, graphdef=graphdef, optimizer=optimizer, schedule=schedule,
         param_shardings=param_shardings, frozen_shardings=frozen_shardings, state_shardings=state_shardings,
         batch_sharding=shd.batch_sharding(mesh, config.mesh.rules),
-        abstract_state=_abstract_with(state_shardings, abstract),
+        abstract_state=abstract_with(state_shardings, abstract),
         abstract_frozen=abstract_frozen,
         num_params=num_params, num_trainable=num_trainable,
     )
