@@ -67,3 +67,12 @@ def test_auto_is_on_only_when_jax_runs_on_cpu(monkeypatch):
     assert host_memory.apply("auto") is False  # nothing changed in this process
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     assert host_memory.training_on_cpu() is True
+
+
+def test_auto_counts_an_accelerator_plugin_only_with_its_device(monkeypatch, tmp_path):
+    """libtpu installed for TPU dry runs on a CPU host: JAX trains on the CPU there."""
+    pytest.importorskip("libtpu", reason="needs an installed accelerator plugin")
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    assert host_memory.training_on_cpu(dev=str(tmp_path)) is True
+    (tmp_path / "accel0").touch()  # what a TPU VM's chip looks like
+    assert host_memory.training_on_cpu(dev=str(tmp_path)) is False

@@ -19,6 +19,7 @@ other's allocations, so compare with `off` there.
 from __future__ import annotations
 
 import ctypes
+import glob
 import importlib.metadata
 import os
 import sys
@@ -29,23 +30,35 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
 
-def _accelerator_plugin_installed() -> bool:
-    """Whether a JAX accelerator plugin (CUDA, ROCm, TPU) is installed, without starting
-    a backend."""
-    prefixes = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu", "jax-tpu")
-    for distribution in importlib.metadata.distributions():
-        name = (distribution.metadata["Name"] or "").lower()
-        if name.startswith(prefixes):
-            return True
-    return False
+# JAX accelerator plugins (distribution name prefixes) and the device files their hardware
+# shows up as: TPU VMs expose /dev/accel* or /dev/vfio/<n>, NVIDIA GPUs /dev/nvidia<n>, AMD
+# GPUs /dev/kfd. A plugin without its device falls back to the CPU.
+_PLUGIN_DEVICES = {
+    ("libtpu", "jax-tpu"): ("/dev/accel*", "/dev/vfio/[0-9]*"),
+    ("jax-cuda", "jax_cuda"): ("/dev/nvidia[0-9]*",),
+    ("jax-rocm", "jax_rocm"): ("/dev/kfd",),
+}
 
 
-def training_on_cpu() -> bool:
-    """Whether JAX will run on the CPU: JAX_PLATFORMS says cpu, or no accelerator plugin."""
+def _installed_accelerators(dev: str = "/dev") -> list[str]:
+    """Names of the installed JAX accelerator plugins whose device files exist under `dev`,
+    found without starting a backend."""
+    names = [(distribution.metadata["Name"] or "").lower() for distribution in importlib.metadata.distributions()]
+    found = []
+    for prefixes, patterns in _PLUGIN_DEVICES.items():
+        plugin = next((name for name in names if name.startswith(prefixes)), None)
+        if plugin and any(glob.glob(pattern.replace("/dev", dev, 1)) for pattern in patterns):
+            found.append(plugin)
+    return found
+
+
+def training_on_cpu(dev: str = "/dev") -> bool:
+    """Whether JAX will run on the CPU: JAX_PLATFORMS says cpu, or no accelerator plugin with
+    its device present (a CPU host with libtpu installed for TPU dry runs trains on its CPU)."""
     platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
     if platforms:
         return platforms.split(",")[0] == "cpu"
-    return not _accelerator_plugin_installed()
+    return not _installed_accelerators(dev)
 
 
 def keep_freed_host_memory() -> bool:
