@@ -28,7 +28,8 @@ def main(argv=None) -> None:
     from jax.experimental import topologies
 
     from elmjax.config import load_config_file, validate
-    from elmjax.training.setup import build_setup, compile_train_step, memory_report
+    from elmjax.training.dry_run import memory_report
+    from elmjax.training.setup import build_setup, compile_train_step
 
     devices = topologies.get_topology_desc(platform="tpu", topology_name=args.topology).devices
     config = load_config_file("configs/olmoe_1b_7b.py")

@@ -97,7 +97,9 @@ def main(argv) -> None:
     from elmjax.training import host_memory
 
     # Before anything starts the XLA backend and its threads (see elmjax/training/host_memory.py).
-    host_memory.apply(config.train.reuse_host_memory)
+    # A dry run runs no step on the host: its compiler threads keep the system allocator.
+    if not FLAGS.dry_run:
+        host_memory.apply(config.train.reuse_host_memory)
     _quiet_libraries()
     _enable_compilation_cache()
     _init_distributed()

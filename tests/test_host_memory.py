@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 
@@ -69,10 +70,24 @@ def test_auto_is_on_only_when_jax_runs_on_cpu(monkeypatch):
     assert host_memory.training_on_cpu() is True
 
 
-def test_auto_counts_an_accelerator_plugin_only_with_its_device(monkeypatch, tmp_path):
-    """libtpu installed for TPU dry runs on a CPU host: JAX trains on the CPU there."""
-    pytest.importorskip("libtpu", reason="needs an installed accelerator plugin")
+@pytest.mark.parametrize("plugin, device_file, accelerator", [
+    ("libtpu", None, False),  # libtpu installed on a CPU host for TPU dry runs
+    ("libtpu", "accel0", True),  # TPU v4 / v5e VM
+    ("libtpu", "vfio/0", True),  # TPU v5p / v6e VM
+    ("libtpu", "vfio/vfio", False),  # the VFIO control node alone is no TPU
+    ("jax-cuda12-plugin", "nvidia0", True),
+    ("jax-cuda12-plugin", "nvidiactl", False),  # the driver without a GPU
+    ("jax-cuda12-plugin", "dxg", True),  # a GPU under WSL2
+    ("jax-rocm7-plugin", "kfd", True),
+    (None, "nvidia0", False),  # a GPU but no plugin: JAX runs on the CPU
+])
+def test_auto_counts_an_accelerator_plugin_only_with_its_device(monkeypatch, tmp_path, plugin, device_file,
+                                                                accelerator):
     monkeypatch.delenv("JAX_PLATFORMS", raising=False)
-    assert host_memory.training_on_cpu(dev=str(tmp_path)) is True
-    (tmp_path / "accel0").touch()  # what a TPU VM's chip looks like
-    assert host_memory.training_on_cpu(dev=str(tmp_path)) is False
+    installed = [types.SimpleNamespace(metadata={"Name": name}) for name in ("numpy", plugin) if name]
+    monkeypatch.setattr(host_memory.importlib.metadata, "distributions", lambda: installed)
+    dev = tmp_path / "dev[1]"  # a directory name with glob characters in it
+    if device_file:
+        (dev / device_file).parent.mkdir(parents=True, exist_ok=True)
+        (dev / device_file).touch()
+    assert host_memory.training_on_cpu(dev=str(dev)) is (not accelerator)

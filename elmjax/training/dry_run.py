@@ -46,8 +46,9 @@ def memory_report(compiled) -> dict:
         "output_bytes": analysis.output_size_in_bytes,
         "alias_bytes": analysis.alias_size_in_bytes,
         "temp_bytes": analysis.temp_size_in_bytes,
-        # The compiler's largest sum of live buffers; the temporaries' region can be larger
-        # (where buffers of different lifetimes cannot be packed together).
+        # The compiler's largest sum of live buffers, arguments included; the total it reserves
+        # (arguments + outputs - aliased + temporaries) can be larger, where buffers of
+        # different lifetimes are not packed into the same bytes.
         "peak_bytes": getattr(analysis, "peak_memory_in_bytes", 0),
     }
     report["total_bytes"] = (
@@ -82,9 +83,9 @@ def dry_run(config, topology: str | None = None, log=print) -> dict:
             f"; {'fits' if report['total_bytes'] <= capacity else 'does NOT fit'} in {capacity / GiB:.1f} GiB ({source})")
         log(f"per-device memory (XLA estimate): {report['total_bytes'] / GiB:.2f} GiB "
             f"(arguments {report['argument_bytes'] / GiB:.2f}, outputs {report['output_bytes'] / GiB:.2f}, "
-            f"aliased {report['alias_bytes'] / GiB:.2f}, temporaries {report['temp_bytes'] / GiB:.2f}"
-            + (f"; peak of live buffers {report['peak_bytes'] / GiB:.2f}" if report["peak_bytes"] else "")
-            + f"){fits}; "
+            f"aliased {report['alias_bytes'] / GiB:.2f}, temporaries {report['temp_bytes'] / GiB:.2f})"
+            + (f"; peak of live buffers {report['peak_bytes'] / GiB:.2f} GiB" if report["peak_bytes"] else "")
+            + f"{fits}; "
             f"analytic lower bound {bound['total'] / GiB:.2f} GiB")
     runs = setup.model.plan.scanned
     if runs and config.train.objective == "dpo":

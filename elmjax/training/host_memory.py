@@ -30,13 +30,13 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
 
-# JAX accelerator plugins (distribution name prefixes) and the device files their hardware
-# shows up as: TPU VMs expose /dev/accel* or /dev/vfio/<n>, NVIDIA GPUs /dev/nvidia<n>, AMD
-# GPUs /dev/kfd. A plugin without its device falls back to the CPU.
+# JAX accelerator plugins (distribution name prefixes) and the device files (under /dev) their
+# hardware shows up as: TPU VMs expose accel<n> or vfio/<n>, NVIDIA GPUs nvidia<n>, AMD GPUs
+# kfd, GPUs under WSL2 dxg. A plugin without its device falls back to the CPU.
 _PLUGIN_DEVICES = {
-    ("libtpu", "jax-tpu"): ("/dev/accel*", "/dev/vfio/[0-9]*"),
-    ("jax-cuda", "jax_cuda"): ("/dev/nvidia[0-9]*",),
-    ("jax-rocm", "jax_rocm"): ("/dev/kfd",),
+    ("libtpu", "jax-tpu"): ("accel*", "vfio/[0-9]*"),
+    ("jax-cuda", "jax_cuda"): ("nvidia[0-9]*", "dxg"),
+    ("jax-rocm", "jax_rocm"): ("kfd", "dxg"),
 }
 
 
@@ -47,7 +47,7 @@ def _installed_accelerators(dev: str = "/dev") -> list[str]:
     found = []
     for prefixes, patterns in _PLUGIN_DEVICES.items():
         plugin = next((name for name in names if name.startswith(prefixes)), None)
-        if plugin and any(glob.glob(pattern.replace("/dev", dev, 1)) for pattern in patterns):
+        if plugin and any(glob.glob(os.path.join(glob.escape(dev), pattern)) for pattern in patterns):
             found.append(plugin)
     return found
 

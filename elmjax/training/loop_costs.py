@@ -75,10 +75,11 @@ def compile_update(setup):
     """(compiled optimizer update of the train state from gradients alone, seconds)."""
     config = setup.config
     params = setup.abstract_state["params"]
+    clip_norm = ts.step_options(config)["clip_norm"]  # as the step clips
 
     def update(state, grads):
         return ts.apply_gradients(state, grads, jnp.zeros((), jnp.float32), optimizer=setup.optimizer,
-                                  clip_norm=float(config.optim.clip_norm))[2]
+                                  clip_norm=clip_norm)[2]
 
     jitted = jax.jit(update, in_shardings=(setup.state_shardings, setup.param_shardings),
                      out_shardings=setup.state_shardings, donate_argnums=(0,))

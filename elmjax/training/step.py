@@ -281,18 +281,22 @@ def dropout_seed(config):
     return int(config.train.seed)
 
 
+def step_options(config) -> dict:
+    """The keyword arguments of `train_step` that come from the config (everything but the
+    model's graphdef, the optimizer and the schedule)."""
+    return {
+        "z_loss_weight": float(config.train.z_loss),
+        "accum_steps": int(config.train.grad_accum_steps),
+        "clip_norm": float(config.optim.clip_norm),
+        "dropout_seed": dropout_seed(config),
+        "dpo_config": config.dpo if config.train.objective == "dpo" else None,
+    }
+
+
 def make_jit_train_step(config, graphdef, optimizer, schedule, shardings, frozen_shardings, batch_sharding, mesh):
     """`jax.jit` of `train_step` with explicit in/out shardings and the state donated."""
     step = functools.partial(
-        train_step,
-        graphdef=graphdef,
-        optimizer=optimizer,
-        schedule=schedule,
-        z_loss_weight=float(config.train.z_loss),
-        accum_steps=int(config.train.grad_accum_steps),
-        clip_norm=float(config.optim.clip_norm),
-        dropout_seed=dropout_seed(config),
-        dpo_config=config.dpo if config.train.objective == "dpo" else None,
+        train_step, graphdef=graphdef, optimizer=optimizer, schedule=schedule, **step_options(config)
     )
     rules = tuple(config.mesh.rules)
 
