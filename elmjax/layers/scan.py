@@ -17,9 +17,10 @@ only the forward pass stacks them, so the stacking and its gradient's unstacking
 copy of a run's parameters (those cast before use in the compute dtype). Under gradient
 accumulation the TPU compiler hoists the casts and stacks out of the micro-batch loop (once
 per step, alive through it); the gradients are unstacked per micro-batch. The copy is small
-next to a layer's working set: OpenELM-3B on 8 v5p chips needs 0.12 GiB more per chip than a variant that picks
-each layer's parameters inside the loop (`lax.switch`, no stacked copy; TPU compiler's memory
-analysis, bench/README.md), so storing parameters stacked would gain about that much.
+next to a layer's working set: OpenELM-3B on 8 v5p chips needs 0.12 GiB more per chip than
+a variant that picks each layer's parameters inside the loop (`lax.switch`, no stacked copy;
+TPU compiler's memory analysis, bench/README.md), so storing parameters stacked would gain
+about that much.
 """
 from __future__ import annotations
 

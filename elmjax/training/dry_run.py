@@ -87,15 +87,7 @@ def dry_run(config, topology: str | None = None, log=print) -> dict:
             + (f"; peak of live buffers {report['peak_bytes'] / GiB:.2f} GiB" if report["peak_bytes"] else "")
             + f"{fits}; "
             f"analytic lower bound {bound['total'] / GiB:.2f} GiB")
-    runs = setup.model.plan.scanned
-    if runs and config.train.objective == "dpo":
-        log("cost figures left out: the compiler counts each scanned run once, and DPO's reference "
-            "forward is not corrected for; use --config.model.scan_layers=False for them")
-    elif runs or config.train.grad_accum_steps > 1:  # the slow part comes last, announced
-        parts = ([f"one layer of each of the {len(runs)} scanned runs"] if runs else []) + (
-            ["the optimizer update alone"] if config.train.grad_accum_steps > 1 else [])
-        log(f"counting every loop iteration in the cost figures: compiling {' and '.join(parts)} ...")
-    report.update(whole_step_costs(setup, compiled))
+    report.update(whole_step_costs(setup, compiled, log))
     if report["corrected"]:
         log(f"compiles for the loop counts: {report['loop_compile_seconds']:.1f} s")
     counted = COUNTED if report["corrected"] else ""

@@ -40,16 +40,15 @@ _PLUGIN_DEVICES = {
 }
 
 
-def _installed_accelerators(dev: str = "/dev") -> list[str]:
-    """Names of the installed JAX accelerator plugins whose device files exist under `dev`,
-    found without starting a backend."""
+def _accelerator_present(dev: str = "/dev") -> bool:
+    """Whether an installed JAX accelerator plugin finds its device files under `dev`,
+    decided without starting a backend."""
     names = [(distribution.metadata["Name"] or "").lower() for distribution in importlib.metadata.distributions()]
-    found = []
-    for prefixes, patterns in _PLUGIN_DEVICES.items():
-        plugin = next((name for name in names if name.startswith(prefixes)), None)
-        if plugin and any(glob.glob(os.path.join(glob.escape(dev), pattern)) for pattern in patterns):
-            found.append(plugin)
-    return found
+    return any(
+        any(name.startswith(prefixes) for name in names)
+        and any(glob.glob(os.path.join(glob.escape(dev), pattern)) for pattern in patterns)
+        for prefixes, patterns in _PLUGIN_DEVICES.items()
+    )
 
 
 def training_on_cpu(dev: str = "/dev") -> bool:
@@ -58,7 +57,7 @@ def training_on_cpu(dev: str = "/dev") -> bool:
     platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
     if platforms:
         return platforms.split(",")[0] == "cpu"
-    return not _installed_accelerators(dev)
+    return not _accelerator_present(dev)
 
 
 def keep_freed_host_memory() -> bool:

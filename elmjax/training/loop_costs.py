@@ -89,10 +89,11 @@ def compile_update(setup):
     return compiled, time.perf_counter() - start
 
 
-def whole_step_costs(setup, compiled_step) -> dict:
+def whole_step_costs(setup, compiled_step, log=print) -> dict:
     """{flops, optimal_seconds (where the backend gives it), loop_compile_seconds (the extra
     compiles: one layer per scanned run, the update), corrected} of the step with every loop
-    iteration counted (see the module docstring)."""
+    iteration counted (see the module docstring). The extra compiles are slow, so `log` says
+    which are coming, or why the figures are left out."""
     config = setup.config
     counted = counted_costs(compiled_step)
     runs = setup.model.plan.scanned
@@ -100,9 +101,14 @@ def whole_step_costs(setup, compiled_step) -> dict:
     if config.train.objective == "dpo" and runs:
         # DPO's reference forward is a second scan per run, not counted here: no figures
         # rather than wrong ones.
+        log("cost figures left out: the compiler counts each scanned run once, and DPO's reference "
+            "forward is not corrected for; use --config.model.scan_layers=False for them")
         return {"loop_compile_seconds": 0.0, "corrected": False}
     if not runs and accum == 1:
         return {**counted, "loop_compile_seconds": 0.0, "corrected": False}
+    parts = ([f"one layer of each of the {len(runs)} scanned runs"] if runs else []) + (
+        ["the optimizer update alone"] if accum > 1 else [])
+    log(f"counting every loop iteration in the cost figures: compiling {' and '.join(parts)} ...")
     schedule = setup.model.schedule
     total, seconds = dict(counted), 0.0
     for run in runs:
