@@ -107,19 +107,13 @@ class LowRank(nnx.Module):
         self.index = index
 
     def delta(self):
-        """s A B [in, out] float32: what merging adds to the kernel."""
+        """s A B [in, out] float32: what merging adds to the kernel (the exporters' merge,
+        elmjax/convert/adapters.py, computes the same on checkpoints)."""
         return self.scale * (self.lora_a[...].astype(jnp.float32) @ self.lora_b[...].astype(jnp.float32))
 
     def column_norms(self, kernel):
         """||W + s A B|| over the input axis: [out] float32."""
         return jnp.linalg.norm(kernel.astype(jnp.float32) + self.delta(), axis=0)
-
-    def merged(self, kernel):
-        """The kernel with the adapter folded in, float32 [in, out]."""
-        adapted = kernel.astype(jnp.float32) + self.delta()
-        if self.magnitude is None:
-            return adapted
-        return adapted * (self.magnitude[...].astype(jnp.float32) / self.column_norms(kernel))
 
     def _magnitude_scale(self, kernel):
         """m / n [out] float32, n without gradient (the DoRA paper, §4.3)."""
