@@ -81,3 +81,18 @@ def test_scanned_layers_and_accumulation_count_every_iteration_like_the_unrolled
     # the optimizer update runs once per step, not per micro-batch: counting it 8 times would
     # be 1% over here
     assert _flops(accumulated.stdout) == pytest.approx(expected, rel=0.003)
+
+
+def test_dpo_counts_the_reference_pass_through_scanned_runs_like_the_unrolled_step():
+    """DPO's reference pass runs each scanned run once more, forward only; the dry run adds
+    those iterations too. Oracle: the compiler's count for the unrolled DPO step."""
+    base = ["--config=configs/tiny_btlm.py", "--dry_run", "--config.train.objective=dpo",
+            "--config.dpo.reference=initial", "--config.train.stages=()",
+            "--config.train.init_from=/a/dry/run/reads/no/checkpoint"]
+    unrolled = train(*base, "--config.model.scan_layers=False")
+    scanned = train(*base)
+    for result in (unrolled, scanned):
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "forward alone for DPO's reference pass" in scanned.stdout
+    # without the reference pass's 3 extra layer forwards the scanned count would be 14% lower
+    assert _flops(scanned.stdout) == pytest.approx(_flops(unrolled.stdout), rel=0.01)

@@ -12,6 +12,8 @@ where "one layer" is a separate compile of one block of the run (forward, the re
 recomputation and backward, with its weights' all-gathers and gradient reductions) at the
 micro-batch's shape on the same mesh, and "update" one of the optimizer update alone (norm,
 clipping, AdamW over the parameter shard), which the step runs once, not per micro-batch.
+Under DPO "one layer" also adds a compile of the layer's forward alone: the reference pass
+runs every scanned run once more, without a backward pass.
 The result is an estimate composed of the compiler's estimates, and is labelled so.
 """
 from __future__ import annotations
@@ -39,8 +41,9 @@ def counted_costs(compiled) -> dict:
     return {key: float(analysis[key]) for key in ("flops", "optimal_seconds") if analysis.get(key) is not None}
 
 
-def compile_layer(setup, index: int):
-    """(compiled forward + backward of layer `index` alone at the micro-batch's shape, seconds)."""
+def compile_layer(setup, index: int, *, backward: bool = True):
+    """(compiled forward + backward of layer `index` alone at the micro-batch's shape, seconds);
+    with `backward=False` its forward alone (DPO's reference pass)."""
     config, mesh, model = setup.config, setup.mesh, setup.model
     graphdef, state = nnx.split(model.layers[index])
     abstract_state = abstract_with(shd.param_shardings(state, mesh, config.mesh.rules), nnx.to_pure_dict(state))
@@ -60,6 +63,8 @@ def compile_layer(setup, index: int):
         def layer(pure_state, h):
             return nnx.merge(graphdef, pure_state)(h, model.rope(positions), segment_ids)[0]
 
+        if not backward:
+            return layer(pure_state, h)
         if policy is not None:
             layer = jax.checkpoint(layer, policy=policy)
         out, vjp = jax.vjp(layer, pure_state, h)
@@ -93,31 +98,29 @@ def whole_step_costs(setup, compiled_step, log=print) -> dict:
     """{flops, optimal_seconds (where the backend gives it), loop_compile_seconds (the extra
     compiles: one layer per scanned run, the update), corrected} of the step with every loop
     iteration counted (see the module docstring). The extra compiles are slow, so `log` says
-    which are coming, or why the figures are left out."""
+    which are coming."""
     config = setup.config
     counted = counted_costs(compiled_step)
     runs = setup.model.plan.scanned
     accum = config.train.grad_accum_steps
-    if config.train.objective == "dpo" and runs:
-        # DPO's reference forward is a second scan per run, not counted here: no figures
-        # rather than wrong ones.
-        log("cost figures left out: the compiler counts each scanned run once, and DPO's reference "
-            "forward is not corrected for; use --config.model.scan_layers=False for them")
-        return {"loop_compile_seconds": 0.0, "corrected": False}
+    # DPO's reference pass runs every scanned run once more, forward only.
+    reference_pass = config.train.objective == "dpo"
     if not runs and accum == 1:
         return {**counted, "loop_compile_seconds": 0.0, "corrected": False}
-    parts = ([f"one layer of each of the {len(runs)} scanned runs"] if runs else []) + (
-        ["the optimizer update alone"] if accum > 1 else [])
+    layer_part = f"one layer of each of the {len(runs)} scanned runs" + (
+        " (forward and backward, and forward alone for DPO's reference pass)" if reference_pass else "")
+    parts = ([layer_part] if runs else []) + (["the optimizer update alone"] if accum > 1 else [])
     log(f"counting every loop iteration in the cost figures: compiling {' and '.join(parts)} ...")
     schedule = setup.model.schedule
     total, seconds = dict(counted), 0.0
     for run in runs:
         widest = max(run, key=lambda i: schedule[i].ffn_dim)
-        compiled, spent = compile_layer(setup, widest)
-        seconds += spent
-        for key, value in counted_costs(compiled).items():
-            if key in total:
-                total[key] += (len(run) - 1) * value
+        for backward in (True, False) if reference_pass else (True,):
+            compiled, spent = compile_layer(setup, widest, backward=backward)
+            seconds += spent
+            for key, value in counted_costs(compiled).items():
+                if key in total:
+                    total[key] += (len(run) - 1) * value
     total = {key: accum * value for key, value in total.items()}
     if accum > 1:  # the update ran once, not accum times
         compiled, spent = compile_update(setup)
