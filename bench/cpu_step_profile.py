@@ -1,9 +1,10 @@
 """Where elmjax's train step spends its time on XLA:CPU: the profiler's per-kernel times,
 grouped by what the kernels compute.
 
-    PYTHONPATH=. python bench/cpu_step_profile.py --model=270m --batch=4 --seq=256
+    PYTHONPATH=. python bench/cpu_step_profile.py --model=270m
 
-Runs the step as `python -m elmjax.train` does (one device, `train.reuse_host_memory` applied),
+Runs the step bench/train_step.py times (float32, no remat, one device, the same shapes and
+batch), with `train.reuse_host_memory` applied as `python -m elmjax.train` does; it
 traces one step after two warm ones with `jax.profiler`, and names each kernel from the
 compiled HLO (dumped to a temporary folder): its shape and the jax operation it came from.
 The optimizer update runs inside the finite-step conditional, whose kernels run concurrently
@@ -23,26 +24,27 @@ import shutil
 import tempfile
 import time
 
-import numpy as np
-
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="270m", help="a config in configs/ (tiny, 270m, ...)")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--model", default="270m", help="tiny or 270m (bench/train_step.py's models)")
+    parser.add_argument("--batch", type=int, default=0, help="rows; default the train-step benchmark's")
+    parser.add_argument("--seq", type=int, default=0, help="tokens per row; default the benchmark's")
     args = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix="cpu_step_profile_")
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_dump_to={workdir}/hlo --xla_dump_hlo_module_re=.*jit_run.*")
 
-    from elmjax.config import load_config_file, validate
+    from bench.train_step import load_config, random_batch  # the train-step benchmark's own setup
+    from elmjax.config import validate
     from elmjax.training import host_memory
 
-    config = load_config_file(f"configs/{args.model}.py")
-    config.train.batch_size, config.train.seq_len = args.batch, args.seq
-    config.mesh.data = config.mesh.fsdp = config.mesh.tensor = config.mesh.expert = 1
+    config = load_config(args.model)
+    if args.batch:
+        config.train.batch_size = args.batch
+    if args.seq:
+        config.train.seq_len = args.seq
     validate(config)
     host_memory.apply(config.train.reuse_host_memory)  # before the backend starts, as train.py does
 
@@ -55,12 +57,7 @@ def main():
     state = jax.jit(lambda p: ts.init_train_state(p, setup.optimizer),
                     out_shardings=setup.state_shardings)(setup_mod.fresh_params(setup))
     step, _ = setup_mod.compile_train_step(setup)
-    tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (args.batch, args.seq + 1))
-    batch = setup_mod.global_batch(setup, {
-        "inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
-        "segment_ids": np.ones((args.batch, args.seq), np.int32),
-        "positions": np.broadcast_to(np.arange(args.seq), (args.batch, args.seq)).astype(np.int32),
-        "loss_mask": np.ones((args.batch, args.seq), np.float32)})
+    batch = setup_mod.global_batch(setup, random_batch(config))
     for _ in range(2):
         state, metrics = step(state, setup.abstract_frozen, batch)
         jax.block_until_ready(metrics)
@@ -71,7 +68,7 @@ def main():
     wall = time.perf_counter() - start
     jax.profiler.stop_trace()
     try:
-        report(workdir, wall, args.seq)
+        report(workdir, wall, config.train.seq_len)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
