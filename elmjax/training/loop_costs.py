@@ -12,8 +12,8 @@ where "one layer" is a separate compile of one block of the run (forward, the re
 recomputation and backward, with its weights' all-gathers and gradient reductions) at the
 micro-batch's shape on the same mesh, and "update" one of the optimizer update alone (norm,
 clipping, AdamW over the parameter shard), which the step runs once, not per micro-batch.
-Under DPO "one layer" also adds a compile of the layer's forward alone: the reference pass
-runs every scanned run once more, without a backward pass.
+Under DPO each run's term also holds (layers - 1) x a compile of the layer's forward alone:
+the reference pass runs every scanned run once more, without a backward pass.
 The result is an estimate composed of the compiler's estimates, and is labelled so.
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from elmjax.layers.remat import REMAT_POLICIES
 from elmjax.parallel import sharding as shd
+from elmjax.trainable import trainable_filter
 from elmjax.training import step as ts
 from elmjax.training.setup import abstract_with
 
@@ -43,10 +44,14 @@ def counted_costs(compiled) -> dict:
 
 def compile_layer(setup, index: int, *, backward: bool = True):
     """(compiled forward + backward of layer `index` alone at the micro-batch's shape, seconds);
-    with `backward=False` its forward alone (DPO's reference pass)."""
+    with `backward=False` its forward alone (DPO's reference pass). The backward pass takes
+    gradients of the layer's trainable variables only (none under adapters that skip the
+    blocks), as the step does."""
     config, mesh, model = setup.config, setup.mesh, setup.model
-    graphdef, state = nnx.split(model.layers[index])
-    abstract_state = abstract_with(shd.param_shardings(state, mesh, config.mesh.rules), nnx.to_pure_dict(state))
+    graphdef, params, frozen = nnx.split(model.layers[index], trainable_filter(config.model), ...)
+    abstract_params, abstract_frozen = (
+        abstract_with(shd.param_shardings(state, mesh, config.mesh.rules), nnx.to_pure_dict(state))
+        for state in (params, frozen))
     rows = config.train.batch_size // config.train.grad_accum_steps
     seq = config.train.seq_len
     batch_spec = setup.batch_sharding.spec[0]
@@ -56,23 +61,23 @@ def compile_layer(setup, index: int, *, backward: bool = True):
     )
     policy = REMAT_POLICIES.get(config.model.remat_policy)
 
-    def forward_backward(pure_state, h):
+    def probe(params, frozen, h):
         positions = jnp.broadcast_to(jnp.arange(seq), (rows, seq))
         segment_ids = jnp.ones((rows, seq), jnp.int32)
 
-        def layer(pure_state, h):
-            return nnx.merge(graphdef, pure_state)(h, model.rope(positions), segment_ids)[0]
+        def layer(params, h):
+            return nnx.merge(graphdef, params, frozen)(h, model.rope(positions), segment_ids)[0]
 
         if not backward:
-            return layer(pure_state, h)
+            return layer(params, h)
         if policy is not None:
             layer = jax.checkpoint(layer, policy=policy)
-        out, vjp = jax.vjp(layer, pure_state, h)
+        out, vjp = jax.vjp(layer, params, h)
         return vjp(out)
 
     with shd.use_rules(mesh, config.mesh.rules):
         start = time.perf_counter()
-        compiled = jax.jit(forward_backward).lower(abstract_state, hidden).compile()
+        compiled = jax.jit(probe).lower(abstract_params, abstract_frozen, hidden).compile()
     return compiled, time.perf_counter() - start
 
 
@@ -96,7 +101,7 @@ def compile_update(setup):
 
 def whole_step_costs(setup, compiled_step, log=print) -> dict:
     """{flops, optimal_seconds (where the backend gives it), loop_compile_seconds (the extra
-    compiles: one layer per scanned run, the update), corrected} of the step with every loop
+    compiles: one layer per scanned run, two under DPO, the update), corrected} of the step with every loop
     iteration counted (see the module docstring). The extra compiles are slow, so `log` says
     which are coming."""
     config = setup.config
