@@ -31,7 +31,14 @@ def main():
     parser.add_argument("--batch", type=int, default=0, help="rows; default the train-step benchmark's")
     parser.add_argument("--seq", type=int, default=0, help="tokens per row; default the benchmark's")
     args = parser.parse_args()
-    workdir = tempfile.mkdtemp(prefix="cpu_step_profile_")
+    with tempfile.TemporaryDirectory(prefix="cpu_step_profile_") as workdir:
+        wall, seq = profile_step(args, workdir)
+        report(workdir, wall, seq)
+
+
+def profile_step(args, workdir) -> tuple[float, int]:
+    """(wall seconds of one traced step, its sequence length); the HLO dump and the trace
+    land in `workdir`."""
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_dump_to={workdir}/hlo --xla_dump_hlo_module_re=.*jit_run.*")
@@ -58,62 +65,89 @@ def main():
                     out_shardings=setup.state_shardings)(setup_mod.fresh_params(setup))
     step, _ = setup_mod.compile_train_step(setup)
     batch = setup_mod.global_batch(setup, random_batch(config))
+    frozen = setup_mod.frozen_variables(setup)
     for _ in range(2):
-        state, metrics = step(state, setup.abstract_frozen, batch)
+        state, metrics = step(state, frozen, batch)
         jax.block_until_ready(metrics)
     jax.profiler.start_trace(f"{workdir}/trace", create_perfetto_trace=True)
     start = time.perf_counter()
-    state, metrics = step(state, setup.abstract_frozen, batch)
+    state, metrics = step(state, frozen, batch)
     jax.block_until_ready(metrics)
     wall = time.perf_counter() - start
     jax.profiler.stop_trace()
-    try:
-        report(workdir, wall, config.train.seq_len)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    return wall, config.train.seq_len
 
 
-def _kernel_info(workdir) -> dict:
-    """{kernel name: (shape, jax op_name)} from the compiled step's HLO."""
-    path = glob.glob(f"{workdir}/hlo/*jit_run*cpu_after_optimizations.txt")[0]
-    info = {}
-    for match in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) [\w\-]+\((.*)$", open(path).read(), re.M):
-        op = re.search(r'op_name="([^"]*)"', match.group(3))
-        info[match.group(1)] = (match.group(2).split("{")[0], op.group(1) if op else "")
-    return info
+def _only(pattern: str) -> str:
+    paths = glob.glob(pattern, recursive=True)
+    if not paths:
+        raise SystemExit(f"error: nothing matches {pattern}: the step's HLO dump or trace was not written")
+    return paths[-1]
 
 
-def _category(name: str, shape: str, op: str, seq: int) -> str | None:
-    if op and "/cond/" in op:
-        return None  # inside the optimizer's conditional: counted by its wall time
+# An HLO instruction: name = shape (one array, or a tuple in parentheses) opcode(operands ...
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\([^()]*\)|\S+) ([\w\-]+)\((.*)$", re.M)
+# A computation: its name, then its body up to the closing brace at the start of a line.
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) [^\n]*\{$(.*?)^\}$", re.M | re.S)
+# Kernel spans in the trace carry an HLO instruction's name; runtime and Python spans do not
+# ("ThunkExecutor::Execute", "Wait for donation holds", "$api.py:...", "PjitFunction(...)").
+_KERNEL_NAME = re.compile(r"^[a-z][\w.\-]*$")  # HLO names: lower-case, no spaces
+
+
+def _kernels(workdir) -> dict:
+    """{kernel name: (is a matrix product, shape, jax op_name)} from the compiled step's HLO:
+    a matrix product is a dot, or a fusion whose computation holds one."""
+    with open(_only(f"{workdir}/hlo/*jit_run*cpu_after_optimizations.txt")) as file:
+        hlo = file.read()
+    with_dots = {name for name, body in _COMPUTATION.findall(hlo) if " dot(" in body or " convolution(" in body}
+    kernels = {}
+    for name, shape, opcode, rest in _INSTRUCTION.findall(hlo):
+        called = re.search(r"calls=%?([\w.\-]+)", rest)
+        matmul = opcode in ("dot", "convolution") or bool(called and called.group(1) in with_dots)
+        op = re.search(r'op_name="([^"]*)"', rest)
+        kernels[name] = (matmul, shape.split("{")[0], op.group(1) if op else "")
+    return kernels
+
+
+def category(matmul: bool, shape: str, op: str, seq: int, name: str = "") -> str | None:
+    """What a kernel computes, from the HLO; None for the optimizer's own kernels, which are
+    counted by their conditional's wall time (this test comes before the conditional's own)."""
+    if "/cond/" in op:
+        return None
     if name.startswith("cond"):
         return "optimizer update (the finite-step conditional, wall time)"
-    if "dot" in name or name.startswith(("ynn_", "xnn_")):
-        return "matrix products (dot kernels)"
-    if shape.endswith(f",{seq}]"):  # [..., queries, keys]: the scores and their gradients
-        return "attention scores: mask, softmax and their layout copies"
+    if matmul:
+        return "matrix products (dots and fusions around them)"
+    dims = [int(d) for d in re.findall(r"\d+", shape.split("[", 1)[-1])] if "[" in shape else []
+    if len(dims) >= 4 and dims[-1] % seq == 0 and dims[-2] % seq == 0:
+        return "attention scores: mask, softmax and their layout copies"  # [batch, heads, ..., queries, keys]
     if "transpose(" in op:
         return "other backward elementwise work and copies"
     return "other forward elementwise work and copies"
 
 
 def report(workdir, wall: float, seq: int):
-    trace = json.load(gzip.open(glob.glob(f"{workdir}/trace/**/*perfetto_trace.json.gz", recursive=True)[-1]))
+    with gzip.open(_only(f"{workdir}/trace/**/*perfetto_trace.json.gz")) as file:
+        trace = json.load(file)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    info = _kernel_info(workdir)
+    kernels = _kernels(workdir)
     totals = collections.Counter()
     for event in events:
         name = event.get("name", "")
-        if event.get("ph") != "X" or name not in info and not name.startswith("cond"):
-            continue  # runtime and Python spans, not kernels
-        shape, op = info.get(name, ("", ""))
-        category = _category(name, shape, op, seq)
-        if category is not None:
-            totals[category] += event.get("dur", 0) / 1e3
+        if event.get("ph") != "X" or not _KERNEL_NAME.match(name):
+            continue
+        if name in kernels:
+            found = category(*kernels[name], seq, name)
+        elif name.startswith("cond"):
+            found = category(False, "", "", seq, name)
+        else:
+            found = "kernels the HLO dump does not name"
+        if found is not None:
+            totals[found] += event.get("dur", 0) / 1e3
     traced = sum(totals.values())
     print(f"one traced step: {wall * 1e3:.0f} ms wall, {traced:.0f} ms in the kernels below")
-    for category, ms in totals.most_common():
-        print(f"{ms:9.1f} ms {100 * ms / traced:5.1f}%  {category}")
+    for name, ms in totals.most_common():
+        print(f"{ms:9.1f} ms {100 * ms / traced:5.1f}%  {name}")
 
 
 if __name__ == "__main__":
