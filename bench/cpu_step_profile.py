@@ -20,7 +20,6 @@ import gzip
 import json
 import os
 import re
-import shutil
 import tempfile
 import time
 
@@ -43,7 +42,7 @@ def profile_step(args, workdir) -> tuple[float, int]:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_dump_to={workdir}/hlo --xla_dump_hlo_module_re=.*jit_run.*")
 
-    from bench.train_step import load_config, random_batch  # the train-step benchmark's own setup
+    from bench.train_step import elmjax_step, load_config  # the train-step benchmark's own step
     from elmjax.config import validate
     from elmjax.training import host_memory
 
@@ -57,15 +56,7 @@ def profile_step(args, workdir) -> tuple[float, int]:
 
     import jax
 
-    from elmjax.training import setup as setup_mod
-    from elmjax.training import step as ts
-
-    setup = setup_mod.build_setup(config, jax.devices()[:1])
-    state = jax.jit(lambda p: ts.init_train_state(p, setup.optimizer),
-                    out_shardings=setup.state_shardings)(setup_mod.fresh_params(setup))
-    step, _ = setup_mod.compile_train_step(setup)
-    batch = setup_mod.global_batch(setup, random_batch(config))
-    frozen = setup_mod.frozen_variables(setup)
+    _, state, step, _, batch, frozen = elmjax_step(config)
     for _ in range(2):
         state, metrics = step(state, frozen, batch)
         jax.block_until_ready(metrics)
@@ -136,12 +127,7 @@ def report(workdir, wall: float, seq: int):
         name = event.get("name", "")
         if event.get("ph") != "X" or not _KERNEL_NAME.match(name):
             continue
-        if name in kernels:
-            found = category(*kernels[name], seq, name)
-        elif name.startswith("cond"):
-            found = category(False, "", "", seq, name)
-        else:
-            found = "kernels the HLO dump does not name"
+        found = category(*kernels[name], seq, name) if name in kernels else "kernels the HLO dump does not name"
         if found is not None:
             totals[found] += event.get("dur", 0) / 1e3
     traced = sum(totals.values())

@@ -113,6 +113,27 @@ def serve(setup_info: dict, step, matmul) -> None:
             return
 
 
+def elmjax_step(config, on_params=None):
+    """The benchmark's elmjax step on one device: (setup, train state, compiled step, compile
+    seconds, batch, frozen variables). `on_params(params)` sees the fresh parameters before
+    they become the state. Apply `train.reuse_host_memory` first: it must precede jax's start."""
+    import jax
+
+    from elmjax.training import step as ts
+    from elmjax.training.setup import build_setup, compile_train_step, fresh_params, frozen_variables, global_batch
+
+    setup = build_setup(config, jax.devices()[:1])
+    params = fresh_params(setup)
+    if on_params is not None:
+        on_params(params)
+    state = jax.jit(lambda p: ts.init_train_state(p, setup.optimizer), out_shardings=setup.state_shardings)(params)
+    del params
+    compiled, compile_seconds = compile_train_step(setup)
+    batch = global_batch(setup, random_batch(config))
+    frozen = frozen_variables(setup)  # empty: full training freezes nothing
+    return setup, state, compiled, compile_seconds, batch, frozen
+
+
 def jax_worker(name: str, export_dir: str) -> None:
     """elmjax's train step; first exports its fresh parameters to `export_dir` (HF layout)
     so the PyTorch workers start from the very same weights."""
@@ -125,20 +146,14 @@ def jax_worker(name: str, export_dir: str) -> None:
     import jax.numpy as jnp
 
     from elmjax.convert.export import export_params
-    from elmjax.training import step as ts
     from elmjax.training.dry_run import memory_report
     from elmjax.training.loop_costs import counted_costs  # each loop body once, as XLA counts
-    from elmjax.training.setup import build_setup, compile_train_step, fresh_params, frozen_variables, global_batch
 
-    setup = build_setup(config, jax.devices()[:1])
-    params = fresh_params(setup)
-    export_params(export_dir, config.model, params, target="torch", dtype="float32", overwrite=True)
-    holder = {"state": jax.jit(lambda p: ts.init_train_state(p, setup.optimizer),
-                               out_shardings=setup.state_shardings)(params)}
-    del params
-    compiled, compile_seconds = compile_train_step(setup)
-    batch = global_batch(setup, random_batch(config))
-    frozen = frozen_variables(setup)  # empty: full training freezes nothing
+    _, state, compiled, compile_seconds, batch, frozen = elmjax_step(
+        config, on_params=lambda params: export_params(export_dir, config.model, params, target="torch",
+                                                       dtype="float32", overwrite=True))
+    holder = {"state": state}
+    del state
 
     def step():
         holder["state"], metrics = compiled(holder["state"], frozen, batch)

@@ -25,9 +25,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from elmjax import trainable
 from elmjax.layers.remat import REMAT_POLICIES
 from elmjax.parallel import sharding as shd
-from elmjax.trainable import trainable_filter
 from elmjax.training import step as ts
 from elmjax.training.setup import abstract_with
 
@@ -48,7 +48,7 @@ def compile_layer(setup, index: int, *, backward: bool = True):
     gradients of the layer's trainable variables only (none under adapters that skip the
     blocks), as the step does."""
     config, mesh, model = setup.config, setup.mesh, setup.model
-    graphdef, params, frozen = nnx.split(model.layers[index], trainable_filter(config.model), ...)
+    graphdef, params, frozen = trainable.split(model.layers[index], config.model)
     abstract_params, abstract_frozen = (
         abstract_with(shd.param_shardings(state, mesh, config.mesh.rules), nnx.to_pure_dict(state))
         for state in (params, frozen))
