@@ -89,6 +89,43 @@ def test_damaged_latest_step_is_skipped_with_a_warning(saved, tmp_path, caplog):
     assert ckpt.complete_steps(workdir) == [1]  # moved aside, so a new step 2 can be saved
 
 
+def test_a_damaged_step_is_reported_in_one_line_without_the_reads_tracebacks(saved, tmp_path):
+    """One truncated array file: orbax gives up at the first failed read and the reads in
+    flight fail after it (over a hundred tracebacks on stderr before); the user sees one line
+    naming the step and the array, and the resume falls back to step 1."""
+    import os
+    import subprocess
+    import sys
+
+    workdir = copy_run(saved, tmp_path)
+    largest = max((workdir / "checkpoints" / "2" / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[:100])
+    code = ("import logging; logging.basicConfig(); from elmjax.training import checkpoint as c; "
+            "from elmjax.training.setup import build_setup; from tests.test_checkpoint import micro, data_iterator; "
+            f"print(c.restore_train_state({str(workdir)!r}, build_setup(micro()).abstract_state, data_iterator())[0])")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300,
+                            env={**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "1"
+    warnings = [line for line in result.stderr.splitlines() if "checkpoint" in line or "Traceback" in line
+                or "never retrieved" in line or "Exception" in line]
+    assert len(warnings) == 1, result.stderr[-3000:]
+    assert f"checkpoint {workdir}/checkpoints/2 is unreadable (Exception: Encountered error while reading array index" in warnings[0]
+    assert " of array " in warnings[0] and warnings[0].endswith("); skipping it")
+
+
+def test_reading_parameters_of_a_damaged_step_names_the_earlier_step(saved, tmp_path):
+    """generate / export / evaluate read parameters only: damaged metadata is one error that
+    says which --step still reads."""
+    workdir = copy_run(saved, tmp_path)
+    (workdir / "checkpoints" / "2" / "state" / "_METADATA").write_text("garbage")
+    with pytest.raises(ckpt.DamagedCheckpointError, match=rf"^checkpoint {workdir}/checkpoints/2 is unreadable "
+                       r"\(.*\); pass --step 1 to use the newest earlier step \(complete: \[1\]\)$"):
+        ckpt.restore_params(workdir)
+    assert ckpt.restore_params(workdir, step=1)[1]["token_embeddings"].shape == saved[2]["params"]["token_embeddings"].shape
+
+
 def test_checkpoint_of_another_model_fails_clearly_and_is_kept(saved, tmp_path):
     """A readable step that does not fit this run's model is a config mistake, not damage:
     a clear error, and no step is set aside (a restart from scratch would lose them all)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 
 import jax
@@ -37,7 +38,9 @@ from elmjax.training.checkpoint_errors import (  # noqa: F401  (CheckpointError:
     SaveFailedError,
     check_free_space,
     check_matches,
+    one_line,
     save_failed,
+    unreadable,
 )
 from elmjax.training.saved_config import config_to_dict, read_config
 
@@ -46,13 +49,61 @@ log = logging.getLogger("elmjax.training.checkpoint")
 
 class _NoItemMetadataWarning(logging.Filter):
     """Orbax warns on every read of a step's `state` item that the item has no
-    `_CHECKPOINT_METADATA` of its own; the step directory has it, so the warning says nothing."""
+    `_CHECKPOINT_METADATA` of its own; the step directory has it, so the warning says nothing.
+    Its warning that a damaged `_METADATA` could not be read is dropped too: the restore then
+    fails, and that error names the step and what to do."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Metadata file does not exist" not in record.getMessage()
+        message = record.getMessage()
+        return "Metadata file does not exist" not in message and "Failed to get item metadata" not in message
 
 
 logging.getLogger("absl").addFilter(_NoItemMetadataWarning())
+
+# What orbax's reads still in flight raise once a restore has failed (see below).
+_FAILED_READ_ECHOES = ("Event loop is closed", "Encountered error while reading array index")
+
+
+def _is_failed_read_echo(error: BaseException | None) -> bool:
+    """Whether `error`, or an exception it came from, is one of a failed restore's echoes."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if str(error).startswith(_FAILED_READ_ECHOES):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class _NoFailedReadEchoes(logging.Filter):
+    """asyncio logs the reads' tasks that failed after the restore gave up ("Task exception was
+    never retrieved", with a traceback): echoes of the failure the caller reports once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and _is_failed_read_echo(record.exc_info[1]))
+
+
+logging.getLogger("asyncio").addFilter(_NoFailedReadEchoes())
+
+
+def _drop_failed_read_echoes() -> None:
+    """Orbax's restore stops at the first array it cannot read and closes its event loop; the
+    reads still in flight then fail in TensorStore's threads, and Python prints each as an
+    ignored exception with its traceback (over a hundred for one truncated file). The failure
+    is reported once by the caller, so these echoes are dropped. Installed at each restore,
+    over whatever hook is current (a test runner may have replaced it); anything else still
+    goes to that hook."""
+    current = sys.unraisablehook
+    if getattr(current, "drops_failed_read_echoes", False):
+        return
+
+    def hook(unraisable):
+        if not _is_failed_read_echo(unraisable.exc_value):
+            current(unraisable)
+
+    hook.drops_failed_read_echoes = True
+    sys.unraisablehook = hook
+
 
 CHECKPOINTS = "checkpoints"
 CHECKSUMS = "checksums"  # item of a step: {array path: checksum} (elmjax/training/checksums.py)
@@ -201,6 +252,7 @@ def restore_train_state(workdir, abstract_state, data_iterator):
     """
     root = checkpoint_dir(workdir)
     set_aside_incomplete_steps(root)
+    _drop_failed_read_echoes()
     for step in reversed(complete_steps(root)):
         step_dir = root / str(step)
         train_checkpoint = is_train_checkpoint(step_dir)
@@ -225,7 +277,7 @@ def restore_train_state(workdir, abstract_state, data_iterator):
             verify(step_dir, {"params": params})
             return step, {"params": params}, "params"
         except Exception as error:  # a damaged step: fall back to the one before it
-            log.warning("checkpoint %s is unreadable (%s: %s); skipping it", step_dir, type(error).__name__, error)
+            log.warning("checkpoint %s is unreadable (%s); skipping it", step_dir, one_line(error))
             _set_aside(step_dir)
     return None, None, None
 
@@ -252,8 +304,13 @@ def restore_params_for_init(path, abstract_params):
     """
     step_dir = _resolve_step_dir(path, None)
     check_matches(step_dir, {"params": abstract_params}, resuming=False)
-    params = _restore_params_onto(step_dir, abstract_params)
-    verify(step_dir, {"params": params})
+    _drop_failed_read_echoes()
+    try:
+        params = _restore_params_onto(step_dir, abstract_params)
+        verify(step_dir, {"params": params})
+    except Exception as error:  # noqa: BLE001 - any read failure means damaged files
+        raise unreadable(step_dir, error, complete_steps(step_dir.parent),
+                         f"point train.init_from at an earlier step, e.g. {step_dir.parent}/{{step}}") from error
     return step_dir, params
 
 
@@ -298,6 +355,20 @@ def restore_params(path, step=None):
     `nnx.State.to_pure_dict()` layout, as numpy arrays.
     """
     step_dir = _resolve_step_dir(path, step)
+    _drop_failed_read_echoes()
+    try:
+        params = _read_params(step_dir)
+        verify(step_dir, {"params": params})
+    except Exception as error:  # noqa: BLE001 - any read failure means damaged files
+        raise unreadable(step_dir, error, complete_steps(step_dir.parent),
+                         "pass --step {step} to use the newest earlier step (complete: {steps})") from error
+    log.info("restored parameters from %s", step_dir)
+    config = read_config(step_dir)
+    return config, _with_frozen(config, _int_keys(params))
+
+
+def _read_params(step_dir) -> dict:
+    """The parameters of `step_dir` as numpy arrays, whatever mesh wrote them."""
     metadata = ocp.PyTreeCheckpointer().metadata(storage.absolute(step_dir / "state")).item_metadata
     tree = metadata.tree if hasattr(metadata, "tree") else metadata
     target = {"params": jax.tree.map(lambda m: np.zeros((), m.dtype), tree["params"], is_leaf=lambda x: hasattr(x, "shape"))}
@@ -306,10 +377,7 @@ def restore_params(path, step=None):
         storage.absolute(step_dir / "state"),
         args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
     )
-    verify(step_dir, {"params": restored["params"]})
-    log.info("restored parameters from %s", step_dir)
-    config = read_config(step_dir)
-    return config, _with_frozen(config, _int_keys(restored["params"]))
+    return restored["params"]
 
 
 def _with_frozen(config, params: dict) -> dict:

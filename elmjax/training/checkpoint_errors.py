@@ -45,6 +45,26 @@ def _root_cause(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+def one_line(error: BaseException) -> str:
+    """`error` as "Type: first line", without the TensorStore spec dump (60 lines) that
+    orbax appends to a failed array read; the array's name is kept from it."""
+    full = str(error)
+    text = (full.strip().splitlines() or [""])[0].split(" See full TensorStore details")[0].rstrip(".")
+    arrays = [p for p in re.findall(r"'path': '([^']+?)/?'", full) if not p.startswith(("/", "gs://"))]
+    if arrays:
+        text += f" of array {arrays[-1]}"
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def unreadable(step_dir, error: BaseException, other_steps, fix: str) -> DamagedCheckpointError:
+    """One line for a finished step that cannot be read: the cause, and `fix` pointing at
+    the newest of `other_steps` (the workdir's other complete steps) when there is one."""
+    older = sorted(step for step in other_steps if str(step) != storage.path(step_dir).name)
+    hint = fix.format(step=older[-1], steps=older) if older else "no other complete step to fall back to"
+    reason = str(error) if isinstance(error, CheckpointError) else one_line(error)
+    return DamagedCheckpointError(f"checkpoint {step_dir} is unreadable ({reason}); {hint}")
+
+
 def _last_good(step: int | None) -> str:
     return f"the last good checkpoint is step {step}" if step is not None else "no checkpoint was completed yet"
 
