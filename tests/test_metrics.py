@@ -59,6 +59,19 @@ def test_writer_appends_jsonl_and_tensorboard_events(tmp_path):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_writer_resuming_drops_the_records_of_steps_it_will_train_again(tmp_path):
+    """A run killed after step 5 with checkpoint 4 on disk resumes at 4: step 5 is logged
+    again, so its first record goes (held-out records too); earlier ones and stray lines stay."""
+    lines = [json.dumps({"step": step, "loss": 10.0 - step}) for step in range(1, 6)]
+    lines.insert(4, json.dumps({"step": 4, "heldout/loss": 6.5}))
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines + ["not json"]) + "\n")
+    writer = mt.MetricsWriter(tmp_path, start_step=4)
+    writer.write(5, {"loss": 4.75})
+    writer.close()
+    records = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert records == lines[:5] + ["not json", json.dumps({"step": 5, "loss": 4.75})]
+
+
 def test_writer_on_other_processes_writes_nothing(tmp_path):
     writer = mt.MetricsWriter(tmp_path, enabled=False)
     writer.write(1, {"loss": 1.0})

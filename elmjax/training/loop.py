@@ -5,7 +5,9 @@ around it is `python -m elmjax.train` (elmjax/train.py).
 """
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import time
 import zlib
 
@@ -55,16 +57,36 @@ class StopRequest:
         return f"received {self.signal}" if self.signal else "another process received a stop signal"
 
 
+OUTPUT_CLOSED = "no reader of stdout"  # StopRequest.signal when the log's pipe closed
+
+
+def _stop_when_output_closes(log, closed: list):
+    """`log`, which on a closed stdout (`train ... | head`) prints nothing more and appends to
+    `closed`: the loop then stops as on SIGINT, saving the step it reached, instead of dying
+    on BrokenPipeError with the steps since the last checkpoint."""
+    def write(*args):
+        if closed:
+            return
+        try:
+            log(*args)
+        except BrokenPipeError:
+            closed.append(True)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit too
+    return write
+
+
 def train(config, workdir, log=print) -> dict:
     """Trains to `config.train.steps`, resuming from WORKDIR; returns the last metrics."""
     run_start = time.perf_counter()
     workdir = ckpt.prepare_workdir(workdir)
     primary = jax.process_index() == 0
-    log = log if primary else (lambda *args: None)
+    closed_output = []
+    log = _stop_when_output_closes(log, closed_output) if primary else (lambda *args: None)
     saved_step = run_state.check_resume_config(workdir, config, log)
     if saved_step is not None and saved_step >= config.train.steps:
         log(f"{workdir} already holds the final checkpoint (step {saved_step} of {config.train.steps}); "
-            "nothing to train (raise --config.train.steps to train further)")
+            "nothing to train (to train further, raise --config.train.steps and pass "
+            "--config.train.allow_config_change=true; the learning-rate schedule then spans the new total)")
         for line in run_state.finished_summary(workdir, config, saved_step, None, {})[1:]:
             log(line)
         return {}
@@ -84,7 +106,7 @@ def train(config, workdir, log=print) -> dict:
     step, state, frozen = setup_lib.initial_state(setup, workdir, data, log)
     evaluator = heldout.Evaluator(setup)
     manager = ckpt.make_manager(workdir, config.checkpoint)
-    writer = mt.MetricsWriter(workdir, enabled=primary)
+    writer = mt.MetricsWriter(workdir, enabled=primary, start_step=step)
     if config.eval.get("at_start", False) and config.eval.every_steps and step == 0:
         results, line = evaluator.evaluate(setup, state["params"], frozen)
         writer.write(0, results)
@@ -110,6 +132,8 @@ def train(config, workdir, log=print) -> dict:
         local = next(data)
         state, metrics = run.train_step(state, frozen, setup_lib.global_batch(run.setup, local))
         step, interval_steps = step + 1, interval_steps + 1
+        if closed_output and stop.signal is None:
+            stop.signal = OUTPUT_CLOSED
         stopping = stop.requested(step, config.train.stop_check_every)
         watchdog.step_done(step)
         if step % config.train.log_every == 0 or step == config.train.steps or stopping:

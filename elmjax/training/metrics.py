@@ -118,18 +118,24 @@ def mfu(tokens_per_sec: float, flops_per_tok: float, peak_flops: float | None, n
 class MetricsWriter:
     """Appends metrics to WORKDIR/metrics.jsonl and WORKDIR/tensorboard/ (process 0 only);
     WORKDIR may be gs:// (metrics.jsonl grows by GCS compose, see elmjax/storage.py;
-    tensorboardX uploads its event file to gs:// itself, at each flush)."""
+    tensorboardX uploads its event file to gs:// itself, at each flush).
 
-    def __init__(self, workdir, enabled: bool = True):
+    `start_step`: the step the run starts or resumes from. Records of later steps, logged by a
+    run that died before its next checkpoint, describe steps about to be trained again: they
+    are dropped from metrics.jsonl and hidden in TensorBoard (its purge step), so each step
+    appears once."""
+
+    def __init__(self, workdir, enabled: bool = True, start_step: int = 0):
         self.enabled = enabled
         self._jsonl = None
         self._tensorboard = None
         if enabled:
             workdir = storage.path(workdir)
+            forget_after(workdir / "metrics.jsonl", start_step)
             self._jsonl = storage.AppendFile(workdir / "metrics.jsonl")
             from tensorboardX import SummaryWriter
 
-            self._tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+            self._tensorboard = SummaryWriter(str(workdir / "tensorboard"), purge_step=start_step + 1)
 
     def write(self, step: int, metrics: dict) -> None:
         """One JSON line `{"step": step, **metrics}` and one scalar per numeric metric."""
@@ -145,6 +151,25 @@ class MetricsWriter:
         if self.enabled:
             self._jsonl.close()
             self._tensorboard.close()
+
+
+def forget_after(jsonl, step: int) -> None:
+    """Rewrites the metrics file `jsonl` (if any) without the records of steps after `step`
+    (in one replacing write); lines that do not parse are kept."""
+    location = storage.path(jsonl)
+    if not location.exists():
+        return
+    lines = location.read_text().splitlines(keepends=True)
+
+    def later(line: str) -> bool:
+        try:
+            return int(json.loads(line)["step"]) > step
+        except (ValueError, KeyError, TypeError):
+            return False
+
+    kept = [line for line in lines if not later(line)]
+    if len(kept) < len(lines):
+        storage.write_text(location, "".join(kept))
 
 
 def _plain(value):

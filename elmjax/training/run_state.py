@@ -45,7 +45,8 @@ def check_resume_config(workdir, config, log) -> int | None:
     step = ckpt.latest_complete_step(workdir)
     if step is None or not ckpt.is_train_checkpoint(ckpt.checkpoint_dir(workdir) / str(step)):
         return None
-    changes = config_changes(read_config(ckpt.checkpoint_dir(workdir) / str(step)), config)
+    changes = [change for change in config_changes(read_config(ckpt.checkpoint_dir(workdir) / str(step)), config)
+               if change[0] != "train.allow_config_change"]  # the permission, not a change to report
     if not changes:
         return step
     described = [f"{field} {old!r} -> {new!r}" for field, old, new in changes]
