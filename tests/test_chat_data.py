@@ -173,6 +173,25 @@ def test_packed_loss_mask_is_the_assistant_weights(tokenizer, tmp_path):
     assert checked > 100
 
 
+def test_rows_inside_a_long_user_turn_are_left_out_of_training(tokenizer, tmp_path):
+    """A user turn several rows long packs into rows without an assistant token: the train
+    stream leaves them out (nothing to learn, and a batch of them would still move the weights
+    through AdamW's momentum and decay), and keeps every row that has one."""
+    long_turn = " ".join(["omega"] * 200)  # several rows of SEQ tokens
+    conversations = [[{"role": "user", "content": f"{i} " + (long_turn if i % 2 == 0 else "hi")},
+                      {"role": "assistant", "content": f"reply {i}"}] for i in range(20)]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations))
+    config = chat_config(str(path), tokenizer=tokenizer.name)
+    train = pipeline.make_train_iterator(config, process_index=0, process_count=1)
+    rows = np.concatenate([next(train)["loss_mask"] for _ in range(10)])
+    assert rows.sum(axis=1).min() > 0
+    held_out = chat_config(str(path), tokenizer=tokenizer.name, eval_fraction=0.5)
+    eval_rows = np.concatenate([b["loss_mask"] for b in pipeline.make_eval_iterator(held_out, process_index=0,
+                                                                                     process_count=1)])
+    assert (eval_rows.sum(axis=1) == 0).any()  # held-out rows stay as they are: loss is over targets
+
+
 def test_chat_iterator_resumes_exactly():
     config = chat_config()
     first = pipeline.make_train_iterator(config, process_index=0, process_count=1)

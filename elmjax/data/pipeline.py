@@ -328,6 +328,15 @@ def _log_split(source, split: str, indices: np.ndarray, row_length: int) -> None
     logger.info(message)
 
 
+def _has_targets(row) -> bool:
+    """Whether a packed chat row has a token to learn (a positive weight on tokens 1.., the
+    targets). A row cut from inside a long user or system turn has none: it would cost a
+    row's compute for nothing, and a batch of such rows would still move the weights
+    (AdamW's momentum and decay act on a zero gradient). A filter keeps the packer's state
+    as it is, so checkpoints and stage boundaries see the same stream positions."""
+    return bool(np.any(row[chat_lib.WEIGHT_FEATURE][1:] > 0))
+
+
 def _batched(config, split, process_index, process_count, num_epochs, drop_remainder):
     process_index, process_count = _process_shard(process_index, process_count)
     batch = local_batch_size(config, process_count)
@@ -340,6 +349,8 @@ def _batched(config, split, process_index, process_count, num_epochs, drop_remai
         num_epochs=num_epochs,
         tokenizer=tokenizer,
     )
+    if split == "train" and config.data.chat_template:
+        rows = rows.filter(_has_targets)
     ds = rows.batch(batch, drop_remainder=drop_remainder)
     ds = ds.map(_ToModelInputs(pad_id_for(config, tokenizer), batch))
     if config.data.num_workers > 0:
