@@ -101,7 +101,8 @@ def main(argv) -> None:
     if not FLAGS.dry_run:
         host_memory.apply(config.train.reuse_host_memory)
     _quiet_libraries()
-    _enable_compilation_cache()
+    if not FLAGS.dry_run:  # a dry run reports compile time; and a TPU executable cannot be read back here
+        _enable_compilation_cache()
     _init_distributed()
     if FLAGS.dry_run:
         from elmjax.training.dry_run import dry_run

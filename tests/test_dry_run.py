@@ -40,7 +40,9 @@ def test_an_unknown_topology_is_one_line():
     pytest.importorskip("libtpu", reason="the TPU compiler comes with libtpu (pip install -e '.[tpu]')")
     result = train("--config=configs/tiny.py", "--dry_run", "--topology=v9z:1x1")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: --topology=v9z:1x1: the TPU compiler cannot describe it")
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: --topology=v9z:1x1: the TPU compiler cannot describe it")
+    assert "; give a name such as v5p:2x2x1, v5e:2x2 or v4:2x2x1" in error and "pip install" not in error  # libtpu is here
 
 
 def test_a_step_that_cannot_fit_stops_before_compiling():

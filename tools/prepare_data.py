@@ -74,4 +74,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from elmjax import platform
+
+    platform.skip_an_absent_tpu()  # before anything starts a JAX backend
     sys.exit(main())

@@ -9,7 +9,7 @@ a roofline estimate of the compiler, not a measurement), hence an estimated MFU.
 """
 from __future__ import annotations
 
-import os
+from elmjax import platform
 
 from elmjax.training import memory
 from elmjax.training.loop_costs import whole_step_costs
@@ -22,18 +22,18 @@ COUNTED = " with every loop iteration counted"  # elmjax/training/loop_costs.py
 
 def tpu_devices(topology: str):
     """Abstract TPU devices of a topology name such as `v5p:2x2x1` (nothing runs on them)."""
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server: this is not a TPU VM
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    platform.quiet_tpu_compiler()
     from jax.experimental import topologies
 
     try:
         return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
     except Exception as error:  # noqa: BLE001 - no libtpu, or a name it does not know
+        import importlib.util
+
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(
-            f"--topology={topology}: the TPU compiler cannot describe it ({reason}); install it with "
-            "pip install -e \".[tpu]\" and give a name such as v5p:2x2x1, v5e:2x2 or v4:2x2x1"
-        ) from None
+        names = "give a name such as v5p:2x2x1, v5e:2x2 or v4:2x2x1"
+        fix = names if importlib.util.find_spec("libtpu") else f"install it with pip install -e \".[tpu]\" and {names}"
+        raise ValueError(f"--topology={topology}: the TPU compiler cannot describe it ({reason}); {fix}") from None
 
 
 def memory_report(compiled) -> dict:

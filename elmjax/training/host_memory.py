@@ -19,45 +19,14 @@ other's allocations, so compare with `off` there.
 from __future__ import annotations
 
 import ctypes
-import glob
-import importlib.metadata
-import os
 import sys
+
+from elmjax import platform
 
 # glibc's mallopt parameter numbers (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-
-
-# JAX accelerator plugins (distribution name prefixes) and the device files (under /dev) their
-# hardware shows up as: TPU VMs expose accel<n> or vfio/<n>, NVIDIA GPUs nvidia<n>, AMD GPUs
-# kfd, GPUs under WSL2 dxg. A plugin without its device falls back to the CPU.
-_PLUGIN_DEVICES = {
-    ("libtpu", "jax-tpu"): ("accel*", "vfio/[0-9]*"),
-    ("jax-cuda", "jax_cuda"): ("nvidia[0-9]*", "dxg"),
-    ("jax-rocm", "jax_rocm"): ("kfd", "dxg"),
-}
-
-
-def _accelerator_present(dev: str = "/dev") -> bool:
-    """Whether an installed JAX accelerator plugin finds its device files under `dev`,
-    decided without starting a backend."""
-    names = [(distribution.metadata["Name"] or "").lower() for distribution in importlib.metadata.distributions()]
-    return any(
-        any(name.startswith(prefixes) for name in names)
-        and any(glob.glob(os.path.join(glob.escape(dev), pattern)) for pattern in patterns)
-        for prefixes, patterns in _PLUGIN_DEVICES.items()
-    )
-
-
-def training_on_cpu(dev: str = "/dev") -> bool:
-    """Whether JAX will run on the CPU: JAX_PLATFORMS says cpu, or no accelerator plugin with
-    its device present (a CPU host with libtpu installed for TPU dry runs trains on its CPU)."""
-    platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
-    if platforms:
-        return platforms.split(",")[0] == "cpu"
-    return not _accelerator_present(dev)
 
 
 def keep_freed_host_memory() -> bool:
@@ -87,6 +56,6 @@ def apply(mode: str) -> bool:
 
     Returns whether host memory is now kept for reuse.
     """
-    if mode == "off" or (mode == "auto" and not training_on_cpu()):
+    if mode == "off" or (mode == "auto" and not platform.runs_on_cpu()):
         return False
     return keep_freed_host_memory()
