@@ -126,6 +126,14 @@ def test_reading_parameters_of_a_damaged_step_names_the_earlier_step(saved, tmp_
     assert ckpt.restore_params(workdir, step=1)[1]["token_embeddings"].shape == saved[2]["params"]["token_embeddings"].shape
 
 
+def test_a_hugging_face_directory_given_as_a_checkpoint_points_to_the_importer(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ckpt.CheckpointError, match=rf"^{tmp_path} is a Hugging Face model directory, not an elmjax "
+                       rf"checkpoint; import it first: python tools/import_hf.py --hf {tmp_path} --out WORKDIR"):
+        ckpt.restore_params(tmp_path)
+
+
 def test_checkpoint_of_another_model_fails_clearly_and_is_kept(saved, tmp_path):
     """A readable step that does not fit this run's model is a config mistake, not damage:
     a clear error, and no step is set aside (a restart from scratch would lose them all)."""

@@ -340,6 +340,9 @@ def _resolve_step_dir(path, step):
     if path.name.isdigit() and (path / "state").is_dir():
         return path
     steps = complete_steps(path)
+    if not steps and (path / "config.json").is_file() and any(path.glob("model*.safetensors")):
+        raise CheckpointError(f"{path} is a Hugging Face model directory, not an elmjax checkpoint; import it "
+                              f"first: python tools/import_hf.py --hf {path} --out WORKDIR, then pass WORKDIR")
     if not steps:
         raise CheckpointError(f"no complete checkpoint under {path}; train first or pass a step directory")
     chosen = steps[-1] if step is None else step
