@@ -10,7 +10,8 @@ for the configured mesh and reports memory instead of training. Multi-process: p
 --coordinator/--num_processes/--process_id, or --distributed on TPU pods / SLURM / GKE TPU,
 where `jax.distributed.initialize()` finds them itself (launch/README.md). When a process of
 a multi-process run is lost, the others exit within --failure_timeout seconds with exit code
-75 (restart the job to resume).
+75 (restart the job to resume); a run stopped by SIGTERM/SIGINT saves a checkpoint and exits
+75 too, since it has not finished.
 """
 from __future__ import annotations
 
@@ -117,11 +118,15 @@ def main(argv) -> None:
     from elmjax.training.loop import train
 
     try:
-        train(config, workdir)
+        last = train(config, workdir)
     except FloatingPointError as error:  # train.nonfinite=abort: exit 3, not a config problem
         if FLAGS.debug:
             raise
         cli.fail(str(error), code=3)
+    if last.get("stopped"):  # saved but not finished: a launcher restarts the job, which resumes
+        from elmjax.training.peers import RESTART_EXIT
+
+        raise SystemExit(RESTART_EXIT)
 
 
 if __name__ == "__main__":

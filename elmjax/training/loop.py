@@ -76,7 +76,8 @@ def _stop_when_output_closes(log, closed: list):
 
 
 def train(config, workdir, log=print) -> dict:
-    """Trains to `config.train.steps`, resuming from WORKDIR; returns the last metrics."""
+    """Trains to `config.train.steps`, resuming from WORKDIR; returns the last metrics, with
+    "stopped" (why) when a signal or a closed stdout stopped it earlier, after saving."""
     run_start = time.perf_counter()
     workdir = ckpt.prepare_workdir(workdir)
     primary = jax.process_index() == 0
@@ -182,6 +183,8 @@ def train(config, workdir, log=print) -> dict:
             interval_start = time.perf_counter()
         if stopping:
             log(f"{stop.describe()}: saving step {step} and exiting")
+            if step < config.train.steps:
+                last["stopped"] = stop.describe()
             break
     watchdog.stop()
     ckpt.wait(manager)
