@@ -12,7 +12,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from elmjax import platform
+from elmjax import accelerators
 from elmjax.validation import ConfigError
 
 # The repository's configs/: the default --config resolves here when the working directory
@@ -138,7 +138,7 @@ def run_command(main, argv=None) -> int:
     a user can fix; `--debug` in argv shows the traceback."""
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
-    platform.skip_an_absent_tpu()
+    accelerators.skip_an_absent_tpu()
     try:
         return main([a for a in argv if a != "--debug"])
     except user_errors() as error:
@@ -181,5 +181,5 @@ def run(main) -> None:
                 raise
             fail_for(error)
 
-    platform.skip_an_absent_tpu()
+    accelerators.skip_an_absent_tpu()
     app.run(guarded, flags_parser=parse_flags)

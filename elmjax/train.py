@@ -11,11 +11,12 @@ for the configured mesh and reports memory instead of training. Multi-process: p
 where `jax.distributed.initialize()` finds them itself (launch/README.md). When a process of
 a multi-process run is lost, the others exit within --failure_timeout seconds with exit code
 75 (restart the job to resume); a run stopped by SIGTERM/SIGINT saves a checkpoint and exits
-75 too, since it has not finished.
+4 (not finished: rerun to resume).
 """
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from absl import flags
@@ -112,6 +113,9 @@ def main(argv) -> None:
         return
     if FLAGS.topology:
         cli.fail("--topology needs --dry_run: it compiles for TPU chips that are not here")
+    # A line per print also into a pipe or a log collector (which get 8 KiB blocks by default):
+    # progress shows as it happens, and a closed pipe is noticed at the next line.
+    sys.stdout.reconfigure(line_buffering=True)
     workdir = storage.path(FLAGS.workdir) if FLAGS.workdir else _default_workdir(config)
     if not FLAGS.workdir:
         print(f"no --workdir given; using {workdir}")
@@ -123,10 +127,10 @@ def main(argv) -> None:
         if FLAGS.debug:
             raise
         cli.fail(str(error), code=3)
-    if last.get("stopped"):  # saved but not finished: a launcher restarts the job, which resumes
-        from elmjax.training.peers import RESTART_EXIT
+    if last.get("stopped"):  # saved but not finished: a rerun resumes
+        from elmjax.training.loop import STOPPED_EXIT
 
-        raise SystemExit(RESTART_EXIT)
+        raise SystemExit(STOPPED_EXIT)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ case "${ACTION}" in
     on_all_workers "cd elmjax && ${TRAIN}"
     ;;
   stop)
-    # SIGTERM: the processes agree on a step, save a checkpoint there and exit 75 (not finished;
+    # SIGTERM: the processes agree on a step, save a checkpoint there and exit 4 (not finished;
     # `train` again resumes).
     on_all_workers "pkill -TERM -f 'elmjax.train' || true"
     ;;

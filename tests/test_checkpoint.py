@@ -120,10 +120,18 @@ def test_reading_parameters_of_a_damaged_step_names_the_earlier_step(saved, tmp_
     says which --step still reads."""
     workdir = copy_run(saved, tmp_path)
     (workdir / "checkpoints" / "2" / "state" / "_METADATA").write_text("garbage")
-    with pytest.raises(ckpt.DamagedCheckpointError, match=rf"^checkpoint {workdir}/checkpoints/2 is unreadable "
-                       r"\(.*\); pass --step 1 to use the newest earlier step \(complete: \[1\]\)$"):
+    expected = (rf"^checkpoint {workdir}/checkpoints/2 cannot be read \(.*\); if its files are damaged, the newest "
+                rf"earlier complete step is {workdir}/checkpoints/1 \(pass it, or --step 1 where the command takes a step\)$")
+    with pytest.raises(ckpt.DamagedCheckpointError, match=expected):
         ckpt.restore_params(workdir)
+    with pytest.raises(ckpt.DamagedCheckpointError, match=expected):  # the step directory itself: the same advice
+        ckpt.restore_params(workdir / "checkpoints" / "2")
     assert ckpt.restore_params(workdir, step=1)[1]["token_embeddings"].shape == saved[2]["params"]["token_embeddings"].shape
+    # Step 2 readable, step 1 damaged: --step 1 is not pointed at the newer step 2.
+    for step, text in ((2, (saved[0] / "checkpoints" / "2" / "state" / "_METADATA").read_text()), (1, "garbage")):
+        (workdir / "checkpoints" / str(step) / "state" / "_METADATA").write_text(text)
+    with pytest.raises(ckpt.DamagedCheckpointError, match=r"there is no earlier complete step to use instead$"):
+        ckpt.restore_params(workdir, step=1)
 
 
 def test_a_hugging_face_directory_given_as_a_checkpoint_points_to_the_importer(tmp_path):

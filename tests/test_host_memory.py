@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from elmjax import platform
+from elmjax import accelerators
 from elmjax.training import host_memory
 
 # Mallocs, fills and frees a 256 MiB block three times, as XLA:CPU does with a step's
@@ -64,7 +64,7 @@ def test_without_reuse_every_round_faults_the_block_in_again():
 
 def test_auto_is_on_only_when_jax_runs_on_cpu(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
-    assert platform.runs_on_cpu() is False
+    assert accelerators.runs_on_cpu() is False
     assert host_memory.apply("auto") is False  # nothing changed in this process
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    assert platform.runs_on_cpu() is True
+    assert accelerators.runs_on_cpu() is True

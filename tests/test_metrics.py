@@ -65,11 +65,27 @@ def test_writer_resuming_drops_the_records_of_steps_it_will_train_again(tmp_path
     lines = [json.dumps({"step": step, "loss": 10.0 - step}) for step in range(1, 6)]
     lines.insert(4, json.dumps({"step": 4, "heldout/loss": 6.5}))
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines + ["not json"]) + "\n")
-    writer = mt.MetricsWriter(tmp_path, start_step=4)
+    writer = mt.MetricsWriter(tmp_path, first_step=5)
     writer.write(5, {"loss": 4.75})
     writer.close()
     records = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert records == lines[:5] + ["not json", json.dumps({"step": 5, "loss": 4.75})]
+
+
+def test_writer_starting_afresh_drops_every_record_of_the_run_before(tmp_path):
+    """A run that died before its first checkpoint starts again at step 0: its held-out record
+    of step 0 (eval.at_start) is written again, so the old one goes too."""
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 0, "heldout/loss": 7.0}) + "\n")
+    writer = mt.MetricsWriter(tmp_path, first_step=0)
+    writer.write(0, {"heldout/loss": 7.0})
+    writer.close()
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == [json.dumps({"step": 0, "heldout/loss": 7.0})]
+
+
+def test_writer_without_a_first_step_keeps_the_file(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 9, "loss": 1.0}) + "\n")
+    mt.MetricsWriter(tmp_path).close()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 9, "loss": 1.0}
 
 
 def test_writer_on_other_processes_writes_nothing(tmp_path):

@@ -125,7 +125,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_for_a_restart(tmp_path, cache):
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 75, stderr[-3000:]  # saved, not finished: a launcher restarts the job
+    assert process.returncode == 4, stderr[-3000:]  # saved, not finished: rerun to resume
     assert "received SIGTERM" in stdout
     from elmjax.training.checkpoint import latest_complete_step
 
@@ -134,7 +134,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_for_a_restart(tmp_path, cache):
 
 def test_a_closed_output_pipe_saves_the_step_reached_and_exits(tmp_path, cache):
     """`train ... | head -5`: once stdout's reader is gone the run saves where it is and exits
-    75 (not finished), instead of dying on BrokenPipeError with every step since its last
+    4 (not finished), instead of dying on BrokenPipeError with every step since its last
     checkpoint."""
     workdir = tmp_path / "piped"
     with open(tmp_path / "stderr", "w") as stderr:
@@ -145,7 +145,7 @@ def test_a_closed_output_pipe_saves_the_step_reached_and_exits(tmp_path, cache):
         while not process.stdout.readline().startswith("step 2/"):  # a few steps trained, unsaved
             assert process.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
         process.stdout.close()
-        assert process.wait(timeout=240) == 75, (tmp_path / "stderr").read_text()[-3000:]
+        assert process.wait(timeout=240) == 4, (tmp_path / "stderr").read_text()[-3000:]
     from elmjax.training.checkpoint import latest_complete_step
 
     assert latest_complete_step(workdir) == max(metrics_by_step(workdir)) >= 3

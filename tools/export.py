@@ -69,7 +69,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from elmjax import platform
+    from elmjax import accelerators
 
-    platform.skip_an_absent_tpu()  # before anything starts a JAX backend
+    accelerators.skip_an_absent_tpu()  # before anything starts a JAX backend
     sys.exit(main())

@@ -92,7 +92,8 @@ def _drop_failed_read_echoes() -> None:
     ignored exception with its traceback (over a hundred for one truncated file). The failure
     is reported once by the caller, so these echoes are dropped. Installed at each restore,
     over whatever hook is current (a test runner may have replaced it); anything else still
-    goes to that hook."""
+    goes to that hook. It stays for the process: an "Event loop is closed" that another
+    library's callbacks hit later is dropped too (Python was ignoring it there as well)."""
     current = sys.unraisablehook
     if getattr(current, "drops_failed_read_echoes", False):
         return
@@ -310,7 +311,7 @@ def restore_params_for_init(path, abstract_params):
         verify(step_dir, {"params": params})
     except Exception as error:  # noqa: BLE001 - any read failure means damaged files
         raise unreadable(step_dir, error, complete_steps(step_dir.parent),
-                         f"point train.init_from at an earlier step, e.g. {step_dir.parent}/{{step}}") from error
+                         "point train.init_from at the newest earlier complete step, {path}") from error
     return step_dir, params
 
 
@@ -364,7 +365,8 @@ def restore_params(path, step=None):
         verify(step_dir, {"params": params})
     except Exception as error:  # noqa: BLE001 - any read failure means damaged files
         raise unreadable(step_dir, error, complete_steps(step_dir.parent),
-                         "pass --step {step} to use the newest earlier step (complete: {steps})") from error
+                         "the newest earlier complete step is {path} (pass it, or --step {step} where the "
+                         "command takes a step)") from error
     log.info("restored parameters from %s", step_dir)
     config = read_config(step_dir)
     return config, _with_frozen(config, _int_keys(params))

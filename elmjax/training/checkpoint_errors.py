@@ -56,13 +56,17 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def unreadable(step_dir, error: BaseException, other_steps, fix: str) -> DamagedCheckpointError:
-    """One line for a finished step that cannot be read: the cause, and `fix` pointing at
-    the newest of `other_steps` (the workdir's other complete steps) when there is one."""
-    older = sorted(step for step in other_steps if str(step) != storage.path(step_dir).name)
-    hint = fix.format(step=older[-1], steps=older) if older else "no other complete step to fall back to"
+def unreadable(step_dir, error: BaseException, complete, fix: str) -> DamagedCheckpointError:
+    """One line for a finished step that cannot be read: the cause, and, in case its files are
+    damaged (a storage error reads the same), `fix` formatted with the newest of the `complete`
+    steps before it (`{step}`, and `{path}` its directory)."""
+    step_dir = storage.path(step_dir)
+    failed = int(step_dir.name) if step_dir.name.isdigit() else None
+    earlier = sorted(step for step in complete if failed is None or step < failed)
+    hint = (fix.format(step=earlier[-1], path=step_dir.parent / str(earlier[-1])) if earlier
+            else "there is no earlier complete step to use instead")
     reason = str(error) if isinstance(error, CheckpointError) else one_line(error)
-    return DamagedCheckpointError(f"checkpoint {step_dir} is unreadable ({reason}); {hint}")
+    return DamagedCheckpointError(f"checkpoint {step_dir} cannot be read ({reason}); if its files are damaged, {hint}")
 
 
 def _last_good(step: int | None) -> str:

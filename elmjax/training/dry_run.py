@@ -9,7 +9,7 @@ a roofline estimate of the compiler, not a measurement), hence an estimated MFU.
 """
 from __future__ import annotations
 
-from elmjax import platform
+from elmjax import accelerators
 
 from elmjax.training import memory
 from elmjax.training.loop_costs import whole_step_costs
@@ -22,7 +22,7 @@ COUNTED = " with every loop iteration counted"  # elmjax/training/loop_costs.py
 
 def tpu_devices(topology: str):
     """Abstract TPU devices of a topology name such as `v5p:2x2x1` (nothing runs on them)."""
-    platform.quiet_tpu_compiler()
+    accelerators.quiet_tpu_compiler()
     from jax.experimental import topologies
 
     try:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import ctypes
 import sys
 
-from elmjax import platform
+from elmjax import accelerators
 
 # glibc's mallopt parameter numbers (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -56,6 +56,6 @@ def apply(mode: str) -> bool:
 
     Returns whether host memory is now kept for reuse.
     """
-    if mode == "off" or (mode == "auto" and not platform.runs_on_cpu()):
+    if mode == "off" or (mode == "auto" and not accelerators.runs_on_cpu()):
         return False
     return keep_freed_host_memory()

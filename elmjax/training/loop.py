@@ -58,6 +58,11 @@ class StopRequest:
 
 
 OUTPUT_CLOSED = "no reader of stdout"  # StopRequest.signal when the log's pipe closed
+# Exit code of a run stopped on request before its last step, after saving: not finished, so
+# not 0 (a Kubernetes Job would count a preempted pod that exits 0 as completed and end the
+# run), nor 75 (a lost process: launch/slurm.sbatch restarts the job step on it, which a
+# deliberate `scancel --signal=TERM` or the signal before a time limit must not trigger).
+STOPPED_EXIT = 4
 
 
 def _stop_when_output_closes(log, closed: list):
@@ -71,7 +76,9 @@ def _stop_when_output_closes(log, closed: list):
             log(*args)
         except BrokenPipeError:
             closed.append(True)
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit too
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # quiet Python's flush at exit too
+            os.close(devnull)
     return write
 
 
@@ -107,7 +114,7 @@ def train(config, workdir, log=print) -> dict:
     step, state, frozen = setup_lib.initial_state(setup, workdir, data, log)
     evaluator = heldout.Evaluator(setup)
     manager = ckpt.make_manager(workdir, config.checkpoint)
-    writer = mt.MetricsWriter(workdir, enabled=primary, start_step=step)
+    writer = mt.MetricsWriter(workdir, enabled=primary, first_step=step + 1 if step else 0)
     if config.eval.get("at_start", False) and config.eval.every_steps and step == 0:
         results, line = evaluator.evaluate(setup, state["params"], frozen)
         writer.write(0, results)

@@ -120,22 +120,24 @@ class MetricsWriter:
     WORKDIR may be gs:// (metrics.jsonl grows by GCS compose, see elmjax/storage.py;
     tensorboardX uploads its event file to gs:// itself, at each flush).
 
-    `start_step`: the step the run starts or resumes from. Records of later steps, logged by a
-    run that died before its next checkpoint, describe steps about to be trained again: they
-    are dropped from metrics.jsonl and hidden in TensorBoard (its purge step), so each step
-    appears once."""
+    `first_step`: the first step this run logs (the step after the checkpoint it resumes from;
+    0 for a fresh start, whose held-out evaluation may log step 0). Records from there on, left
+    by a run that died before its next checkpoint, describe steps about to be trained again:
+    they are dropped from metrics.jsonl and hidden in TensorBoard (its purge step), so each step
+    appears once. None keeps everything."""
 
-    def __init__(self, workdir, enabled: bool = True, start_step: int = 0):
+    def __init__(self, workdir, enabled: bool = True, first_step: int | None = None):
         self.enabled = enabled
         self._jsonl = None
         self._tensorboard = None
         if enabled:
             workdir = storage.path(workdir)
-            forget_after(workdir / "metrics.jsonl", start_step)
+            if first_step is not None:
+                forget_from(workdir / "metrics.jsonl", first_step)
             self._jsonl = storage.AppendFile(workdir / "metrics.jsonl")
             from tensorboardX import SummaryWriter
 
-            self._tensorboard = SummaryWriter(str(workdir / "tensorboard"), purge_step=start_step + 1)
+            self._tensorboard = SummaryWriter(str(workdir / "tensorboard"), purge_step=first_step)
 
     def write(self, step: int, metrics: dict) -> None:
         """One JSON line `{"step": step, **metrics}` and one scalar per numeric metric."""
@@ -153,9 +155,9 @@ class MetricsWriter:
             self._tensorboard.close()
 
 
-def forget_after(jsonl, step: int) -> None:
-    """Rewrites the metrics file `jsonl` (if any) without the records of steps after `step`
-    (in one replacing write); lines that do not parse are kept."""
+def forget_from(jsonl, step: int) -> None:
+    """Rewrites the metrics file `jsonl` (if any) without the records of `step` and later (in
+    one replacing write); lines that do not parse are kept."""
     location = storage.path(jsonl)
     if not location.exists():
         return
@@ -163,7 +165,7 @@ def forget_after(jsonl, step: int) -> None:
 
     def later(line: str) -> bool:
         try:
-            return int(json.loads(line)["step"]) > step
+            return int(json.loads(line)["step"]) >= step
         except (ValueError, KeyError, TypeError):
             return False
 

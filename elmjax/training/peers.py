@@ -1,5 +1,5 @@
 """Multi-process runs that fail cleanly: when a process dies or hangs, every other process
-exits within a bounded time with one line and exit code `RESTART_EXIT`, so a launcher can
+exits within a bounded time with one line and exit code `PEER_LOST_EXIT`, so a launcher can
 restart the job (which resumes from the last checkpoint).
 
 Both bounded by `failure_timeout` seconds (`--failure_timeout`, default 30), in `Watchdog`:
@@ -32,10 +32,8 @@ import threading
 import time
 
 # sysexits.h EX_TEMPFAIL, "a temporary failure; the user is invited to retry": the job can be
-# restarted as it is (2 = a user error, 3 = non-finite loss; see elmjax/train.py). Also the
-# exit of a run stopped by SIGTERM/SIGINT after saving: to a launcher that is an unfinished job
-# to restart, not a completed one (a Kubernetes Job would otherwise end on a preemption).
-RESTART_EXIT = 75
+# restarted as it is (2 = a user error, 3 = non-finite loss; see elmjax/train.py).
+PEER_LOST_EXIT = 75
 DEFAULT_FAILURE_TIMEOUT = 30
 
 _settings = {"failure_timeout": None}
@@ -88,12 +86,12 @@ def exit_now(what: str, workdir) -> None:
     """Prints the one line (what happened, WORKDIR's last saved step, the exit code) and
     exits at once: the main thread may be blocked in a collective that will never finish."""
     line = (f"error: {what}; the last saved step is {last_saved(workdir)}; restart the "
-            f"job to resume from it (exit code {RESTART_EXIT})")
+            f"job to resume from it (exit code {PEER_LOST_EXIT})")
     try:
         sys.stdout.flush()
         print(line, file=sys.stderr, flush=True)
     finally:
-        os._exit(RESTART_EXIT)
+        os._exit(PEER_LOST_EXIT)
 
 
 class Watchdog:

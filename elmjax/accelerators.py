@@ -21,6 +21,19 @@ def _installed() -> list[str]:
     return [(distribution.metadata["Name"] or "").lower() for distribution in importlib.metadata.distributions()]
 
 
+def _registered_plugins() -> list[str]:
+    """JAX's own plugin registry (the `jax_plugins` entry points and namespace package): CUDA,
+    ROCm, Metal, Neuron, ... whatever this module's table does not name."""
+    import importlib.util
+    import pkgutil
+
+    names = [entry.name for entry in importlib.metadata.entry_points(group="jax_plugins")]
+    spec = importlib.util.find_spec("jax_plugins")
+    if spec is not None and spec.submodule_search_locations:
+        names += [module.name for module in pkgutil.iter_modules(spec.submodule_search_locations)]
+    return names
+
+
 def _has_devices(patterns, dev: str) -> bool:
     return any(glob.glob(os.path.join(glob.escape(dev), pattern)) for pattern in patterns)
 
@@ -50,18 +63,24 @@ def only_an_absent_tpu(dev: str = "/dev") -> bool:
         return False
     names = _installed()
     plugins = [prefixes for prefixes in _PLUGIN_DEVICES if any(name.startswith(prefixes) for name in names)]
-    return plugins == [TPU_PLUGINS] and not _has_devices(_PLUGIN_DEVICES[TPU_PLUGINS], dev)
+    return (plugins == [TPU_PLUGINS] and not _registered_plugins()
+            and not _has_devices(_PLUGIN_DEVICES[TPU_PLUGINS], dev))
 
 
 def skip_an_absent_tpu() -> bool:
     """Pins JAX to the CPU when `only_an_absent_tpu()`: JAX would fall back to the CPU anyway,
     after libtpu tried to start and printed five lines of complaints (every command, every
-    process). Must run before a backend starts; returns whether it pinned."""
+    process). One line says so on stderr, in case a TPU here shows up under other device
+    files. Must run before a backend starts; returns whether it pinned."""
     if not only_an_absent_tpu():
         return False
+    import sys
+
     import jax
 
     jax.config.update("jax_platforms", "cpu")
+    print("elmjax: libtpu is installed but no TPU device is under /dev: running on the CPU "
+          "(JAX_PLATFORMS=tpu forces the TPU)", file=sys.stderr)
     return True
 
 
