@@ -124,6 +124,31 @@ def test_train_tokenizer_tool_writes_a_model_of_the_requested_size(tmp_path):
     assert open_tokenizer(tmp_path / "tok.model").vocab_size == 500
 
 
+def test_train_tokenizer_tool_refuses_a_vocabulary_the_text_cannot_give_in_one_line(tmp_path, capsys):
+    """SentencePiece's own limit (its message, not ours, says how many pieces fit) as a one-line
+    error naming the flag, instead of its RuntimeError traceback."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(["alpha beta gamma delta"] * 50))
+    from tools.train_tokenizer import main
+
+    assert main([f"--source={corpus}", "--text_unit=line", "--vocab_size=2000",
+                 f"--output={tmp_path / 'tok.model'}"]) == 2  # fmt: skip
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: --vocab_size: a vocabulary of 2000 pieces is more than this text gives (at most ")
+    assert error.endswith("); lower the vocabulary size or train on more text") and "\n" not in error
+    assert not (tmp_path / "tok.model").exists()
+
+
+def test_prepare_data_names_a_missing_source_file(tokenizer, tmp_path, capsys):
+    from tools.prepare_data import main
+
+    tokenizer.save_hf_files(tmp_path)  # tokenizer.model among them
+    assert main([f"--source={tmp_path / 'nofile.txt'}", "--format=text", f"--tokenizer={tmp_path / 'tokenizer.model'}",
+                 f"--output={tmp_path / 'store'}"]) == 2  # fmt: skip
+    assert capsys.readouterr().err.strip() == (f"error: no such file: {tmp_path / 'nofile.txt'}; check --source, "
+                                               "--tokenizer and the data section of configs/tiny.py")
+
+
 def test_hf_files_load_in_mlx_lm_with_its_sentencepiece_detokenizer(tokenizer, tmp_path):
     tokenizer_utils = pytest.importorskip("mlx_lm.tokenizer_utils")
     tokenizer.save_hf_files(tmp_path)

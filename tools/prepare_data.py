@@ -66,7 +66,11 @@ def main(argv=None) -> int:
     try:
         validate(config)
         meta = prepare(config, args.output, overwrite=args.overwrite)
-    except (ConfigError, StorageError, ValueError, FileNotFoundError, FileExistsError) as error:
+    except FileNotFoundError as error:
+        print(f"error: no such file: {error.filename}; check --source, --tokenizer and the data section of "
+              f"{args.config}", file=sys.stderr)
+        return 2
+    except (ConfigError, StorageError, ValueError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(meta, indent=2))

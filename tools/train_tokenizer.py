@@ -59,7 +59,11 @@ def main(argv=None) -> int:
                 count += 1
                 yield source[index]
 
-    proto = train_sentencepiece(texts(), args.vocab_size)
+    try:
+        proto = train_sentencepiece(texts(), args.vocab_size)
+    except ValueError as error:
+        print(f"error: --vocab_size: {error}", file=sys.stderr)
+        return 2
     output = pathlib.Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_bytes(proto)

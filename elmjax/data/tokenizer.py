@@ -17,6 +17,7 @@ import io
 import json
 import os
 import pathlib
+import re
 import tempfile
 from typing import ClassVar, Iterable, Sequence
 
@@ -346,14 +347,24 @@ def _training_sentences(texts: Iterable[str]) -> Iterable[str]:
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> bytes:
-    """Trains a SentencePiece BPE with LLaMA's special ids (unk 0, bos 1, eos 2; pad 3)."""
+    """Trains a SentencePiece BPE with LLaMA's special ids (unk 0, bos 1, eos 2; pad 3).
+
+    Raises ValueError when the text cannot give `vocab_size` pieces (SentencePiece says how
+    many it can)."""
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_training_sentences(texts)),
-        model_writer=model,
-        vocab_size=vocab_size,
-        **_SPM_SETTINGS,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(_training_sentences(texts)),
+            model_writer=model,
+            vocab_size=vocab_size,
+            **_SPM_SETTINGS,
+        )
+    except RuntimeError as error:
+        most = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", str(error))
+        if most is None:
+            raise
+        raise ValueError(f"a vocabulary of {vocab_size} pieces is more than this text gives (at most "
+                         f"{most.group(1)}); lower the vocabulary size or train on more text") from None
     return model.getvalue()
 
 
