@@ -64,6 +64,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     for process, (stdout, stderr) in zip(processes, outputs):
         assert process.returncode == 4, stderr[-3000:]
     assert "another process received a stop signal" in outputs[0][0]  # process 0 logs
+    assert "process 1 received SIGTERM: saving step" in outputs[1][1]  # and the signalled one says so
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert len(steps) == 1 and steps[0] % 2 == 0
     data_files = sorted(p.name for p in (workdir / "checkpoints" / str(steps[0]) / "data").glob("*.json"))

@@ -190,6 +190,9 @@ def train(config, workdir, log=print) -> dict:
             interval_start = time.perf_counter()
         if stopping:
             log(f"{stop.describe()}: saving step {step} and exiting")
+            if not primary and stop.signal:  # only process 0 logs; the one signalled says so too
+                print(f"process {jax.process_index()} {stop.describe()}: saving step {step} with the others and "
+                      "exiting", file=sys.stderr)
             if step < config.train.steps:
                 last["stopped"] = stop.describe()
             break
