@@ -78,7 +78,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from elmjax import accelerators
+    from elmjax import cli  # one-line errors, and the CPU pinned before a JAX backend starts
 
-    accelerators.skip_an_absent_tpu()  # before anything starts a JAX backend
-    sys.exit(main())
+    sys.exit(cli.run_command(main))

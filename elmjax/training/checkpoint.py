@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 
 import jax
@@ -32,6 +31,7 @@ from elmjax import storage
 from elmjax.data import layout
 
 from elmjax.training import checksums
+from elmjax.training.orbax_noise import drop_failed_read_echoes
 from elmjax.training.checkpoint_errors import (  # noqa: F401  (CheckpointError: part of this module's API)
     CheckpointError,
     DamagedCheckpointError,
@@ -45,65 +45,6 @@ from elmjax.training.checkpoint_errors import (  # noqa: F401  (CheckpointError:
 from elmjax.training.saved_config import config_to_dict, read_config
 
 log = logging.getLogger("elmjax.training.checkpoint")
-
-
-class _NoItemMetadataWarning(logging.Filter):
-    """Orbax warns on every read of a step's `state` item that the item has no
-    `_CHECKPOINT_METADATA` of its own; the step directory has it, so the warning says nothing.
-    Its warning that a damaged `_METADATA` could not be read is dropped too: the restore then
-    fails, and that error names the step and what to do."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return "Metadata file does not exist" not in message and "Failed to get item metadata" not in message
-
-
-logging.getLogger("absl").addFilter(_NoItemMetadataWarning())
-
-# What orbax's reads still in flight raise once a restore has failed (see below).
-_FAILED_READ_ECHOES = ("Event loop is closed", "Encountered error while reading array index")
-
-
-def _is_failed_read_echo(error: BaseException | None) -> bool:
-    """Whether `error`, or an exception it came from, is one of a failed restore's echoes."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if str(error).startswith(_FAILED_READ_ECHOES):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
-class _NoFailedReadEchoes(logging.Filter):
-    """asyncio logs the reads' tasks that failed after the restore gave up ("Task exception was
-    never retrieved", with a traceback): echoes of the failure the caller reports once."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and _is_failed_read_echo(record.exc_info[1]))
-
-
-logging.getLogger("asyncio").addFilter(_NoFailedReadEchoes())
-
-
-def _drop_failed_read_echoes() -> None:
-    """Orbax's restore stops at the first array it cannot read and closes its event loop; the
-    reads still in flight then fail in TensorStore's threads, and Python prints each as an
-    ignored exception with its traceback (over a hundred for one truncated file). The failure
-    is reported once by the caller, so these echoes are dropped. Installed at each restore,
-    over whatever hook is current (a test runner may have replaced it); anything else still
-    goes to that hook. It stays for the process: an "Event loop is closed" that another
-    library's callbacks hit later is dropped too (Python was ignoring it there as well)."""
-    current = sys.unraisablehook
-    if getattr(current, "drops_failed_read_echoes", False):
-        return
-
-    def hook(unraisable):
-        if not _is_failed_read_echo(unraisable.exc_value):
-            current(unraisable)
-
-    hook.drops_failed_read_echoes = True
-    sys.unraisablehook = hook
 
 
 CHECKPOINTS = "checkpoints"
@@ -253,7 +194,7 @@ def restore_train_state(workdir, abstract_state, data_iterator):
     """
     root = checkpoint_dir(workdir)
     set_aside_incomplete_steps(root)
-    _drop_failed_read_echoes()
+    drop_failed_read_echoes()
     for step in reversed(complete_steps(root)):
         step_dir = root / str(step)
         train_checkpoint = is_train_checkpoint(step_dir)
@@ -305,13 +246,8 @@ def restore_params_for_init(path, abstract_params):
     """
     step_dir = _resolve_step_dir(path, None)
     check_matches(step_dir, {"params": abstract_params}, resuming=False)
-    _drop_failed_read_echoes()
-    try:
-        params = _restore_params_onto(step_dir, abstract_params)
-        verify(step_dir, {"params": params})
-    except Exception as error:  # noqa: BLE001 - any read failure means damaged files
-        raise unreadable(step_dir, error, complete_steps(step_dir.parent),
-                         "point train.init_from at the newest earlier complete step, {path}") from error
+    params = _read_or_explain(step_dir, lambda: _restore_params_onto(step_dir, abstract_params),
+                              "point train.init_from at the newest earlier complete step, {path}")
     return step_dir, params
 
 
@@ -323,6 +259,18 @@ def _restore_params_onto(step_dir: epath.Path, abstract_params):
         partial_restore=True,
     )
     return ocp.PyTreeCheckpointer().restore(storage.absolute(step_dir / "state"), args=args)["params"]
+
+
+def _read_or_explain(step_dir, read, fix: str) -> dict:
+    """`read()`'s parameters, checked against the step's checksums; any failure is one
+    `unreadable` line whose `fix` names the newest earlier complete step."""
+    drop_failed_read_echoes()
+    try:
+        params = read()
+        verify(step_dir, {"params": params})
+    except Exception as error:  # noqa: BLE001 - any read failure means damaged files
+        raise unreadable(step_dir, error, complete_steps(step_dir.parent), fix) from error
+    return params
 
 
 def _int_keys(tree):
@@ -359,14 +307,9 @@ def restore_params(path, step=None):
     `nnx.State.to_pure_dict()` layout, as numpy arrays.
     """
     step_dir = _resolve_step_dir(path, step)
-    _drop_failed_read_echoes()
-    try:
-        params = _read_params(step_dir)
-        verify(step_dir, {"params": params})
-    except Exception as error:  # noqa: BLE001 - any read failure means damaged files
-        raise unreadable(step_dir, error, complete_steps(step_dir.parent),
-                         "the newest earlier complete step is {path} (pass it, or --step {step} where the "
-                         "command takes a step)") from error
+    params = _read_or_explain(step_dir, lambda: _read_params(step_dir),
+                              "the newest earlier complete step is {path} (pass it, or --step {step} where the "
+                              "command takes a step)")
     log.info("restored parameters from %s", step_dir)
     config = read_config(step_dir)
     return config, _with_frozen(config, _int_keys(params))

@@ -46,14 +46,15 @@ def _root_cause(error: BaseException) -> str:
 
 
 def one_line(error: BaseException) -> str:
-    """`error` as "Type: first line", without the TensorStore spec dump (60 lines) that
-    orbax appends to a failed array read; the array's name is kept from it."""
+    """`error` as "Type: reason" (`_root_cause`: an OS error's reason from its chain, else
+    its first line), without the TensorStore spec dump (60 lines) that orbax appends to a
+    failed array read; the array's name is kept from it."""
     full = str(error)
-    text = (full.strip().splitlines() or [""])[0].split(" See full TensorStore details")[0].rstrip(".")
+    text = _root_cause(error).split(" See full TensorStore details")[0].rstrip(".")
     arrays = [p for p in re.findall(r"'path': '([^']+?)/?'", full) if not p.startswith(("/", "gs://"))]
     if arrays:
         text += f" of array {arrays[-1]}"
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return f"{type(error).__name__}: {text}" if text != type(error).__name__ else text
 
 
 def unreadable(step_dir, error: BaseException, complete, fix: str) -> DamagedCheckpointError:
