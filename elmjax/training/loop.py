@@ -25,16 +25,37 @@ from elmjax.training import stages
 
 
 class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits at the next step
-    (with several processes: at the next step where they agree, see `requested`)."""
+    """Why the loop should save a checkpoint and exit at the next step (with several
+    processes: at the next step where they agree, see `requested`): SIGTERM or SIGINT once
+    `listen` has run, or a closed stdout behind the log that `guard` wraps."""
 
     def __init__(self):
         self.signal = None
+
+    def listen(self) -> None:
+        """Installs the SIGTERM/SIGINT handlers (only once the loop starts: Ctrl-C while
+        building or compiling still interrupts at once, with nothing to save yet)."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.signal = signal.Signals(signum).name
+
+    def guard(self, log):
+        """`log`, which on a closed stdout (`train ... | head`) prints nothing more and
+        requests a stop: the loop then saves the step it reached, as on SIGINT, instead of
+        dying on BrokenPipeError with the steps since the last checkpoint."""
+        def write(*args):
+            if self.signal == OUTPUT_CLOSED:
+                return
+            try:
+                log(*args)
+            except BrokenPipeError:
+                self.signal = self.signal or OUTPUT_CLOSED
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())  # quiet Python's flush at exit too
+                os.close(devnull)
+        return write
 
     def requested(self, step: int, agree_every: int) -> bool:
         """Whether to save and stop after `step`.
@@ -65,31 +86,14 @@ OUTPUT_CLOSED = "no reader of stdout"  # StopRequest.signal when the log's pipe 
 STOPPED_EXIT = 4
 
 
-def _stop_when_output_closes(log, closed: list):
-    """`log`, which on a closed stdout (`train ... | head`) prints nothing more and appends to
-    `closed`: the loop then stops as on SIGINT, saving the step it reached, instead of dying
-    on BrokenPipeError with the steps since the last checkpoint."""
-    def write(*args):
-        if closed:
-            return
-        try:
-            log(*args)
-        except BrokenPipeError:
-            closed.append(True)
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())  # quiet Python's flush at exit too
-            os.close(devnull)
-    return write
-
-
 def train(config, workdir, log=print) -> dict:
     """Trains to `config.train.steps`, resuming from WORKDIR; returns the last metrics, with
     "stopped" (why) when a signal or a closed stdout stopped it earlier, after saving."""
     run_start = time.perf_counter()
     workdir = ckpt.prepare_workdir(workdir)
     primary = jax.process_index() == 0
-    closed_output = []
-    log = _stop_when_output_closes(log, closed_output) if primary else (lambda *args: None)
+    stop = StopRequest()
+    log = stop.guard(log) if primary else (lambda *args: None)
     saved_step = run_state.check_resume_config(workdir, config, log)
     if saved_step is not None and saved_step >= config.train.steps:
         log(f"{workdir} already holds the final checkpoint (step {saved_step} of {config.train.steps}); "
@@ -125,7 +129,7 @@ def train(config, workdir, log=print) -> dict:
     # A CPU peak is measured for the whole host (its devices share the cores).
     on_cpu = jax.devices()[0].platform == "cpu"
     peak_units = jax.process_count() if on_cpu else jax.device_count()
-    stop = StopRequest()
+    stop.listen()
     watchdog = peers.watch(workdir)  # a lost or hanging peer ends the run within a bound
     seen_nonfinite, last, run = int(jax.device_get(state["nonfinite_steps"])), {}, None
     interval_start, interval_steps, remeasured = time.perf_counter(), 0, False
@@ -140,8 +144,6 @@ def train(config, workdir, log=print) -> dict:
         local = next(data)
         state, metrics = run.train_step(state, frozen, setup_lib.global_batch(run.setup, local))
         step, interval_steps = step + 1, interval_steps + 1
-        if closed_output and stop.signal is None:
-            stop.signal = OUTPUT_CLOSED
         stopping = stop.requested(step, config.train.stop_check_every)
         watchdog.step_done(step)
         if step % config.train.log_every == 0 or step == config.train.steps or stopping:
