@@ -2,6 +2,7 @@
 backend starts (starting one is what this avoids: it takes seconds, and libtpu complains)."""
 from __future__ import annotations
 
+import functools
 import glob
 import importlib.metadata
 import os
@@ -17,8 +18,9 @@ _PLUGIN_DEVICES = {
 }
 
 
-def _installed() -> list[str]:
-    return [(distribution.metadata["Name"] or "").lower() for distribution in importlib.metadata.distributions()]
+@functools.cache  # scanning the distributions takes ~50 ms; a command asks more than once
+def _installed() -> tuple[str, ...]:
+    return tuple((distribution.metadata["Name"] or "").lower() for distribution in importlib.metadata.distributions())
 
 
 def _registered_plugins() -> list[str]:
@@ -54,6 +56,12 @@ def runs_on_cpu(dev: str = "/dev") -> bool:
     if platforms:
         return platforms.split(",")[0] == "cpu"
     return not accelerator_present(dev)
+
+
+def tpu_compiler_installed() -> bool:
+    """Whether libtpu (the TPU runtime and compiler that `--dry_run --topology` uses) is
+    installed."""
+    return any(name.startswith(TPU_PLUGINS) for name in _installed())
 
 
 def only_an_absent_tpu(dev: str = "/dev") -> bool:

@@ -28,6 +28,8 @@ import os
 
 from etils import epath
 
+from elmjax.validation import first_line
+
 GCS_PREFIX = "gs://"
 
 
@@ -101,8 +103,7 @@ def check_bucket(location) -> None:
     try:
         found = _gcs().exists(bucket)
     except Exception as error:  # noqa: BLE001 - auth, network and HTTP errors all end the same way
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise StorageError(f"cannot reach bucket gs://{bucket} ({type(error).__name__}: {first}); check "
+        raise StorageError(f"cannot reach bucket gs://{bucket} ({type(error).__name__}: {first_line(error)}); check "
                            "the network and credentials (gcloud auth application-default login)") from None
     finally:
         gcsfs_log.setLevel(level)

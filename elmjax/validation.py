@@ -14,6 +14,12 @@ class ConfigError(ValueError):
         self.field = field
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of `error`'s message, or its type's name when the message is empty:
+    the reason shown in a one-line error."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def require(condition: bool, field: str, message: str) -> None:
     """Raises `ConfigError(field, message)` unless `condition`."""
     if not condition:

@@ -4,7 +4,6 @@ startup complaints."""
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,7 @@ LIBTPU_COMPLAINTS = ("Failed to find host bounds", "E0000", "Source Location Tra
 def fake_host(monkeypatch, tmp_path, plugins, device_file, registered=()):
     """Installed distributions `plugins`, JAX plugins `registered` (jax_plugins) and a /dev tree
     holding `device_file`; returns the tree."""
-    installed = [types.SimpleNamespace(metadata={"Name": name}) for name in ("numpy", *plugins)]
-    monkeypatch.setattr(accelerators.importlib.metadata, "distributions", lambda: installed)
+    monkeypatch.setattr(accelerators, "_installed", lambda: ("numpy", *plugins))
     monkeypatch.setattr(accelerators, "_registered_plugins", lambda: list(registered))
     dev = tmp_path / "dev[1]"  # a directory name with glob characters in it
     dev.mkdir()

@@ -13,6 +13,7 @@ import jax
 
 from elmjax import storage
 from elmjax.tree import path_name
+from elmjax.validation import first_line
 
 
 class CheckpointError(RuntimeError):
@@ -42,7 +43,7 @@ def _root_cause(error: BaseException) -> str:
         if code:
             return os.strerror(int(code.group(1)))
         pending += [current.__cause__, current.__context__, *getattr(current, "exceptions", ())]
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return first_line(error)
 
 
 def one_line(error: BaseException) -> str:

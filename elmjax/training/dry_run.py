@@ -10,6 +10,7 @@ a roofline estimate of the compiler, not a measurement), hence an estimated MFU.
 from __future__ import annotations
 
 from elmjax import accelerators
+from elmjax.validation import first_line
 
 from elmjax.training import memory
 from elmjax.training.loop_costs import whole_step_costs
@@ -28,12 +29,9 @@ def tpu_devices(topology: str):
     try:
         return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
     except Exception as error:  # noqa: BLE001 - no libtpu, or a name it does not know
-        import importlib.util
-
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         names = "give a name such as v5p:2x2x1, v5e:2x2 or v4:2x2x1"
-        fix = names if importlib.util.find_spec("libtpu") else f"install it with pip install -e \".[tpu]\" and {names}"
-        raise ValueError(f"--topology={topology}: the TPU compiler cannot describe it ({reason}); {fix}") from None
+        fix = names if accelerators.tpu_compiler_installed() else f"install it with pip install -e \".[tpu]\" and {names}"
+        raise ValueError(f"--topology={topology}: the TPU compiler cannot describe it ({first_line(error)}); {fix}") from None
 
 
 def memory_report(compiled) -> dict:
