@@ -33,8 +33,11 @@ def _choice(config: ml_collections.ConfigDict, section: str, name: str, allowed)
     choice(config[section], section, name, allowed)
 
 
-def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Checks every field; raises `ConfigError` naming the first bad one. Returns `config`."""
+def validate(config: ml_collections.ConfigDict, *, reads_weights: bool = True) -> ml_collections.ConfigDict:
+    """Checks every field; raises `ConfigError` naming the first bad one. Returns `config`.
+
+    `reads_weights=False` is for commands that use the config's shapes only (a dry run, a
+    parameter count): adapters and DPO then need no `train.init_from` to start from."""
     model = config.model
     family = models.get(model.family)  # ConfigError listing the known families
     missing = [name for name in family.model_fields() if name not in model]
@@ -88,7 +91,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         )
     _validate_mup_and_alibi(model)
     family.validate(model)
-    _validate_adapter(config)
+    _validate_adapter(config, reads_weights)
 
     train = config.train
     for name in ("steps", "batch_size", "seq_len", "grad_accum_steps", "log_every", "stop_check_every"):
@@ -108,7 +111,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _choice(config, "train", "nonfinite", NONFINITE_ACTIONS)
     at_least(train, "train", "max_nonfinite_streak", 1)
     _choice(config, "train", "reuse_host_memory", HOST_MEMORY_MODES)
-    _validate_objective(config)
+    _validate_objective(config, reads_weights)
     _require(
         isinstance(train.workdir, str), "train.workdir", f"is {train.workdir!r}; need a path string"
     )
@@ -201,7 +204,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
-def _validate_adapter(config) -> None:
+def _validate_adapter(config, reads_weights: bool) -> None:
     """`model.adapter`: its kind, shape and targets; adapters need a base (`train.init_from`)."""
     from elmjax.layers.adapters import ADAPTER_KINDS, target_names
 
@@ -217,14 +220,14 @@ def _validate_adapter(config) -> None:
         "is empty; name the layers to adapt, e.g. qkv_proj,out_proj,proj_1,proj_2",
     )
     _require(
-        config.train.init_from != "",
+        config.train.init_from != "" or not reads_weights,
         "train.init_from",
         "is empty, but adapters train over a frozen base model: give the base's training workdir or "
         "step directory (tools/import_hf.py turns a Hugging Face model into one)",
     )
 
 
-def _validate_objective(config) -> None:
+def _validate_objective(config, reads_weights: bool) -> None:
     """`train.objective` and, for DPO, the `dpo` section: DPO's reference is the frozen base
     under adapters, and pairs of rows stay whole in every micro-batch."""
     from elmjax.training.dpo import DPO_LOSSES, DPO_REFERENCES
@@ -251,7 +254,7 @@ def _validate_objective(config) -> None:
             "reference, so use dpo.reference=base",
         )
         _require(
-            config.train.init_from != "",
+            config.train.init_from != "" or not reads_weights,
             "train.init_from",
             "is empty; DPO starts from a trained model (its starting weights are the reference): give its "
             "workdir or step directory",

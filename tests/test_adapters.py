@@ -122,3 +122,32 @@ def test_other_families_adapt_their_linear_layers_and_export_merged(tmp_path, co
     assert "model.safetensors" in export_params(tmp_path / "merged", merged_config.model, merged, target="torch")
     with pytest.raises(ValueError, match="export the merged model instead"):
         adapter_export.export_adapters(tmp_path / "a", config, params, to="peft")
+
+
+def test_count_params_counts_a_lora_config_as_peft_does_before_its_base_exists(tmp_path):
+    """tools/count_params.py reads shapes only, so a LoRA config needs no `train.init_from`
+    there; its counts are peft's for the same adapters on the exported PyTorch OpenELM."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from flax import nnx
+    from peft import LoraConfig, get_peft_model
+
+    from elmjax.config import load_config_file
+    from elmjax.models.openelm.torch_model import OpenELMForCausalLM
+    from export_support import random_params
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "tools/count_params.py", "--config=configs/lora_sft_tiny.py"],
+                            cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = load_config_file(root / "configs" / "lora_sft_tiny.py")
+    base = base_config_of(config).model
+    export_params(tmp_path / "base", base, nnx.to_pure_dict(random_params(base)), target="torch")
+    adapter = config.model.adapter
+    model = get_peft_model(OpenELMForCausalLM.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=adapter.rank, lora_alpha=adapter.alpha, target_modules=adapter.targets.split(",")))
+    trainable_count, total = model.get_nb_trainable_parameters()
+    lines = result.stdout.splitlines()
+    assert f"trainable params: {trainable_count}" in lines and f"params: {total}" in lines

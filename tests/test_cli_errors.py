@@ -45,14 +45,25 @@ def config_files(tmp_path):
     (["--config.train.steps=many"], "flag --config.train.steps=many: invalid literal for int()"),
     (["--config.model.family=gpt"], "config field `model.family`: is 'gpt'; known families: "),
     (["--config=configs/dpo_openelm_instruct.py:9b"], "unknown OpenELM size '9b' in --config=...:9b; choose one of"),
-    (["--config=configs/tiny.py", "--config.model.adapter.kind=lora"], "config field `train.init_from`: is empty, but "
-     "adapters train over a frozen base model"),
     (["--config=configs/tiny.py", "--config.train.objective=dpo"], "config field `model.adapter.kind`: is 'none', "
      "but dpo.reference='base' is the frozen base under adapters"),
 ])
 def test_config_mistakes_are_one_line_errors(config_files, args, expected):
     args = [a.replace("DIR", str(config_files)).replace("MISSING", str(config_files / "missing")) for a in args]
     assert expected in one_line_error(train(*args, "--dry_run"))
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config.model.adapter.kind=lora"], "config field `train.init_from`: is empty, but adapters train over a "
+     "frozen base model"),
+    (["--config.train.objective=dpo", "--config.dpo.reference=initial"], "config field `train.init_from`: is empty; "
+     "DPO starts from a trained model"),
+], ids=["adapters", "dpo"])
+def test_training_without_a_model_to_start_from_names_train_init_from_before_writing(tmp_path, args, expected):
+    # not under --dry_run, which reads no weights and so needs none (tests/test_dry_run.py)
+    error = one_line_error(train("--config=configs/tiny.py", *args, f"--workdir={tmp_path / 'run'}"))
+    assert expected in error
+    assert not (tmp_path / "run").exists()
 
 
 def test_batch_that_does_not_split_over_the_mesh_names_train_batch_size():

@@ -95,9 +95,10 @@ def test_scanned_layers_and_accumulation_count_every_iteration_like_the_unrolled
 def test_dpo_counts_the_reference_pass_through_scanned_runs_like_the_unrolled_step(reference):
     """DPO's reference pass runs each scanned run once more, forward only; the dry run adds
     those iterations too, and a frozen layer's probe takes no weight gradients. Oracle: the
-    compiler's count for the unrolled DPO step."""
+    compiler's count for the unrolled DPO step. (No `train.init_from`: a dry run reads no
+    weights, so DPO and adapters need no model to start from there.)"""
     base = ["--config=configs/tiny_btlm.py", "--dry_run", "--config.train.objective=dpo", *reference,
-            "--config.train.stages=()", "--config.train.init_from=/a/dry/run/reads/no/checkpoint"]
+            "--config.train.stages=()"]
     unrolled = train(*base, "--config.model.scan_layers=False")
     scanned = train(*base)
     for result in (unrolled, scanned):
