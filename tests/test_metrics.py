@@ -1,5 +1,6 @@
 """FLOPs per token (SPEC §4, per layer), MFU, and the metrics writers."""
 import json
+import time
 
 import pytest
 
@@ -80,6 +81,26 @@ def test_writer_starting_afresh_drops_every_record_of_the_run_before(tmp_path):
     writer.write(0, {"heldout/loss": 7.0})
     writer.close()
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == [json.dumps({"step": 0, "heldout/loss": 7.0})]
+
+
+def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path):
+    """A run logged steps 1-5 and died with checkpoint 3; the rerun logs 4-6 again. TensorBoard's
+    own loader (purging orphaned data, its default) shows the rerun's 4 and 5 only."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = mt.MetricsWriter(tmp_path, first_step=0)
+    for step in range(1, 6):
+        first.write(step, {"loss": 10.0 - step})
+    first.close()
+    time.sleep(1.1)  # event files are named by the second they were opened in
+    rerun = mt.MetricsWriter(tmp_path, first_step=4)
+    for step in range(4, 7):
+        rerun.write(step, {"loss": 100.0 + step})
+    rerun.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [
+        (1, 9.0), (2, 8.0), (3, 7.0), (4, 104.0), (5, 105.0), (6, 106.0)]
 
 
 def test_writer_without_a_first_step_keeps_the_file(tmp_path):
