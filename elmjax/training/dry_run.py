@@ -10,12 +10,11 @@ a roofline estimate of the compiler, not a measurement), hence an estimated MFU.
 from __future__ import annotations
 
 from elmjax import accelerators
-from elmjax.validation import first_line
-
 from elmjax.training import memory
 from elmjax.training.loop_costs import whole_step_costs
 from elmjax.training.metrics import accelerator_spec, flops_per_token
 from elmjax.training.setup import build_setup, compile_train_step
+from elmjax.validation import first_line
 
 GiB = 2.0**30
 COUNTED = " with every loop iteration counted"  # elmjax/training/loop_costs.py
