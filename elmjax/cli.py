@@ -57,8 +57,9 @@ def describe_flag_error(error: BaseException, argv) -> str:
     unknown = re.search(r"'(\w+)'\\*n?.*?Did you mean \"(\w+)\"", text.replace("\\'", "'"))
     if isinstance(error, (AttributeError, KeyError)):
         key = unknown.group(1) if unknown else text.strip("'\"\\").split("'")[0]
+        # the flag that names `key` (the unknown field, or a section on the way to one)
         override = next((a.split("=")[0] for a in argv if a.startswith("--config.") and
-                         a.split("=")[0].endswith(f".{key}")), f"--config.…{key}")
+                         key in a.split("=")[0].split(".")[1:]), f"--config.…{key}")
         hint = f" (did you mean {unknown.group(2)!r}?)" if unknown else ""
         return f"{override} is not a config field{hint}; the fields are listed in elmjax/config.py and the family's model_fields()"
     if isinstance(error, flags.Error):

@@ -9,6 +9,7 @@ import ml_collections
 from elmjax import models
 from elmjax.data.formats import DATA_FORMATS, TEXT_UNITS, chat_header, parse_mixture_weights, source_entries
 from elmjax.layers.remat import REMAT_POLICY_NAMES
+from elmjax.parallel.sharding import MESH_AXES
 from elmjax.training import stage_plan
 from elmjax.validation import ConfigError, at_least, check_expert_axis, choice, require
 
@@ -183,10 +184,14 @@ def validate(config: ml_collections.ConfigDict, *, reads_weights: bool = True) -
     )
 
     _require(isinstance(config.eval.at_start, bool), "eval.at_start", f"is {config.eval.at_start!r}; need True or False")
+    _require(config.eval.every_steps >= 0, "eval.every_steps",
+             f"is {config.eval.every_steps}; need >= 0 (0 = no held-out evaluation)")
+    at_least(config.eval, "eval", "batches", 1)
 
     mesh = config.mesh
-    sizes = [mesh[name] for name in ("data", "fsdp", "tensor", "expert")]
-    for name, size in zip(("data", "fsdp", "tensor", "expert"), sizes):
+    _validate_rules(mesh.rules)
+    sizes = [mesh[name] for name in MESH_AXES]
+    for name, size in zip(MESH_AXES, sizes):
         _require(size == -1 or size >= 1, f"mesh.{name}", f"is {size}; need -1 or >= 1")
     _require(
         sizes.count(-1) <= 1,
@@ -202,6 +207,22 @@ def validate(config: ml_collections.ConfigDict, *, reads_weights: bool = True) -
     if family.has_experts and mesh.expert > 1:
         check_expert_axis(family.num_experts(model), mesh.expert)
     return config
+
+
+def _validate_rules(rules) -> None:
+    """`mesh.rules`: (logical axis, mesh axes) pairs, the mesh axes None, one name or a tuple
+    of names of the mesh."""
+    form = ("need ((logical_axis, mesh_axes), ...) pairs, mesh_axes being None, a mesh axis or a tuple of "
+            f"them (mesh axes: {', '.join(MESH_AXES)}); the default is elmjax/config.py's DEFAULT_SHARDING_RULES")
+    pairs = rules if isinstance(rules, (tuple, list)) else None
+    _require(pairs is not None and all(isinstance(pair, (tuple, list)) and len(pair) == 2
+                                       and isinstance(pair[0], str) for pair in pairs),
+             "mesh.rules", f"is {rules!r}; {form}")
+    for logical, target in pairs:
+        axes = () if target is None else (target,) if isinstance(target, str) else target
+        unknown = [axis for axis in axes if axis not in MESH_AXES] if isinstance(axes, (tuple, list)) else [axes]
+        _require(not unknown, "mesh.rules",
+                 f"maps {logical!r} to {unknown[0] if unknown else None!r}, which is not a mesh axis; {form}")
 
 
 def _validate_adapter(config, reads_weights: bool) -> None:
