@@ -105,3 +105,11 @@ def test_generate_from_a_missing_checkpoint_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "elmjax.generate", "--checkpoint", str(tmp_path / "nope"),
                              "--prompt", "The"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert "does not exist; pass a training workdir or a step directory" in one_line_error(result)
+
+
+def test_a_vocabulary_too_small_for_the_embedded_corpus_names_model_vocab_size(tmp_path):
+    """SentencePiece's own bound (the corpus's characters plus the special and byte pieces)."""
+    error = one_line_error(train("--config=configs/tiny.py", "--config.model.vocab_size=100",
+                                 f"--workdir={tmp_path / 'run'}"))
+    assert error.startswith("error: config field `model.vocab_size`: is 100, which the tokenizer trained on the "
+                            "embedded corpus cannot have (at least 327, for its characters and special pieces)")

@@ -346,11 +346,21 @@ def _training_sentences(texts: Iterable[str]) -> Iterable[str]:
                 yield paragraph[: _SPM_SETTINGS["max_sentence_length"] // 4]
 
 
+class VocabularySizeError(ValueError):
+    """SentencePiece cannot train a vocabulary of the size asked for on the text given:
+    `most` (the text gives no more pieces) or `fewest` (its characters and the special and
+    byte pieces need that many) is SentencePiece's bound; the other is None."""
+
+    def __init__(self, message: str, *, most: int | None = None, fewest: int | None = None):
+        super().__init__(message)
+        self.most, self.fewest = most, fewest
+
+
 def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> bytes:
     """Trains a SentencePiece BPE with LLaMA's special ids (unk 0, bos 1, eos 2; pad 3).
 
-    Raises ValueError when the text cannot give `vocab_size` pieces (SentencePiece says how
-    many it can)."""
+    Raises VocabularySizeError when `vocab_size` is more pieces than the text gives or fewer
+    than its characters need (with SentencePiece's own bound)."""
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -361,10 +371,16 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> bytes:
         )
     except RuntimeError as error:
         most = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", str(error))
-        if most is None:
-            raise
-        raise ValueError(f"a vocabulary of {vocab_size} pieces is more than this text gives (at most "
-                         f"{most.group(1)}); lower the vocabulary size or train on more text") from None
+        fewest = re.search(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)", str(error))
+        if most:
+            raise VocabularySizeError(f"a vocabulary of {vocab_size} pieces is more than this text gives (at most "
+                                      f"{most.group(1)}); lower the vocabulary size or train on more text",
+                                      most=int(most.group(1))) from None
+        if fewest:
+            raise VocabularySizeError(f"a vocabulary of {vocab_size} pieces is too small for this text (its "
+                                      f"characters and the special and byte pieces need at least {fewest.group(1)}); "
+                                      "raise the vocabulary size", fewest=int(fewest.group(1))) from None
+        raise
     return model.getvalue()
 
 

@@ -7,7 +7,7 @@ with is a one-line ConfigError.
 """
 from __future__ import annotations
 
-from elmjax.data.tokenizer import Tokenizer, embedded_tokenizer, open_tokenizer
+from elmjax.data.tokenizer import Tokenizer, VocabularySizeError, embedded_tokenizer, open_tokenizer
 
 
 def load_store_tokenizer(root: str) -> Tokenizer:
@@ -81,4 +81,11 @@ def load_tokenizer(config) -> Tokenizer:
         )
     # The embedded tokenizer is always trained on both corpora, so a mixture of one of them
     # uses the same vocabulary as the default.
-    return embedded_tokenizer(config.model.vocab_size, ("kjv", "shakespeare"))
+    try:
+        return embedded_tokenizer(config.model.vocab_size, ("kjv", "shakespeare"))
+    except VocabularySizeError as error:
+        from elmjax.validation import ConfigError
+
+        bound = f"at most {error.most}" if error.most else f"at least {error.fewest}, for its characters and special pieces"
+        raise ConfigError("model.vocab_size", f"is {config.model.vocab_size}, which the tokenizer trained on the "
+                          f"embedded corpus cannot have ({bound}); set a size in that range") from None
