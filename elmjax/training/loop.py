@@ -237,6 +237,6 @@ def _print_sample(config, state, frozen, setup, log) -> None:
 
     model = nnx.merge(setup.graphdef, jax.device_get(state["params"]), jax.device_get(model_frozen(config, frozen)))
     text = sample_text(model, load_tokenizer(config), "The", 40, max_seq_len=config.model.max_seq_len)
-    log(f"sample: The{text}")
+    log("sample: " + ("The" + text).replace("\n", "\\n"))  # one log line, however many lines it wrote
 
 
