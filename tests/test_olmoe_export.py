@@ -182,6 +182,8 @@ def test_a_trained_moe_checkpoint_exports_with_its_tokenizer(tmp_path):
     from elmjax.data.tokenizer_choice import load_tokenizer
     from elmjax.training.checkpoint import load_model as load_checkpoint
     from elmjax.training.loop import train
+    from transformers import PreTrainedTokenizerFast
+
     from export_support import model_logits
     from tools import export as export_tool
 
@@ -192,6 +194,11 @@ def test_a_trained_moe_checkpoint_exports_with_its_tokenizer(tmp_path):
     tokenizer = load_tokenizer(config)
     exported = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (exported["bos_token_id"], exported["eos_token_id"]) == (tokenizer.bos_id, tokenizer.eos_id)
+    # config.json's special ids are those transformers reads from the exported tokenizer files
+    # (pad was OlmoeConfig's default 1, the tiny tokenizer's bos)
+    theirs_tokenizer = PreTrainedTokenizerFast.from_pretrained(tmp_path / "hf")
+    assert [exported[f"{kind}_token_id"] for kind in ("bos", "eos", "pad")] == [
+        theirs_tokenizer.bos_token_id, theirs_tokenizer.eos_token_id, theirs_tokenizer.pad_token_id]
     _, model = load_checkpoint(tmp_path / "run")
     tokens = np.random.default_rng(1).integers(0, tokenizer.vocab_size, size=(1, 12)).astype(np.int32)
     with torch.no_grad():

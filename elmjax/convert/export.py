@@ -95,6 +95,8 @@ def export_params(
     if tokenizer is not None:
         config["bos_token_id"] = generation_config["bos_token_id"] = int(tokenizer.bos_id)
         config["eos_token_id"] = generation_config["eos_token_id"] = int(tokenizer.eos_id)
+        if "pad_token_id" in config:  # OLMoE's config names one (its default is another tokenizer's)
+            config["pad_token_id"] = tokenizer.pad_token_id
     np_dtype = EXPORT_DTYPES[dtype]
     if target == "mlx":
         config = mlx.mlx_config(config, quantize, group_size)

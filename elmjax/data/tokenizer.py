@@ -71,6 +71,7 @@ class Tokenizer(abc.ABC):
     bos_id: int
     eos_id: int
     pad_id: int  # the pad token's id, or 0 when the vocabulary has none
+    pad_token_id: int | None  # the pad token's id, or None when the vocabulary has none
     stored_file_name: str  # the file `stored_file` names ("tokenizer.model", ...)
     _by_stored_file_name: ClassVar[dict[str, type[Tokenizer]]] = {}
 
@@ -198,7 +199,8 @@ class SentencePieceTokenizer(Tokenizer):
         self.vocab_size = self._sp.get_piece_size()
         self.bos_id = self._sp.bos_id()
         self.eos_id = self._sp.eos_id()
-        self.pad_id = max(self._sp.pad_id(), 0)
+        self.pad_token_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else None
+        self.pad_id = self.pad_token_id or 0
 
     @classmethod
     def from_file(cls, path) -> "SentencePieceTokenizer":
@@ -261,8 +263,8 @@ class HuggingFaceTokenizer(Tokenizer):
         self._special = special
         self.bos_id = self._find("bos", special, self._BOS_NAMES)
         self.eos_id = self._find("eos", special, self._EOS_NAMES)
-        pad = self._find("pad", special, self._PAD_NAMES)
-        self.pad_id = 0 if pad is None else pad
+        self.pad_token_id = self._find("pad", special, self._PAD_NAMES)
+        self.pad_id = self.pad_token_id or 0
 
     def _find(self, kind: str, special: dict, names: Sequence[str]) -> int | None:
         token = special.get(f"{kind}_token")
