@@ -140,3 +140,10 @@ def test_lm_is_registered_with_lm_eval_as_elmjax():
     from lm_eval.api.registry import get_model
 
     assert get_model("elmjax") is ev.ElmjaxLM
+
+
+@pytest.mark.parametrize("flag", ["--limit", "--batch_size"])
+def test_a_count_below_one_is_a_one_line_error_before_loading(capsys, flag):
+    # --limit 0 reached lm-eval, which failed with "task.build_requests() did not find any docs!"
+    assert ev.main(["--checkpoint", "/nonexistent", "--tasks", "openelm_piqa", flag, "0"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {flag} is 0; need >= 1 ")

@@ -198,6 +198,15 @@ def check_task_names(names, manager) -> None:
         )
 
 
+# lm-eval's notices about choices this module makes on purpose (zero-shot; tasks configured
+# in elmjax/inference/tasks), repeated for every task: dropped, its other warnings kept.
+_EXPECTED_NOTICES = ("Custom kwargs can be passed to `--metadata`", "Overwriting default num_fewshot")
+
+
+def _drop_expected_notices(record: logging.LogRecord) -> bool:
+    return not any(notice in str(record.msg) for notice in _EXPECTED_NOTICES)
+
+
 def evaluate(lm, tasks, *, limit=None, seed: int = 1234) -> dict:
     """Runs lm-eval on `tasks` (names) with `lm`; returns {task: {metric: value}}.
 
@@ -214,6 +223,9 @@ def evaluate(lm, tasks, *, limit=None, seed: int = 1234) -> dict:
     # lm-eval bootstraps some stderrs (perplexity) in a forked process pool, which can
     # deadlock a process running JAX's threads: bootstrap in-process, with fewer draws.
     os.environ.setdefault("DISABLE_MULTIPROC", "1")
+    for name in ("lm_eval.api.task", "lm_eval.evaluator"):
+        if _drop_expected_notices not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(_drop_expected_notices)
     output = lm_eval.simple_evaluate(
         model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=0,
         random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
@@ -239,6 +251,11 @@ def main(argv=None) -> int:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    for flag, value, what in (("--limit", args.limit, "documents per task (leave it out for all)"),
+                              ("--batch_size", args.batch_size, "rows per forward pass")):
+        if value is not None and value < 1:
+            print(f"error: {flag} is {value}; need >= 1 {what}", file=sys.stderr)
+            return 2
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         print("no --tasks given; nothing to evaluate", file=sys.stderr)
@@ -251,7 +268,8 @@ def main(argv=None) -> int:
     lm = ElmjaxLM(checkpoint=args.checkpoint, step=args.step, batch_size=args.batch_size)
     results = evaluate(lm, tasks, limit=args.limit)
     for task, metrics in sorted(results.items()):
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if not k.endswith("stderr"))
+        shown = ", ".join(f"{k} {int(v)}" if k == "sample_len" else f"{k} {v:.4f}"
+                          for k, v in sorted(metrics.items()) if not k.endswith("stderr"))
         print(f"{task}: {shown}")
     if args.out:
         with open(args.out, "w") as f:
