@@ -52,6 +52,8 @@ def describe_flag_error(error: BaseException, argv) -> str:
     if isinstance(error, OSError) or "No such file" in text or "failure to load" in text:
         return (f"config file {path} cannot be loaded ({text.strip().splitlines()[-1].strip()}); "
                 "pass --config=PATH to a Python file with get_config()")
+    if "get_config() takes 0 positional arguments" in text:
+        return f"config file {path} takes no argument, but --config gave it one after ':'; pass --config={path}"
     if "has no attribute 'get_config'" in text:
         return f"config file {path} defines no get_config(); it must define get_config() returning an ml_collections.ConfigDict"
     unknown = re.search(r"'(\w+)'\\*n?.*?Did you mean \"(\w+)\"", text.replace("\\'", "'"))

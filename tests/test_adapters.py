@@ -120,7 +120,8 @@ def test_other_families_adapt_their_linear_layers_and_export_merged(tmp_path, co
     np.testing.assert_allclose(forward(adapted_model(merged_config, merged), tokens),
                                forward(adapted_model(config, params), tokens), atol=1e-5, rtol=0)
     assert "model.safetensors" in export_params(tmp_path / "merged", merged_config.model, merged, target="torch")
-    with pytest.raises(ValueError, match="export the merged model instead"):
+    # OLMoE: its out_proj is one module (o_proj), but no family but OpenELM maps adapters
+    with pytest.raises(ValueError, match="adapters export alone for OpenELM models only.*export the merged model"):
         adapter_export.export_adapters(tmp_path / "a", config, params, to="peft")
 
 

@@ -45,6 +45,8 @@ def config_files(tmp_path):
     (["--config=DIR/returns_none.py"], "get_config() of the config file returned None"),
     (["--config.train.steps=many"], "flag --config.train.steps=many: invalid literal for int()"),
     (["--config.model.family=gpt"], "config field `model.family`: is 'gpt'; known families: "),
+    (["--config=configs/tiny.py:foo"], "config file configs/tiny.py takes no argument, but --config gave it one "
+     "after ':'; pass --config=configs/tiny.py"),
     (["--config=configs/dpo_openelm_instruct.py:9b"], "unknown OpenELM size '9b' in --config=...:9b; choose one of"),
     (["--config=configs/tiny.py", "--config.train.objective=dpo"], "config field `model.adapter.kind`: is 'none', "
      "but dpo.reference='base' is the frozen base under adapters"),

@@ -151,6 +151,7 @@ def test_an_unknown_target_is_a_clear_error(trained, tmp_path, capsys):
         (["--to", "mlx", "--quantize", "4", "--group-size", "48"], "group size 48; --group-size must be one of 32, 64, 128"),
         (["--to", "torch", "--quantize", "4"], "--quantize applies to --to mlx only"),
         (["--to", "mlx", "--dtype", "int8"], "unknown dtype 'int8'"),
+        (["--to", "torch", "--max-shard-gb", "0"], "--max-shard-gb is 0; need > 0"),  # named an internal variable
     ],
 )
 def test_an_unsupported_quantization_or_dtype_is_a_clear_error(trained, tmp_path, capsys, args, message):

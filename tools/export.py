@@ -46,6 +46,10 @@ def main(argv=None) -> int:
     if (args.target is None) == (args.adapters is None):
         print("export failed: give exactly one of --to {torch,mlx} (the model) or --adapters {peft,mlx}", file=sys.stderr)
         return 2
+    if not args.max_shard_gb > 0:
+        print(f"export failed: --max-shard-gb is {args.max_shard_gb:g}; need > 0 (GiB per model.safetensors shard)",
+              file=sys.stderr)
+        return 2
     try:
         if args.adapters:
             files = export_adapter_checkpoint(args.checkpoint, args.out, to=args.adapters, step=args.step,

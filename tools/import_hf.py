@@ -1,4 +1,4 @@
-"""Import a Hugging Face OpenELM or BTLM directory as an elmjax checkpoint workdir.
+"""Import a Hugging Face OpenELM, OLMoE or BTLM directory as an elmjax checkpoint workdir.
 
     python tools/import_hf.py --hf HF_DIR --out WORKDIR [--overwrite]
 

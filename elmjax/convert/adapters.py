@@ -79,9 +79,14 @@ def merge(config, params):
 def _module_names(model_config, layers) -> dict[str, str]:
     """{elmjax layer path: HF module name}; ValueError when the family's layout has none."""
     layout = hf.layout_for(model_config)
+    if not hasattr(layout, "linear_module"):
+        raise ValueError(
+            f"adapters export alone for OpenELM models only; the {model_config.family!r} family's adapter layers "
+            "are not mapped to Hugging Face modules, so export the merged model instead (--to torch or --to mlx)"
+        )
     names = {}
     for layer in layers:
-        name = layout.linear_module(layer) if hasattr(layout, "linear_module") else None
+        name = layout.linear_module(layer)
         if name is None:
             raise ValueError(
                 f"the {model_config.family!r} layout has no single Hugging Face module for the adapted layer "

@@ -94,7 +94,7 @@ def validate(config) -> None:
             f"a stage of {train.stage_unit} ends before it trains a step: {entries}")
     require(stages[-1].last_step == train.steps, "train.stages",
             f"the stages end at step {stages[-1].last_step} but train.steps is {train.steps}; "
-            f"set train.steps={stages[-1].last_step}")
+            f"set train.steps={stages[-1].last_step}, or make the last stage end at {train.steps}")
     require(config.data.num_workers == 0, "data.num_workers",
             f"is {config.data.num_workers}; train.stages re-packs the loader's state at a boundary, "
             "which needs the in-process loader (num_workers=0)")
