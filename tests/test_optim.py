@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from elmjax.config import base_config
-from elmjax.training.optim import clip_by_global_norm, learning_rate_schedule, make_optimizer, weight_decay_mask
+from elmjax.training.optim import (clip_by_global_norm, learning_rate_schedule, make_optimizer, schedule_warning,
+                                   weight_decay_mask)
 
 
 def optim_config(**overrides):
@@ -80,3 +81,13 @@ def test_clip_leaves_small_gradients_and_disabled_clip_alone():
     np.testing.assert_array_equal(clip_by_global_norm(grads, jnp.float32(0.5), 1.0)["a"], grads["a"])
     big = {"a": jnp.array([30.0, 40.0])}
     np.testing.assert_array_equal(clip_by_global_norm(big, jnp.float32(50.0), 0.0)["a"], [30.0, 40.0])
+
+
+def test_a_run_that_ends_inside_the_warmup_is_warned_with_the_rate_it_reaches():
+    import ml_collections
+
+    optim_config = ml_collections.ConfigDict(dict(init_lr=0.0, peak_lr=0.01, warmup_steps=50))
+    assert schedule_warning(optim_config, 20) == (
+        "warning: train.steps=20 ends inside the warmup (optim.warmup_steps=50): the learning rate rises only to "
+        "0.004, not optim.peak_lr=0.01; for a short run lower --config.optim.warmup_steps")
+    assert schedule_warning(optim_config, 50) is None

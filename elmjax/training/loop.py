@@ -18,6 +18,7 @@ from elmjax.training import checkpoint as ckpt
 from elmjax.training import heldout
 from elmjax.training import memory
 from elmjax.training import metrics as mt
+from elmjax.training import optim
 from elmjax.training import peers
 from elmjax.training import run_state
 from elmjax.training import setup as setup_lib
@@ -113,6 +114,9 @@ def train(config, workdir, log=print) -> dict:
     log(f"workdir {storage.absolute(workdir)} | mesh {dict(setup.mesh.shape)} | {setup.num_params:,} parameters"
         + ("" if setup.num_trainable == setup.num_params else f" ({setup.num_trainable:,} trainable)"))
     memory.check_fits(setup)  # before restoring or compiling anything
+    warning = optim.schedule_warning(config.optim, config.train.steps)
+    if warning:
+        log(warning)
     plan = stages.plan(config)
     data = stages.train_data(config, plan)  # a staged run's data state carries its stage
     step, state, frozen = setup_lib.initial_state(setup, workdir, data, log)
