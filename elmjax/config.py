@@ -91,7 +91,7 @@ def base_config(family: str = "openelm") -> ml_collections.ConfigDict:
     adapter.alpha = 32.0  # scale s = alpha / r (alpha / sqrt(r) with rslora)
     adapter.dropout = 0.1  # on the inputs of adapted linear layers (not the embedding)
     adapter.rslora = False  # rank-stabilised scale alpha / sqrt(r)
-    adapter.targets = "token_embeddings,qkv_proj,out_proj,proj_1,proj_2"  # layer names, comma-separated
+    adapter.targets = models.get(family).adapter_targets  # layer names, comma-separated
 
     config.data = data = ml_collections.ConfigDict()
     data.source = "embedded"  # "embedded" (installed corpus) or a comma-separated list of globs

@@ -152,3 +152,14 @@ def test_count_params_counts_a_lora_config_as_peft_does_before_its_base_exists(t
     trainable_count, total = model.get_nb_trainable_parameters()
     lines = result.stdout.splitlines()
     assert f"trainable params: {trainable_count}" in lines and f"params: {total}" in lines
+
+
+def test_the_peft_recipe_on_an_olmoe_config_adapts_what_the_family_has():
+    """`with_adapters` on OLMoE: its default targets name only layers the family has (the
+    experts take no adapters), so the config validates as it comes."""
+    from elmjax.config import load_config_file, validate, with_adapters
+
+    config = validate(with_adapters(load_config_file("configs/tiny_moe.py"), "lora"), reads_weights=False)
+    adapted = {key.split("/adapter/")[0].rsplit("/", 1)[-1] for key in tree.flatten(build_model(config.model, seed=0))
+               if "/adapter/" in key}
+    assert adapted == {"qkv_proj", "out_proj"}

@@ -52,11 +52,14 @@ class ModelFamily:
       hf_layout: the family's Hugging Face layout (an object with the methods of
         `elmjax.models.openelm.hf.OpenELMLayout`), or None when the family has none.
       has_experts: whether parameters carry an `expert` axis (`mesh.expert > 1` needs it).
+      adapter_targets: the default `model.adapter.targets` (SPEC §1's PEFT recipe: the
+        embedding and every linear layer of the blocks).
     """
 
     name: str = ""
     hf_layout = None
     has_experts: bool = False
+    adapter_targets: str = "token_embeddings,qkv_proj,out_proj,proj_1,proj_2"
 
     # ---- configuration -------------------------------------------------------------------
     def model_fields(self) -> dict:

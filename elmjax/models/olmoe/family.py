@@ -41,6 +41,7 @@ class OLMoE(ModelFamily):
     name = "olmoe"
     hf_layout = OlmoeLayout()
     has_experts = True
+    adapter_targets = "token_embeddings,qkv_proj,out_proj"  # the experts take no adapters
 
     def model_fields(self) -> dict:
         return {
