@@ -59,9 +59,11 @@ def describe_flag_error(error: BaseException, argv) -> str:
     unknown = re.search(r"'(\w+)'\\*n?.*?Did you mean \"(\w+)\"", text.replace("\\'", "'"))
     if isinstance(error, (AttributeError, KeyError)):
         key = unknown.group(1) if unknown else text.strip("'\"\\").split("'")[0]
-        # the flag that names `key` (the unknown field, or a section on the way to one)
-        override = next((a.split("=")[0] for a in argv if a.startswith("--config.") and
-                         key in a.split("=")[0].split(".")[1:]), f"--config.…{key}")
+        # the flag that ends in `key` (an unknown field), else one that passes through it (an
+        # unknown section)
+        names = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+        override = next((n for n in names if n.endswith(f".{key}")),
+                        next((n for n in names if key in n.split(".")[1:]), f"--config.…{key}"))
         hint = f" (did you mean {unknown.group(2)!r}?)" if unknown else ""
         return f"{override} is not a config field{hint}; the fields are listed in elmjax/config.py and the family's model_fields()"
     if isinstance(error, flags.Error):

@@ -204,8 +204,9 @@ def openelm_config(*, num_layers: int, model_dim: int, head_dim: int, peak_lr: f
 
 def with_adapters(config: ml_collections.ConfigDict, kind: str = "lora") -> ml_collections.ConfigDict:
     """`config` set up for SPEC §1's PEFT recipe: `kind` adapters (r 32, alpha 32, dropout
-    0.1 on token_embeddings, qkv_proj, out_proj, proj_1, proj_2) over the frozen base, AdamW
-    (0.9, 0.95) without weight decay, cosine 3e-4 -> 3e-5 after 1000 warmup steps."""
+    0.1 on the targets base_config gave: the family's `adapter_targets`, token_embeddings,
+    qkv_proj, out_proj, proj_1, proj_2 for OpenELM) over the frozen base, AdamW (0.9, 0.95)
+    without weight decay, cosine 3e-4 -> 3e-5 after 1000 warmup steps."""
     config.model.adapter.kind = kind
     config.optim.update(dict(peak_lr=3e-4, final_lr_ratio=0.1, warmup_steps=1000, schedule="cosine",
                              b1=0.9, b2=0.95, weight_decay=0.0))

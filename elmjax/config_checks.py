@@ -184,9 +184,10 @@ def validate(config: ml_collections.ConfigDict, *, reads_weights: bool = True) -
     )
 
     _require(isinstance(config.eval.at_start, bool), "eval.at_start", f"is {config.eval.at_start!r}; need True or False")
-    _require(config.eval.every_steps >= 0, "eval.every_steps",
-             f"is {config.eval.every_steps}; need >= 0 (0 = no held-out evaluation)")
-    at_least(config.eval, "eval", "batches", 1)
+    for name, minimum, meaning in (("every_steps", 0, " (0 = no held-out evaluation)"), ("batches", 1, "")):
+        value = config.eval[name]
+        _require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, f"eval.{name}",
+                 f"is {value!r}; need an integer >= {minimum}{meaning}")
 
     mesh = config.mesh
     _validate_rules(mesh.rules)
@@ -211,7 +212,7 @@ def validate(config: ml_collections.ConfigDict, *, reads_weights: bool = True) -
 
 def _validate_rules(rules) -> None:
     """`mesh.rules`: (logical axis, mesh axes) pairs, the mesh axes None, one name or a tuple
-    of names of the mesh."""
+    of distinct names of the mesh."""
     form = ("need ((logical_axis, mesh_axes), ...) pairs, mesh_axes being None, a mesh axis or a tuple of "
             f"them (mesh axes: {', '.join(MESH_AXES)}); the default is elmjax/config.py's DEFAULT_SHARDING_RULES")
     pairs = rules if isinstance(rules, (tuple, list)) else None
@@ -219,10 +220,12 @@ def _validate_rules(rules) -> None:
                                        and isinstance(pair[0], str) for pair in pairs),
              "mesh.rules", f"is {rules!r}; {form}")
     for logical, target in pairs:
-        axes = () if target is None else (target,) if isinstance(target, str) else target
-        unknown = [axis for axis in axes if axis not in MESH_AXES] if isinstance(axes, (tuple, list)) else [axes]
-        _require(not unknown, "mesh.rules",
-                 f"maps {logical!r} to {unknown[0] if unknown else None!r}, which is not a mesh axis; {form}")
+        if target is None:
+            continue
+        axes = (target,) if isinstance(target, str) else target
+        _require(isinstance(axes, (tuple, list)) and all(isinstance(axis, str) and axis in MESH_AXES for axis in axes)
+                 and len(set(axes)) == len(axes), "mesh.rules",
+                 f"maps {logical!r} to {target!r}, which is not None, a mesh axis or a tuple of distinct ones; {form}")
 
 
 def _validate_adapter(config, reads_weights: bool) -> None:
@@ -238,7 +241,7 @@ def _validate_adapter(config, reads_weights: bool) -> None:
     _require(0 <= adapter.dropout < 1, "model.adapter.dropout", f"is {adapter.dropout}; need 0 <= p < 1")
     _require(
         bool(target_names(adapter)), "model.adapter.targets",
-        "is empty; name the layers to adapt, e.g. qkv_proj,out_proj,proj_1,proj_2",
+        f"is empty; name the layers to adapt, e.g. {models.get(config.model.family).adapter_targets}",
     )
     _require(
         config.train.init_from != "" or not reads_weights,

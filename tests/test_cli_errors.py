@@ -39,6 +39,7 @@ def config_files(tmp_path):
 @pytest.mark.parametrize("args,expected", [
     (["--config.train.stepz=3"], "error: --config.train.stepz is not a config field (did you mean 'steps'?)"),
     (["--config.trian.steps=3"], "error: --config.trian.steps is not a config field (did you mean 'train'?)"),
+    (["--config.model.num_layers=2", "--config.train.model=5"], "error: --config.train.model is not a config field"),
     (["--config=MISSING.py"], "cannot be loaded ([Errno 2] No such file or directory"),
     (["--config=DIR/broken.py"], "line 1: invalid syntax; fix the file"),
     (["--config=DIR/no_get_config.py"], "defines no get_config(); it must define get_config()"),
@@ -50,11 +51,13 @@ def config_files(tmp_path):
     (["--config=configs/dpo_openelm_instruct.py:9b"], "unknown OpenELM size '9b' in --config=...:9b; choose one of"),
     (["--config=configs/tiny.py", "--config.train.objective=dpo"], "config field `model.adapter.kind`: is 'none', "
      "but dpo.reference='base' is the frozen base under adapters"),
-    (["--config.eval.batches=0"], "config field `eval.batches`: is 0; need >= 1"),  # was a held-out loss of 0
-    (["--config.eval.every_steps=-1"], "config field `eval.every_steps`: is -1; need >= 0"),  # was every step
+    (["--config.eval.batches=0"], "config field `eval.batches`: is 0; need an integer >= 1"),  # was a held-out loss of 0
+    (["--config.eval.every_steps=-1"], "config field `eval.every_steps`: is -1; need an integer >= 0"),  # was every step
     (["--config.mesh.rules=abc"], "config field `mesh.rules`: is ('abc',); need ((logical_axis, mesh_axes), ...)"),
     (['--config.mesh.rules=(("batch","nope"),)'], "config field `mesh.rules`: maps 'batch' to 'nope', which is not "
-     "a mesh axis"),
+     "None, a mesh axis or a tuple of distinct ones"),
+    (['--config.mesh.rules=(("batch",("data","data")),)'], "config field `mesh.rules`: maps 'batch' to ('data', "
+     "'data'), which is not None"),
 ])
 def test_config_mistakes_are_one_line_errors(config_files, args, expected):
     args = [a.replace("DIR", str(config_files)).replace("MISSING", str(config_files / "missing")) for a in args]
@@ -115,3 +118,4 @@ def test_a_vocabulary_too_small_for_the_embedded_corpus_names_model_vocab_size(t
                                  f"--workdir={tmp_path / 'run'}"))
     assert error.startswith("error: config field `model.vocab_size`: is 100, which the tokenizer trained on the "
                             "embedded corpus cannot have (at least 327, for its characters and special pieces)")
+    assert not (tmp_path / "run").exists()  # nothing written

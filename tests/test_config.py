@@ -104,3 +104,24 @@ def test_a_family_field_missing_from_the_config_names_the_field_and_the_fix():
         del config.model["ffn_dim_divisor"]
     with pytest.raises(ConfigError, match=r"`model.ffn_dim_divisor`: is missing for family 'openelm'; build"):
         validate(config)
+
+
+def test_adapter_settings_of_runs_without_adapters_do_not_block_a_resume():
+    """An OLMoE run saved while the default targets were OpenELM's resumes without a config
+    change; with adapters on, a change of targets is one."""
+    from elmjax.training.run_state import config_changes
+
+    saved, current = base_config("olmoe"), base_config("olmoe")
+    saved.model.adapter.targets = "token_embeddings,qkv_proj,out_proj,proj_1,proj_2"
+    assert config_changes(saved, current) == []
+    saved.model.adapter.kind = current.model.adapter.kind = "lora"
+    assert config_changes(saved, current) == [("model.adapter.targets", "token_embeddings,qkv_proj,out_proj,proj_1,proj_2",
+                                               "token_embeddings,qkv_proj,out_proj")]
+
+
+@pytest.mark.parametrize("name", ["every_steps", "batches"])
+def test_eval_counts_set_to_none_are_a_config_error_not_a_type_error(name):
+    config = base_config()
+    config.eval[name] = None  # what a config file may write (the command line's flags refuse it)
+    with pytest.raises(ConfigError, match=f"config field `eval.{name}`: is None; need an integer"):
+        validate(config)

@@ -98,3 +98,21 @@ def test_mistral_commons_llama_structured_model_exports_exactly():
     sp = spm.SentencePieceProcessor(model_proto=proto)
     assert sp.get_piece_size() == 32000 and sp.get_score(sp.piece_to_id("▁▁")) == WHITESPACE_SCORE
     assert_encodes_like_sentencepiece(proto, corpus_and_code())
+
+
+@pytest.mark.parametrize("vocab, pad", [
+    ({"<|endoftext|>": 0, "<|padding|>": 1, "hello": 2, "<unk>": 3}, 1),  # GPT-NeoX's pad (OLMoE's tokenizer)
+    ({"<|endoftext|>": 0, "hello": 1, "<unk>": 2}, None),  # no pad token
+])
+def test_a_tokenizer_json_exports_the_special_ids_transformers_reads(tmp_path, vocab, pad):
+    """The ids that export writes to config.json (bos, eos, pad) are the ones transformers
+    finds in the exported tokenizer files."""
+    from transformers import PreTrainedTokenizerFast
+
+    from elmjax.data.tokenizer import HuggingFaceTokenizer
+
+    ours = HuggingFaceTokenizer(tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, "<unk>")).to_str())
+    ours.save_hf_files(tmp_path)
+    theirs = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    assert (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id) == (0, 0, pad)
+    assert (ours.bos_id, ours.eos_id, ours.pad_token_id) == (0, 0, pad)

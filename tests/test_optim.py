@@ -84,10 +84,16 @@ def test_clip_leaves_small_gradients_and_disabled_clip_alone():
 
 
 def test_a_run_that_ends_inside_the_warmup_is_warned_with_the_rate_it_reaches():
+    """The rate of the last update (step 19 of 20, 19/50 of the way up) is optax's linear
+    warmup at that step."""
     import ml_collections
+    import optax
 
-    optim_config = ml_collections.ConfigDict(dict(init_lr=0.0, peak_lr=0.01, warmup_steps=50))
+    optim_config = ml_collections.ConfigDict(dict(init_lr=0.0, peak_lr=0.01, warmup_steps=50, final_lr_ratio=0.1,
+                                                  schedule="cosine"))
+    last = float(optax.linear_schedule(0.0, 0.01, 50)(19))
     assert schedule_warning(optim_config, 20) == (
-        "warning: train.steps=20 ends inside the warmup (optim.warmup_steps=50): the learning rate rises only to "
-        "0.004, not optim.peak_lr=0.01; for a short run lower --config.optim.warmup_steps")
+        f"warning: train.steps=20 ends inside the warmup (optim.warmup_steps=50): the learning rate rises only to "
+        f"{last:.3g}, not optim.peak_lr=0.01; for a short run lower --config.optim.warmup_steps")
+    assert f"{last:.3g}" == "0.0038"
     assert schedule_warning(optim_config, 50) is None

@@ -58,9 +58,9 @@ def sentencepiece_to_tokenizer_json(sp) -> str:
 
 
 def _special_tokens(tokenizer, id_to_token) -> dict[str, str]:
-    names = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id}
-    out = {k: id_to_token(v) for k, v in names.items() if v is not None and v >= 0}
-    return out
+    """bos, eos and (where the vocabulary has one) pad: the ids export writes to config.json."""
+    names = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id, "pad_token": tokenizer.pad_token_id}
+    return {k: id_to_token(v) for k, v in names.items() if v is not None and v >= 0}
 
 
 def _write_configs(out_dir: pathlib.Path, special: dict[str, str], add_bos: bool) -> list[str]:
@@ -85,8 +85,6 @@ def save_sentencepiece(tokenizer, proto: bytes, out_dir) -> list[str]:
     (out_dir / "tokenizer.json").write_text(sentencepiece_to_tokenizer_json(sp), encoding="utf-8")
     special = _special_tokens(tokenizer, sp.id_to_piece)
     special["unk_token"] = sp.id_to_piece(sp.unk_id())
-    if sp.pad_id() >= 0:
-        special["pad_token"] = sp.id_to_piece(sp.pad_id())
     return ["tokenizer.model", "tokenizer.json", *_write_configs(out_dir, special, add_bos=True)]
 
 

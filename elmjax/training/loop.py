@@ -91,8 +91,12 @@ def train(config, workdir, log=print) -> dict:
     """Trains to `config.train.steps`, resuming from WORKDIR; returns the last metrics, with
     "stopped" (why) when a signal or a closed stdout stopped it earlier, after saving."""
     run_start = time.perf_counter()
-    workdir = ckpt.prepare_workdir(workdir)
     primary = jax.process_index() == 0
+    if primary:  # before anything is written: a config no tokenizer fits leaves no workdir behind
+        from elmjax.data.tokenizer_choice import keep_with_run, load_tokenizer
+
+        tokenizer = load_tokenizer(config)
+    workdir = ckpt.prepare_workdir(workdir)
     stop = StopRequest()
     log = stop.guard(log) if primary else (lambda *args: None)
     saved_step = run_state.check_resume_config(workdir, config, log)
@@ -106,9 +110,7 @@ def train(config, workdir, log=print) -> dict:
     if primary:
         # The tokenizer stays with the run: a fine-tune or generate from this workdir finds it
         # (checked first: another tokenizer than the run's fails before anything is written).
-        from elmjax.data.tokenizer_choice import keep_with_run, load_tokenizer
-
-        keep_with_run(workdir, load_tokenizer(config))
+        keep_with_run(workdir, tokenizer)
         storage.write_text(workdir / "config.json", config.to_json(indent=2))
     setup = setup_lib.build_setup(config)
     log(f"workdir {storage.absolute(workdir)} | mesh {dict(setup.mesh.shape)} | {setup.num_params:,} parameters"

@@ -51,11 +51,12 @@ def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
 
 def schedule_warning(optim_config, total_steps: int) -> str | None:
     """A warning when the run ends inside the warmup (a short test run of a config whose
-    warmup is longer): its learning rate never reaches `peak_lr`. None otherwise."""
+    warmup is longer): its learning rate never reaches `peak_lr` (the last update, of step
+    `total_steps - 1`, uses the rate named). None otherwise."""
     warmup = int(optim_config.warmup_steps)
     if warmup <= total_steps:
         return None
-    reached = float(optim_config.init_lr) + (float(optim_config.peak_lr) - float(optim_config.init_lr)) * total_steps / warmup
+    reached = float(learning_rate_schedule(optim_config, total_steps)(total_steps - 1))  # the last update's
     return (f"warning: train.steps={total_steps} ends inside the warmup (optim.warmup_steps={warmup}): the learning "
             f"rate rises only to {reached:.3g}, not optim.peak_lr={float(optim_config.peak_lr):g}; for a short run "
             f"lower --config.optim.warmup_steps")

@@ -31,9 +31,13 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def config_changes(saved, current) -> list[tuple[str, object, object]]:
-    """(field, saved value, current value) for every field that differs, in field order."""
+    """(field, saved value, current value) for every field that differs, in field order. The
+    adapter settings count only where adapters are on (the default targets of a run without
+    them changed with elmjax's versions)."""
     before, after = _flat(config_to_dict(saved)), _flat(config_to_dict(current))
-    return [(k, before.get(k), after.get(k)) for k in sorted(before.keys() | after.keys()) if before.get(k) != after.get(k)]
+    no_adapters = before.get("model.adapter.kind", "none") == after.get("model.adapter.kind", "none") == "none"
+    return [(k, before.get(k), after.get(k)) for k in sorted(before.keys() | after.keys())
+            if before.get(k) != after.get(k) and not (no_adapters and k.startswith("model.adapter."))]
 
 
 def check_resume_config(workdir, config, log) -> int | None:
