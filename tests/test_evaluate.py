@@ -147,3 +147,16 @@ def test_a_count_below_one_is_a_one_line_error_before_loading(capsys, flag):
     # --limit 0 reached lm-eval, which failed with "task.build_requests() did not find any docs!"
     assert ev.main(["--checkpoint", "/nonexistent", "--tasks", "openelm_piqa", flag, "0"]) == 2
     assert capsys.readouterr().err.startswith(f"error: {flag} is 0; need >= 1 ")
+
+
+def test_lm_eval_notices_about_choices_made_on_purpose_are_dropped_and_other_warnings_kept(elmjax_lm, caplog):
+    """lm-eval warns once per task that it overwrites num_fewshot (we ask for zero-shot) and
+    that tasks take metadata kwargs; those two go, anything else it logs stays."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        ev.evaluate(elmjax_lm, ["openelm_piqa"], limit=2)
+        logging.getLogger("lm_eval.evaluator").warning("some other warning")
+    messages = [record.getMessage() for record in caplog.records]
+    assert not any("num_fewshot" in m or "Custom kwargs" in m for m in messages), messages
+    assert "some other warning" in messages
