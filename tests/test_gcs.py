@@ -200,3 +200,24 @@ def test_a_gcs_step_without_its_commit_file_is_incomplete_and_set_aside(gcs_emul
     names = [p.name for p in (storage.path(workdir) / "checkpoints").iterdir()]
     assert len(names) == 1 and names[0].startswith("3.damaged-"), names
     assert (storage.path(workdir) / "checkpoints" / names[0] / "state" / "_METADATA").exists()
+
+
+def test_export_and_averaging_read_a_gcs_workdir_and_write_locally(gcs_emulator, tmp_path, capsys):
+    """The commands a finished gs:// run names next: export (the local --out it suggests) and
+    checkpoint averaging read the workdir on GCS; a gs:// --out is one line."""
+    from tools import average_checkpoints, export
+
+    workdir = gcs_emulator.url("to_export")
+    # in a process of its own: tensorboardX uploads a gs:// event file once more at exit
+    result = run_in(tmp_path / "cwd", train(workdir, "--config.train.steps=2", "--config.checkpoint.every_steps=1"),
+                    env(tmp_path / "xla_cache", **gcs_emulator.env))
+    assert result.returncode == 0, result.stderr[-3000:]
+    local_out = workdir.rsplit("/", 1)[-1] + "-hf"  # the run's name, in the working directory
+    assert f"python tools/export.py --checkpoint {workdir} --to torch --out {local_out}" in result.stdout
+    assert export.main(["--checkpoint", workdir, "--to", "torch", "--out", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+    assert average_checkpoints.main(["--workdir", workdir, "--last", "2", "--out", str(tmp_path / "avg")]) == 0
+    assert json.loads((tmp_path / "avg" / "average.json").read_text()) == {"source": workdir, "steps": [1, 2]}
+    capsys.readouterr()
+    assert export.main(["--checkpoint", workdir, "--to", "torch", "--out", f"{workdir}/hf"]) == 2
+    assert f"--out {workdir}/hf: write to a local directory" in capsys.readouterr().err

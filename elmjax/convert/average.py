@@ -8,10 +8,11 @@ far less than float64's 29 spare bits of range).
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 from flax import traverse_util
+
+from elmjax import storage
 
 
 def select_steps(steps: list[int], last: int, workdir) -> list[int]:
@@ -64,12 +65,12 @@ def average_checkpoints(workdir, out, *, last: int = 5, overwrite: bool = False)
     from elmjax.convert.outdir import atomic_output_dir, check_output_dir
 
     check_output_dir(out, overwrite)
-    if not os.path.isdir(workdir):
+    if not storage.path(workdir).is_dir():
         raise FileNotFoundError(f"--workdir {workdir} does not exist; pass a training workdir")
     steps = select_steps(complete_steps(workdir), last, workdir)
     config, mean = average_params(workdir, steps)
     with atomic_output_dir(out, overwrite) as tmp:
         save_params_checkpoint(tmp, config, mean, step=steps[-1])
         with open(tmp / "average.json", "w") as f:
-            json.dump({"source": os.path.abspath(workdir), "steps": steps}, f, indent=2)
+            json.dump({"source": str(storage.absolute(workdir)), "steps": steps}, f, indent=2)
     return steps

@@ -13,7 +13,12 @@ class OutputExistsError(FileExistsError):
 
 
 def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Raises `OutputExistsError` if `out` exists and `overwrite` is False; returns it as a Path."""
+    """Raises `OutputExistsError` if `out` exists and `overwrite` is False; returns it as a Path.
+    A gs:// `out` is a ValueError: these files are what transformers / mlx-lm load from a
+    local directory, written there all or nothing."""
+    if str(out).startswith("gs://"):
+        raise ValueError(f"--out {out}: write to a local directory (then copy it to GCS with gcloud storage cp -r "
+                         "if it should live there); the checkpoint itself may be on gs://")
     out = Path(out)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"output directory {out} already exists; pass --overwrite to replace it")

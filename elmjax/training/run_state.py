@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 
+from elmjax import storage
 from elmjax.training import checkpoint as ckpt
 from elmjax.training.saved_config import config_to_dict, read_config
 from elmjax.validation import ConfigError
@@ -86,5 +87,6 @@ def finished_summary(workdir, config, step: int, seconds: float | None, last: di
         f"  next         python -m elmjax.generate --checkpoint {workdir} "
         + ("--chat --prompt \"Hi! How are you?\"" if config.data.get("chat_template", "") else "--prompt \"The\""),
         f"               python -m elmjax.evaluate --checkpoint {workdir} --tasks openelm_zero_shot --limit 100",
-        f"               python tools/export.py --checkpoint {workdir} --to torch --out {workdir}/hf",
+        f"               python tools/export.py --checkpoint {workdir} --to torch --out "
+        + (f"{str(workdir).rstrip('/').rsplit('/', 1)[-1]}-hf" if storage.is_remote(workdir) else f"{workdir}/hf"),
     ]
