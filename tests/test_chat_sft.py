@@ -69,6 +69,11 @@ def test_sft_tiny_command_runs_and_generate_chat_replies(tmp_path, cache, capsys
     assert generate_main(["--checkpoint", str(sft), "--chat", "--system", "Be brief.", "--prompt", "Hi!",
                           "--max_new_tokens", "8"]) == 0
     assert capsys.readouterr().out.strip() != "Hi!"  # a reply, not the prompt echoed
+    # several prompts: each reply is headed by its prompt
+    assert generate_main(["--checkpoint", str(sft), "--chat", "--prompt", "Hi!", "--prompt", "Bye!",
+                          "--max_new_tokens", "4"]) == 0
+    headers = [line for line in capsys.readouterr().out.splitlines() if line.startswith("> ")]
+    assert headers == ["> Hi!", "> Bye!"]
     # The export carries the template: transformers renders a conversation to the ids we train on.
     from transformers import AutoTokenizer
 

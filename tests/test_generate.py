@@ -207,3 +207,19 @@ def test_reading_a_checkpoint_logs_no_orbax_item_metadata_warning(checkpoint, ca
     with caplog.at_level(logging.WARNING):
         load_model(checkpoint)
     assert "Metadata file does not exist" not in caplog.text
+
+
+@pytest.mark.parametrize("flag, value", [("--temperature", "nan"), ("--temperature", "inf"), ("--top_p", "nan"),
+                                         ("--temperature", "-1")])
+def test_cli_refuses_sampling_values_that_are_not_numbers_in_range(flag, value, capsys):
+    # NaN passed the old `temperature < 0` check and sampled garbage
+    with pytest.raises(SystemExit) as exit_:
+        gen.main(["--checkpoint", "/nonexistent", "--prompt", "The", flag, value])
+    assert exit_.value.code == 2
+    assert "need --top_k >= 0, 0 < --top_p <= 1 and a finite --temperature >= 0" in capsys.readouterr().err
+
+
+def test_cli_without_a_prompt_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        gen.main(["--checkpoint", "/nonexistent"])
+    assert exit_.value.code == 2 and "no --prompt given" in capsys.readouterr().err

@@ -208,11 +208,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.system is not None and not args.chat:
         parser.error("--system needs --chat")
-    if args.top_k < 0 or not 0 < args.top_p <= 1 or args.temperature < 0:
-        parser.error("need --top_k >= 0, 0 < --top_p <= 1 and --temperature >= 0")
+    # written so that NaN fails too (every comparison with it is false)
+    if not (args.top_k >= 0 and 0 < args.top_p <= 1 and 0 <= args.temperature < float("inf")):
+        parser.error("need --top_k >= 0, 0 < --top_p <= 1 and a finite --temperature >= 0")
     if not args.prompt:
-        print("no --prompt given; nothing to generate", file=sys.stderr)
-        return 0
+        parser.error("no --prompt given; pass --prompt TEXT (repeat it for several)")
 
     from elmjax.training.checkpoint import load_model
     from elmjax.data.tokenizer_choice import load_tokenizer, run_tokenizer
@@ -231,6 +231,8 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for prompt, text in zip(args.prompt, texts):
+        if args.chat and len(args.prompt) > 1:  # a reply alone does not say whose it is
+            print(f"> {prompt}")
         print(text if args.chat else f"{prompt}{text}")
     return 0
 
