@@ -53,3 +53,14 @@ def test_it_writes_the_table_csv_and_plot(result):
     table = (out / "coord_check.md").read_text()
     assert "| mup | block 1 |" in table and "| sp | logits |" in table and "slope" in table
     assert (out / "coord_check.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(base_width=60, multipliers=(4, 2)), "width 120 is not a multiple of --head_dim 16"),  # after width 240 trained
+    (dict(multipliers=(1, 0)), "--multipliers 1,0: need at least two different positive integers"),
+])
+def test_every_width_is_checked_before_any_trains(tmp_path, settings, message):
+    trained = []
+    with pytest.raises(ValueError, match=message):
+        cc.run(cc.CheckSettings(**settings), tmp_path, log=trained.append)
+    assert trained == [] and not list(tmp_path.iterdir())

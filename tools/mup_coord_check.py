@@ -53,7 +53,8 @@ def model_config(settings: CheckSettings, width: int, mode: str):
     from elmjax.config import family_config, validate
 
     if width % settings.head_dim:
-        raise ValueError(f"width {width} is not a multiple of head_dim {settings.head_dim}")
+        raise ValueError(f"width {width} is not a multiple of --head_dim {settings.head_dim}; choose a --base_width "
+                         "whose multiples are")
     config = family_config(
         "btlm", num_layers=settings.layers, model_dim=width, head_dim=settings.head_dim,
         num_heads=width // settings.head_dim, ffn_dim=8 * width // 3, vocab_size=settings.vocab_size,
@@ -132,9 +133,20 @@ def slopes(rows: list[dict], step: int) -> dict:
     return out
 
 
+def check(settings: CheckSettings) -> None:
+    """Every width's config, checked before any of them trains (ValueError / ConfigError)."""
+    if len(settings.multipliers) < 2 or min(settings.multipliers) < 1 or len(set(settings.multipliers)) < 2:
+        raise ValueError(f"--multipliers {','.join(map(str, settings.multipliers))}: need at least two different "
+                         "positive integers (the widths are base_width times each)")
+    for width in settings.widths:
+        for mode in MODES:
+            model_config(settings, width, mode)
+
+
 def run(settings: CheckSettings, out_dir, log=print) -> dict:
     """Measures every width in both parameterizations and writes the CSV, table and plot.
     Returns {"rows": [...], "slopes": {(mode, layer): slope at the last step}}."""
+    check(settings)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = [row for mode in MODES for width in settings.widths for row in measure(settings, width, mode, log)]
@@ -208,8 +220,12 @@ def parse_args(argv=None) -> tuple[CheckSettings, str]:
         parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
     parser.add_argument("--lr", type=float, default=defaults.lr)
     args = parser.parse_args(argv)
+    try:
+        multipliers = tuple(int(m) for m in args.multipliers.split(","))
+    except ValueError:
+        parser.error(f"--multipliers {args.multipliers}: need comma-separated integers, e.g. 1,2,4,8")
     settings = CheckSettings(
-        base_width=args.base_width, multipliers=tuple(int(m) for m in args.multipliers.split(",")),
+        base_width=args.base_width, multipliers=multipliers,
         steps=args.steps, layers=args.layers, head_dim=args.head_dim, lr=args.lr, seq_len=args.seq_len,
         batch_size=args.batch_size, vocab_size=args.vocab_size, seed=args.seed,
     )
