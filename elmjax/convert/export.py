@@ -145,7 +145,6 @@ def export_checkpoint(
 
     check_export_args(target, dtype, quantize, group_size)
     check_output_dir(out, overwrite)
-    _require_checkpoint_path(checkpoint)
     config, params = restore_params(str(checkpoint), step=step)
     if config.model.adapter.kind != "none":  # a LoRA/DoRA run: the base with its adapters merged
         from elmjax.convert.adapters import merge
@@ -169,14 +168,6 @@ def export_checkpoint(
     )
 
 
-def _require_checkpoint_path(checkpoint) -> None:
-    """FileNotFoundError unless `checkpoint` (local or gs://) exists."""
-    from elmjax import storage
-
-    if not storage.path(checkpoint).exists():
-        raise FileNotFoundError(f"no checkpoint at {checkpoint}: the path does not exist")
-
-
 def _write_json(path, value) -> None:
     with open(path, "w") as f:
         json.dump(value, f, indent=2)
@@ -193,7 +184,6 @@ def export_adapter_checkpoint(checkpoint, out, *, to: str, step: int | None = No
     from elmjax.training.checkpoint import restore_params
 
     check_output_dir(out, overwrite)
-    _require_checkpoint_path(checkpoint)
     config, params = restore_params(str(checkpoint), step=step)
     vocab_rows = real_vocab_rows(config.model.vocab_size, load_tokenizer(config).vocab_size) if to == "peft" else None
     return export_adapters(out, config, params, to=to, base_model=base_model or str(config.train.init_from),

@@ -7,6 +7,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from elmjax import storage
+
 
 class OutputExistsError(FileExistsError):
     """The output directory exists and --overwrite was not given."""
@@ -16,7 +18,7 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     """Raises `OutputExistsError` if `out` exists and `overwrite` is False; returns it as a Path.
     A gs:// `out` is a ValueError: these files are what transformers / mlx-lm load from a
     local directory, written there all or nothing."""
-    if str(out).startswith("gs://"):
+    if storage.is_remote(out):
         raise ValueError(f"--out {out}: write to a local directory (then copy it to GCS with gcloud storage cp -r "
                          "if it should live there); the checkpoint itself may be on gs://")
     out = Path(out)

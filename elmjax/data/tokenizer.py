@@ -70,7 +70,6 @@ class Tokenizer(abc.ABC):
     vocab_size: int
     bos_id: int
     eos_id: int
-    pad_id: int  # the pad token's id, or 0 when the vocabulary has none
     pad_token_id: int | None  # the pad token's id, or None when the vocabulary has none
     stored_file_name: str  # the file `stored_file` names ("tokenizer.model", ...)
     _by_stored_file_name: ClassVar[dict[str, type[Tokenizer]]] = {}
@@ -79,6 +78,11 @@ class Tokenizer(abc.ABC):
         super().__init_subclass__(**kwargs)
         if "stored_file_name" in cls.__dict__:
             Tokenizer._by_stored_file_name[cls.stored_file_name] = cls
+
+    @property
+    def pad_id(self) -> int:
+        """The id in padding positions: the pad token's, or 0 when the vocabulary has none."""
+        return self.pad_token_id if self.pad_token_id is not None else 0
 
     @abc.abstractmethod
     def stored_file(self) -> tuple[str, bytes]:
@@ -200,7 +204,6 @@ class SentencePieceTokenizer(Tokenizer):
         self.bos_id = self._sp.bos_id()
         self.eos_id = self._sp.eos_id()
         self.pad_token_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else None
-        self.pad_id = self.pad_token_id or 0
 
     @classmethod
     def from_file(cls, path) -> "SentencePieceTokenizer":
@@ -264,7 +267,6 @@ class HuggingFaceTokenizer(Tokenizer):
         self.bos_id = self._find("bos", special, self._BOS_NAMES)
         self.eos_id = self._find("eos", special, self._EOS_NAMES)
         self.pad_token_id = self._find("pad", special, self._PAD_NAMES)
-        self.pad_id = self.pad_token_id or 0
 
     def _find(self, kind: str, special: dict, names: Sequence[str]) -> int | None:
         token = special.get(f"{kind}_token")

@@ -88,5 +88,5 @@ def finished_summary(workdir, config, step: int, seconds: float | None, last: di
         + ("--chat --prompt \"Hi! How are you?\"" if config.data.get("chat_template", "") else "--prompt \"The\""),
         f"               python -m elmjax.evaluate --checkpoint {workdir} --tasks openelm_zero_shot --limit 100",
         f"               python tools/export.py --checkpoint {workdir} --to torch --out "
-        + (f"{str(workdir).rstrip('/').rsplit('/', 1)[-1]}-hf" if storage.is_remote(workdir) else f"{workdir}/hf"),
+        + (f"{storage.path(workdir).name}-hf" if storage.is_remote(workdir) else f"{workdir}/hf"),
     ]
