@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from elmjax.config import base_config
-from elmjax.data.tokenizer import embedded_tokenizer
+from elmjax.data.sentencepiece_training import embedded_tokenizer
 from elmjax.data.tokenizer_choice import keep_with_run, load_tokenizer, run_tokenizer
 from elmjax.inference.generate import main as generate_main
 from elmjax.validation import ConfigError

@@ -14,7 +14,8 @@ import tokenizers
 
 from elmjax.data import tokenizer as tokenizer_lib
 from elmjax.data.corpus import EMBEDDED_CORPORA, embedded_documents
-from elmjax.data.tokenizer import embedded_tokenizer, open_tokenizer
+from elmjax.data.tokenizer import open_tokenizer
+from elmjax.data.sentencepiece_training import embedded_tokenizer
 
 
 @pytest.fixture(scope="module")

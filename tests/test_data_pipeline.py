@@ -245,7 +245,7 @@ def test_a_tokenizer_json_gives_the_same_batches_as_its_sentencepiece_model(toke
 
 
 def test_a_token_store_of_another_tokenizer_is_rejected(store, tmp_path):
-    from elmjax.data.tokenizer import embedded_tokenizer
+    from elmjax.data.sentencepiece_training import embedded_tokenizer
 
     other = embedded_tokenizer(1024, ("kjv", "shakespeare"))
     config = small_config(store[0], tokenizer=other.name)

@@ -19,7 +19,8 @@ tf = pytest.importorskip("tensorflow")
 
 from elmjax.config import base_config, validate  # noqa: E402
 from elmjax.data import pipeline  # noqa: E402
-from elmjax.data.tokenizer import open_tokenizer, train_sentencepiece  # noqa: E402
+from elmjax.data.tokenizer import open_tokenizer  # noqa: E402
+from elmjax.data.sentencepiece_training import train_sentencepiece  # noqa: E402
 
 SEQ = 16
 BATCH = 4

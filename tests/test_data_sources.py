@@ -96,7 +96,7 @@ def test_long_documents_are_split_over_rows_not_truncated(tmp_path):
     (tmp_path / "long.txt").write_text(long_text)
     config.data.source = str(tmp_path / "long.txt")
     config.data.eval_fraction = 0.0
-    from elmjax.data.tokenizer import embedded_tokenizer
+    from elmjax.data.sentencepiece_training import embedded_tokenizer
 
     tokenizer = embedded_tokenizer(1024, ("kjv", "shakespeare"))
     config.data.tokenizer = tokenizer.name
@@ -163,7 +163,7 @@ def test_split_long_documents_are_counted_and_logged(tmp_path, caplog):
     import logging
 
     from elmjax.config import validate
-    from elmjax.data.tokenizer import embedded_tokenizer
+    from elmjax.data.sentencepiece_training import embedded_tokenizer
 
     (tmp_path / "d.txt").write_text("short\n" + " ".join(["long"] * 100) + "\nshort again\n")
     config = base_config()

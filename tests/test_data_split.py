@@ -10,7 +10,7 @@ import sentencepiece as spm
 from elmjax.config import ConfigError, base_config, validate
 from elmjax.data import pipeline
 from elmjax.data.corpus import embedded_documents
-from elmjax.data.tokenizer import embedded_tokenizer
+from elmjax.data.sentencepiece_training import embedded_tokenizer
 
 SEQ = 32
 

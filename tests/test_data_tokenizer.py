@@ -10,7 +10,8 @@ import tokenizers
 
 from elmjax.config import base_config
 from elmjax.data.corpus import EMBEDDED_CORPORA, embedded_documents
-from elmjax.data.tokenizer import HuggingFaceTokenizer, embedded_tokenizer, open_tokenizer
+from elmjax.data.tokenizer import HuggingFaceTokenizer, open_tokenizer
+from elmjax.data.sentencepiece_training import embedded_tokenizer
 from elmjax.data.tokenizer_choice import load_tokenizer
 
 SAMPLES = [
@@ -167,7 +168,7 @@ def test_hf_files_load_in_mlx_lm_with_its_sentencepiece_detokenizer(tokenizer, t
 
 
 def test_training_is_deterministic_so_every_host_trains_the_same_tokenizer():
-    from elmjax.data.tokenizer import train_sentencepiece
+    from elmjax.data.sentencepiece_training import train_sentencepiece
 
     texts = [t for _, t in embedded_documents("kjv")[:200]]
     assert train_sentencepiece(texts, 800) == train_sentencepiece(texts, 800)

@@ -31,7 +31,8 @@ def main(argv=None) -> int:
 
     from elmjax.config import base_config
     from elmjax.data import sources as sources_lib
-    from elmjax.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+    from elmjax.data.tokenizer import SentencePieceTokenizer
+    from elmjax.data.sentencepiece_training import train_sentencepiece
     from elmjax.storage import StorageError
 
     data = base_config().data

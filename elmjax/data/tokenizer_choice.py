@@ -2,12 +2,13 @@
 
 `load_tokenizer(config)` opens `config.data.tokenizer`; when that is empty, the tokenizer
 kept with `train.init_from`'s run, the token stores' own, or the embedded corpus's
-(elmjax/data/tokenizer.py). A tokenizer that differs from the one a run or checkpoint trained
-with is a one-line ConfigError.
+(elmjax/data/sentencepiece_training.py). A tokenizer that differs from the one a run or
+checkpoint trained with is a one-line ConfigError.
 """
 from __future__ import annotations
 
-from elmjax.data.tokenizer import Tokenizer, VocabularySizeError, embedded_tokenizer, open_tokenizer
+from elmjax.data.tokenizer import Tokenizer, open_tokenizer
+from elmjax.data.sentencepiece_training import VocabularySizeError, embedded_tokenizer
 
 
 def load_store_tokenizer(root: str) -> Tokenizer:
