@@ -318,3 +318,56 @@ def test_an_unreadable_step_directory_is_skipped_with_a_warning(saved, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[1]"
     assert f"cannot read checkpoint {workdir}/checkpoints/2 (Permission denied); skipping it" in result.stderr
+
+
+def test_when_every_step_is_damaged_the_run_is_refused_not_started_over(saved, tmp_path):
+    """Starting from step 0 would train over the lost steps' metrics (and, had a damaged step's
+    data position been restored before its arrays failed, on the wrong data)."""
+    workdir = copy_run(saved, tmp_path)
+    for data_file in (workdir / "checkpoints").rglob("d/*"):
+        data_file.write_bytes(b"truncated")
+    setup = build_setup(micro())
+    with pytest.raises(ckpt.DamagedCheckpointError, match=r"every checkpoint in .*checkpoints is damaged \(set aside "
+                       r"as 1\.damaged-\d+, 2\.damaged-\d+\), so nothing can be resumed; to start over from step 0, "
+                       r"move those directories out of"):
+        ckpt.restore_train_state(workdir, setup.abstract_state, data_iterator())
+    with pytest.raises(ckpt.DamagedCheckpointError, match="every checkpoint"):  # and again on a rerun
+        ckpt.restore_train_state(workdir, setup.abstract_state, data_iterator())
+
+
+def test_a_damaged_steps_restored_data_position_is_undone_before_the_step_before_it(saved, tmp_path):
+    """Step 2's data item restores before its arrays fail; a params-only step 1 then starts the
+    data from the beginning, not from step 2's position."""
+    workdir = tmp_path / "run"
+    config = micro(data=1, fsdp=8)
+    setup = build_setup(config)
+    ckpt.save_params_checkpoint(workdir, config, fresh_params(setup), step=1)
+    save_steps(workdir, config, [2], jax.device_put(saved[2]), data_iterator(skip=5))
+    for data_file in (workdir / "checkpoints" / "2" / "state").rglob("d/*"):
+        data_file.write_bytes(b"truncated")
+    iterator = data_iterator()
+    step, _, kind = ckpt.restore_train_state(workdir, setup.abstract_state, iterator)
+    assert (step, kind) == (1, "params")
+    assert next(iterator) == next(data_iterator())
+
+
+@pytest.mark.parametrize("damage", ["{bad", "", "[1, 2]"])
+def test_a_damaged_saved_config_sets_the_step_aside_and_the_one_before_is_used(saved, tmp_path, caplog, damage):
+    workdir = copy_run(saved, tmp_path)
+    (workdir / "checkpoints" / "2" / "config" / "metadata").write_text(damage)
+    setup = build_setup(micro())
+    with caplog.at_level(logging.WARNING, logger="elmjax.training.checkpoint"):
+        step, _, kind = ckpt.restore_train_state(workdir, setup.abstract_state, data_iterator())
+    assert (step, kind) == (1, "train")
+    assert "the config saved with checkpoint step 2" in caplog.text and "is unreadable" in caplog.text
+
+
+def test_reading_a_step_with_a_damaged_saved_config_names_the_file_and_the_earlier_step(saved, tmp_path):
+    workdir = copy_run(saved, tmp_path)
+    metadata = workdir / "checkpoints" / "2" / "config" / "metadata"
+    metadata.write_text("{bad")
+    with pytest.raises(ckpt.DamagedCheckpointError) as raised:
+        ckpt.restore_params(workdir)
+    message = str(raised.value)
+    assert f"the config saved with checkpoint step 2 ({metadata}) is unreadable: JSONDecodeError: Expecting property name" in message
+    assert f"the newest earlier complete step is {workdir / 'checkpoints' / '1'}" in message

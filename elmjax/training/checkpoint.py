@@ -121,7 +121,7 @@ def set_aside_incomplete_steps(path) -> None:
             readable = False
         if readable and not _is_complete(step_dir):
             log.warning("checkpoint %s is incomplete (no state or metadata); setting it aside", step_dir)
-            _set_aside(step_dir)
+            set_aside(step_dir)
 
 
 def latest_complete_step(path) -> int | None:
@@ -177,7 +177,7 @@ def save(manager, step: int, state, data_iterator, config, *, force: bool = Fals
         raise save_failed(manager.directory, step, error, latest_complete_step(manager.directory)) from error
 
 
-def _set_aside(step_dir: epath.Path) -> None:
+def set_aside(step_dir: epath.Path) -> None:
     """Moves a damaged step to a name that is not a step number, so the manager neither
     restores nor overwrites it (on GCS a copy and delete: see elmjax/storage.py)."""
     if jax.process_index() == 0 and step_dir.exists():
@@ -195,6 +195,9 @@ def restore_train_state(workdir, abstract_state, data_iterator):
     root = checkpoint_dir(workdir)
     set_aside_incomplete_steps(root)
     drop_failed_read_echoes()
+    # A damaged step's restore may have set the iterator already: every fallback starts over.
+    initial_data_state = data_iterator.get_state()
+    set_aside_now = []
     for step in reversed(complete_steps(root)):
         step_dir = root / str(step)
         train_checkpoint = is_train_checkpoint(step_dir)
@@ -204,6 +207,7 @@ def restore_train_state(workdir, abstract_state, data_iterator):
                        resuming=True)
         writers = layout.writers_to_restore(step_dir, data_iterator) if train_checkpoint else None
         try:
+            read_config(step_dir)  # every process reads the same files: all skip the same steps
             if train_checkpoint:
                 items = {"state": ocp.args.StandardRestore(abstract_state)}
                 if writers == jax.process_count():  # this process's own file: grain reads it
@@ -220,7 +224,15 @@ def restore_train_state(workdir, abstract_state, data_iterator):
             return step, {"params": params}, "params"
         except Exception as error:  # a damaged step: fall back to the one before it
             log.warning("checkpoint %s is unreadable (%s); skipping it", step_dir, one_line(error))
-            _set_aside(step_dir)
+            set_aside(step_dir)
+            set_aside_now.append(step_dir)
+            data_iterator.set_state(initial_data_state)
+    damaged = sorted(path.name for path in root.glob("*.damaged-*")) if root.exists() else []
+    if damaged or set_aside_now:  # starting over would train from step 0 where trained steps were
+        names = damaged or [f"{step_dir.name}.damaged-*" for step_dir in set_aside_now]
+        raise DamagedCheckpointError(
+            f"every checkpoint in {root} is damaged (set aside as {', '.join(names)}), so nothing can be "
+            f"resumed; to start over from step 0, move those directories out of {root} (or use a new --workdir)")
     return None, None, None
 
 
@@ -261,16 +273,16 @@ def _restore_params_onto(step_dir: epath.Path, abstract_params):
     return ocp.PyTreeCheckpointer().restore(storage.absolute(step_dir / "state"), args=args)["params"]
 
 
-def _read_or_explain(step_dir, read, fix: str) -> dict:
-    """`read()`'s parameters, checked against the step's checksums; any failure is one
-    `unreadable` line whose `fix` names the newest earlier complete step."""
+def _read_or_explain(step_dir, read, fix: str):
+    """`read()`'s parameters (or (config, parameters)), checked against the step's checksums;
+    any failure is one `unreadable` line whose `fix` names the newest earlier complete step."""
     drop_failed_read_echoes()
     try:
-        params = read()
-        verify(step_dir, {"params": params})
+        result = read()
+        verify(step_dir, {"params": result[1] if isinstance(result, tuple) else result})
     except Exception as error:  # noqa: BLE001 - any read failure means damaged files
         raise unreadable(step_dir, error, complete_steps(step_dir.parent), fix) from error
-    return params
+    return result
 
 
 def _int_keys(tree):
@@ -307,11 +319,10 @@ def restore_params(path, step=None):
     `nnx.State.to_pure_dict()` layout, as numpy arrays.
     """
     step_dir = _resolve_step_dir(path, step)
-    params = _read_or_explain(step_dir, lambda: _read_params(step_dir),
-                              "the newest earlier complete step is {path} (pass it, or --step {step} where the "
-                              "command takes a step)")
+    config, params = _read_or_explain(step_dir, lambda: (read_config(step_dir), _read_params(step_dir)),
+                                      "the newest earlier complete step is {path} (pass it, or --step {step} "
+                                      "where the command takes a step)")
     log.info("restored parameters from %s", step_dir)
-    config = read_config(step_dir)
     return config, _with_frozen(config, _int_keys(params))
 
 

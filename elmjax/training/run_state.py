@@ -7,6 +7,7 @@ import datetime
 
 from elmjax import storage
 from elmjax.training import checkpoint as ckpt
+from elmjax.training.checkpoint_errors import DamagedCheckpointError
 from elmjax.training.saved_config import config_to_dict, read_config
 from elmjax.validation import ConfigError
 
@@ -47,10 +48,18 @@ def check_resume_config(workdir, config, log) -> int | None:
     Logs every changed field; raises ConfigError for changes that alter what the resumed steps
     compute, unless `train.allow_config_change`. Returns that checkpoint's step (None if none).
     """
-    step = ckpt.latest_complete_step(workdir)
-    if step is None or not ckpt.is_train_checkpoint(ckpt.checkpoint_dir(workdir) / str(step)):
+    root = ckpt.checkpoint_dir(workdir)
+    for step in reversed(ckpt.complete_steps(workdir)):
+        if not ckpt.is_train_checkpoint(root / str(step)):
+            return None
+        try:
+            saved = read_config(root / str(step))
+            break
+        except DamagedCheckpointError:  # restoring sets the step aside, with a warning, and uses the one before
+            continue
+    else:
         return None
-    changes = [change for change in config_changes(read_config(ckpt.checkpoint_dir(workdir) / str(step)), config)
+    changes = [change for change in config_changes(saved, config)
                if change[0] != "train.allow_config_change"]  # the permission, not a change to report
     if not changes:
         return step

@@ -39,6 +39,16 @@ def _tuples(value):
 
 
 def read_config(step_dir) -> ml_collections.ConfigDict:
-    """The resolved config saved with a step."""
+    """The resolved config saved with a step; DamagedCheckpointError (naming the file) when it
+    is missing or not the JSON it was written as."""
+    from elmjax.training.checkpoint_errors import DamagedCheckpointError, one_line
+
     metadata_file = storage.path(step_dir) / "config" / "metadata"
-    return config_from_dict(json.loads(metadata_file.read_text()))
+    try:
+        data = json.loads(metadata_file.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"holds a JSON {type(data).__name__}, not the config's object")
+    except (OSError, ValueError) as error:
+        raise DamagedCheckpointError(f"the config saved with checkpoint step {storage.path(step_dir).name} "
+                                     f"({metadata_file}) is unreadable: {one_line(error)}") from None
+    return config_from_dict(data)
