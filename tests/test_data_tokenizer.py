@@ -62,17 +62,26 @@ def test_open_tokenizer_reads_a_sentencepiece_model_file(tokenizer):
     assert reopened.encode(SAMPLES[0]) == tokenizer.encode(SAMPLES[0])
 
 
-def test_tokenizer_json_with_its_config_gives_special_ids(tmp_path):
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="[UNK]"))
+def byte_level_bpe(directory, special_tokens, config=None):
+    """A 300-token byte-level BPE tokenizer.json with `special_tokens` first (ids 0, 1, ...),
+    trained here with `tokenizers`, and `config` as its tokenizer_config.json."""
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token=special_tokens[0]))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tokenizers.decoders.ByteLevel()
     trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["[UNK]", "[BOS]", "[EOS]"],
+        vocab_size=300, special_tokens=list(special_tokens),
         initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator([t for _, t in embedded_documents("kjv")[:20]], trainer)
-    tok.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "[BOS]", "eos_token": "[EOS]"}))
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    if config is not None:
+        (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_tokenizer_json_with_its_config_gives_special_ids(tmp_path):
+    byte_level_bpe(tmp_path, ["[UNK]", "[BOS]", "[EOS]"], {"bos_token": "[BOS]", "eos_token": "[EOS]"})
     loaded = open_tokenizer(tmp_path)
     assert isinstance(loaded, HuggingFaceTokenizer)
     assert (loaded.bos_id, loaded.eos_id) == (1, 2)
@@ -189,3 +198,67 @@ def test_a_token_store_keeps_and_gives_back_either_kind_of_tokenizer(tokenizer, 
         reloaded = load_tokenizer(config)
         assert type(reloaded) is type(made_with) and reloaded.fingerprint == made_with.fingerprint
         assert reloaded.encode(SAMPLES[1]) == made_with.encode(SAMPLES[1])
+
+
+UNUSUAL_NAMES = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
+
+
+def test_special_tokens_named_only_in_tokenizer_config_stay_with_the_run_and_the_token_store(tmp_path):
+    """The run keeps its tokenizer for generate, export and fine-tunes: the BOS/EOS/pad that
+    tokenizer_config.json named must come back with it (they came back as None)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from elmjax.data.sources import SourceStats
+    from elmjax.data.token_store import TokenStoreWriter
+    from elmjax.data.tokenizer_choice import keep_with_run, run_tokenizer
+
+    source = byte_level_bpe(tmp_path / "tok", ["<|unk|>", "<|bos|>", "<|eos|>", "<|pad|>"], UNUSUAL_NAMES)
+    made_with = open_tokenizer(source / "tokenizer.json")
+    oracle = PreTrainedTokenizerFast.from_pretrained(str(source))
+    ids = (oracle.bos_token_id, oracle.eos_token_id, oracle.pad_token_id)
+    assert (made_with.bos_id, made_with.eos_id, made_with.pad_token_id) == ids == (1, 2, 3)
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    keep_with_run(workdir, made_with)
+    kept = run_tokenizer(workdir / "checkpoints" / "5")
+    assert (kept.bos_id, kept.eos_id, kept.pad_token_id) == ids
+    assert kept.fingerprint == made_with.fingerprint
+    in_workdir = PreTrainedTokenizerFast.from_pretrained(str(workdir))  # the kept files are HF's own
+    assert (in_workdir.bos_token_id, in_workdir.eos_token_id, in_workdir.pad_token_id) == ids
+
+    root = str(tmp_path / "store")
+    writer = TokenStoreWriter(root, made_with)
+    writer.add(made_with.encode(SAMPLES[0]))
+    writer.close(SourceStats(documents=1), ["test"])
+    config = base_config()
+    config.data.source = root
+    from_store = load_tokenizer(config)
+    assert (from_store.bos_id, from_store.eos_id, from_store.pad_token_id) == ids
+
+
+def test_a_tokenizer_with_usual_names_keeps_no_extra_file(tmp_path):
+    from elmjax.data.tokenizer_choice import keep_with_run
+
+    source = byte_level_bpe(tmp_path / "tok", ["<unk>", "<s>", "</s>"])
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    keep_with_run(workdir, open_tokenizer(source / "tokenizer.json"))
+    assert sorted(p.name for p in workdir.iterdir()) == ["tokenizer.json"]
+
+
+def test_prompts_of_a_vocabulary_without_bos_get_no_bos(tmp_path, monkeypatch):
+    """Its documents trained without one (the pipeline adds BOS only where there is one)."""
+    from elmjax.inference import generate as gen
+    from elmjax.layers.decoder import build_model
+    from tests.train_micro_config import get_config
+
+    no_bos = open_tokenizer(byte_level_bpe(tmp_path / "tok", ["[UNK]", "</s>"]) / "tokenizer.json")
+    assert no_bos.bos_id is None and no_bos.eos_id == 1
+    config = get_config().model
+    config.vocab_size = no_bos.vocab_size
+    prompts_given, real_generate = [], gen.generate
+    monkeypatch.setattr(gen, "generate", lambda model, prompts, **kw: prompts_given.extend(prompts)
+                        or real_generate(model, prompts, **kw))
+    texts = gen.generate_text(build_model(config, 0), no_bos, ["In the beginning"], max_new_tokens=3, temperature=0.0)
+    assert prompts_given == [no_bos.encode("In the beginning")] and isinstance(texts[0], str)

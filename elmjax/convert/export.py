@@ -93,8 +93,8 @@ def export_params(
     config = hf.hf_config(model_config, torch_dtype=dtype, vocab_size=vocab_rows)
     generation_config = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
     if tokenizer is not None:
-        config["bos_token_id"] = generation_config["bos_token_id"] = int(tokenizer.bos_id)
-        config["eos_token_id"] = generation_config["eos_token_id"] = int(tokenizer.eos_id)
+        config["bos_token_id"] = generation_config["bos_token_id"] = tokenizer.bos_id  # None: it has none
+        config["eos_token_id"] = generation_config["eos_token_id"] = tokenizer.eos_id
         if "pad_token_id" in config:  # OLMoE's config names one (its default is another tokenizer's)
             config["pad_token_id"] = tokenizer.pad_token_id
     np_dtype = EXPORT_DTYPES[dtype]

@@ -140,7 +140,7 @@ class EncodePair:
             if not isinstance(prompt, str):
                 raise ConfigError("data.chat_template", "is empty, but a preference prompt is a message "
                                   "list; set data.chat_template=openelm")
-            return [tok.bos_id] + tok.encode(prompt), ""  # each on its own, as TRL tokenizes them
+            return tok.bos_prefix + tok.encode(prompt), ""  # each on its own, as TRL tokenizes them
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
         ids = encode_conversation(tok, prompt, self.header, add_generation_prompt=True)[0].tolist()

@@ -18,6 +18,7 @@ import numpy as np
 import tensorstore as ts
 
 from elmjax.data.base import DocumentSource, SourceStats
+from elmjax.data.run_files import SPECIAL_NAME
 
 META = "elmjax_token_store.json"
 SHARD_TOKENS = 1 << 22
@@ -108,6 +109,9 @@ class TokenStoreWriter:
         tok = self._tokenizer
         tokenizer_file, payload = tok.stored_file()  # rebuilt by Tokenizer.from_stored_file
         self._kv.write(tokenizer_file, payload).result()
+        special = tok.stored_special()
+        if special is not None:
+            self._kv.write(SPECIAL_NAME, special).result()
         meta = {
             "format": "elmjax-token-store-1",
             "documents": len(offsets) - 1,
@@ -118,6 +122,7 @@ class TokenStoreWriter:
             "eos_id": tok.eos_id,
             "pad_id": tok.pad_id,
             "tokenizer_file": tokenizer_file,
+            "tokenizer_special_file": None if special is None else SPECIAL_NAME,
             "tokenizer_fingerprint": tok.fingerprint,
             "sources": source_names,
             "input_stats": stats.as_dict(),
@@ -137,12 +142,14 @@ def read_meta(root: str) -> dict:
     return json.loads(bytes(result.value))
 
 
-def read_stored_tokenizer(root: str) -> tuple[str, bytes]:
-    """(file name, bytes) of the tokenizer saved inside the store; tokenizer_choice
-    rebuilds it (`elmjax.data.tokenizer_choice.load_store_tokenizer`)."""
+def read_stored_tokenizer(root: str) -> tuple[str, bytes, bytes | None]:
+    """(file name, bytes, special-token names' bytes or None) of the tokenizer saved inside
+    the store; tokenizer_choice rebuilds it (`elmjax.data.tokenizer_choice.load_store_tokenizer`)."""
     meta = read_meta(root)
     kv = ts.KvStore.open(kvstore_url(root), context=_CONTEXT).result()
-    return meta["tokenizer_file"], bytes(kv.read(meta["tokenizer_file"]).result().value)
+    special_file = meta.get("tokenizer_special_file")  # absent in stores written before it existed
+    special = bytes(kv.read(special_file).result().value) if special_file else None
+    return meta["tokenizer_file"], bytes(kv.read(meta["tokenizer_file"]).result().value), special
 
 
 class TokenStoreSource(DocumentSource):

@@ -55,6 +55,12 @@ class Tokenizer(abc.ABC):
             Tokenizer._by_stored_file_name[cls.stored_file_name] = cls
 
     @property
+    def bos_prefix(self) -> list[int]:
+        """[BOS], or [] for a vocabulary without one (whose documents the pipeline starts with
+        no BOS either)."""
+        return [self.bos_id] if self.bos_id is not None else []
+
+    @property
     def pad_id(self) -> int:
         """The id in padding positions: the pad token's, or 0 when the vocabulary has none."""
         return self.pad_token_id if self.pad_token_id is not None else 0
@@ -63,21 +69,27 @@ class Tokenizer(abc.ABC):
     def stored_file(self) -> tuple[str, bytes]:
         """(file name, bytes) that define this tokenizer, as a token store keeps them."""
 
+    def stored_special(self) -> bytes | None:
+        """The `tokenizer_config.json` kept beside the stored file where the file alone does
+        not say which tokens are BOS/EOS/pad (None: it does)."""
+        return None
+
     @classmethod
     @abc.abstractmethod
-    def from_bytes(cls, payload: bytes, name: str) -> Tokenizer:
-        """The tokenizer `stored_file` described (its bytes; `name` says where it came from)."""
+    def from_bytes(cls, payload: bytes, name: str, special: bytes | None = None) -> Tokenizer:
+        """The tokenizer `stored_file` (and `stored_special`) described; `name` says where it
+        came from."""
 
     @staticmethod
-    def from_stored_file(file_name: str, payload: bytes, name: str) -> Tokenizer:
-        """Rebuilds a tokenizer from what `stored_file` returned."""
+    def from_stored_file(file_name: str, payload: bytes, name: str, special: bytes | None = None) -> Tokenizer:
+        """Rebuilds a tokenizer from what `stored_file` and `stored_special` returned."""
         kind = Tokenizer._by_stored_file_name.get(file_name)
         if kind is None:
             raise ValueError(
                 f"{name}: unknown tokenizer file {file_name!r}; known: "
                 f"{', '.join(sorted(Tokenizer._by_stored_file_name))}"
             )
-        return kind.from_bytes(payload, name)
+        return kind.from_bytes(payload, name, special)
 
     @abc.abstractmethod
     def _encode(self, text: str) -> list[int]:
@@ -189,8 +201,8 @@ class SentencePieceTokenizer(Tokenizer):
         return self.stored_file_name, self._proto
 
     @classmethod
-    def from_bytes(cls, payload: bytes, name: str) -> SentencePieceTokenizer:
-        return cls(payload, name=name)
+    def from_bytes(cls, payload: bytes, name: str, special: bytes | None = None) -> SentencePieceTokenizer:
+        return cls(payload, name=name)  # the model file holds its special ids
 
     def __getstate__(self):
         return {"proto": self._proto, "name": self.name}
@@ -263,9 +275,18 @@ class HuggingFaceTokenizer(Tokenizer):
     def stored_file(self) -> tuple[str, bytes]:
         return self.stored_file_name, self._json.encode()
 
+    def stored_special(self) -> bytes | None:
+        """The resolved BOS/EOS/pad token names, when a tokenizer_config.json gave any: the
+        usual names need none."""
+        if not any(self._special.get(f"{kind}_token") for kind in ("bos", "eos", "pad")):
+            return None
+        ids = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_token_id}
+        return json.dumps({key: self._tok.id_to_token(i) for key, i in ids.items() if i is not None},
+                          indent=1).encode()
+
     @classmethod
-    def from_bytes(cls, payload: bytes, name: str) -> HuggingFaceTokenizer:
-        return cls(payload.decode(), {}, name=name)
+    def from_bytes(cls, payload: bytes, name: str, special: bytes | None = None) -> HuggingFaceTokenizer:
+        return cls(payload.decode(), json.loads(special) if special else {}, name=name)
 
     def __getstate__(self):
         return {"json": self._json, "special": self._special, "name": self.name}

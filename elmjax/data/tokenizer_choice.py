@@ -15,7 +15,8 @@ def load_store_tokenizer(root: str) -> Tokenizer:
     """The tokenizer saved inside the token store at `root`."""
     from elmjax.data.token_store import read_stored_tokenizer
 
-    return Tokenizer.from_stored_file(*read_stored_tokenizer(root), name=root)
+    file_name, payload, special = read_stored_tokenizer(root)
+    return Tokenizer.from_stored_file(file_name, payload, name=root, special=special)
 
 
 def run_tokenizer(path, *, look_up: bool = True) -> Tokenizer | None:
@@ -23,7 +24,7 @@ def run_tokenizer(path, *, look_up: bool = True) -> Tokenizer | None:
     from elmjax.data.run_files import find_stored_tokenizer
 
     found = find_stored_tokenizer(path, look_up=look_up)
-    return None if found is None else Tokenizer.from_stored_file(found[0], found[1], name=found[2])
+    return None if found is None else Tokenizer.from_stored_file(found[0], found[1], name=found[2], special=found[3])
 
 
 def keep_with_run(workdir, tokenizer: Tokenizer) -> None:
@@ -34,7 +35,7 @@ def keep_with_run(workdir, tokenizer: Tokenizer) -> None:
 
     kept = run_tokenizer(workdir, look_up=False)
     if kept is None:
-        write_stored_tokenizer(workdir, *tokenizer.stored_file())
+        write_stored_tokenizer(workdir, *tokenizer.stored_file(), tokenizer.stored_special())
     elif kept.fingerprint != tokenizer.fingerprint:
         raise ConfigError("data.tokenizer", f"{tokenizer.name} ({tokenizer.fingerprint}) is not the tokenizer "
                           f"this run trained with, {kept.name} ({kept.fingerprint}); use that one or a new workdir")

@@ -86,7 +86,8 @@ class ElmjaxLM(TemplateLM):
 
     @property
     def prefix_token_id(self) -> int:
-        return self.tokenizer.bos_id  # an empty context is scored after BOS alone
+        # An empty context is scored after BOS alone (lm-eval's default, EOS, without one).
+        return self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.tokenizer.eos_id
 
     @property
     def max_length(self) -> int:
@@ -95,7 +96,7 @@ class ElmjaxLM(TemplateLM):
     def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
         """Token ids of `string`, with BOS in front unless add_special_tokens is False."""
         ids = self.tokenizer.encode(string)
-        return ids if add_special_tokens is False else [self.tokenizer.bos_id] + ids
+        return ids if add_special_tokens is False else self.tokenizer.bos_prefix + ids
 
     def tok_decode(self, tokens) -> str:
         return self.tokenizer.decode(tokens)

@@ -169,9 +169,10 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0, t
 
 def generate_text(model, tokenizer, prompts, *, max_new_tokens: int, max_seq_len=None,
                   **sampling) -> list[str]:
-    """Decoded continuations of text `prompts` (each encoded with BOS first)."""
+    """Decoded continuations of text `prompts` (each encoded with BOS first, if the vocabulary
+    has one)."""
     encoded = [tokenizer.encode(p) for p in prompts]
-    new = generate(model, [[tokenizer.bos_id] + ids for ids in encoded], max_new_tokens=max_new_tokens,
+    new = generate(model, [tokenizer.bos_prefix + ids for ids in encoded], max_new_tokens=max_new_tokens,
                    eos_id=tokenizer.eos_id, max_seq_len=max_seq_len, pad_id=tokenizer.pad_id, **sampling)
     return [continuation_text(tokenizer, prompt, ids) for prompt, ids in zip(encoded, new)]
 
