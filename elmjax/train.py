@@ -5,7 +5,8 @@ and allowed values are in elmjax/config.py (shared sections) and the model famil
 `model_fields()` (elmjax/models/<family>/family.py); `--config=FILE --help` does not list
 them, `python tools/count_params.py --config=FILE` shows a config's model. Re-running the same
 command resumes from the newest complete checkpoint in DIR, which may be a gs:// URL
-(`pip install -e '.[gcs]'`; see elmjax/storage.py). `--dry_run` compiles the step
+(`pip install -e '.[gcs]'`; see elmjax/storage.py). A local DIR takes one run at a time
+(elmjax/training/workdir_lock.py). `--dry_run` compiles the step
 for the configured mesh and reports memory instead of training. Multi-process: pass
 --coordinator/--num_processes/--process_id, or --distributed on TPU pods / SLURM / GKE TPU,
 where `jax.distributed.initialize()` finds them itself (launch/README.md). When a process of

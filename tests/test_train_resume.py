@@ -159,6 +159,22 @@ def test_unusable_workdir_fails_with_a_clear_message(tmp_path, cache):
     assert f"workdir {not_a_dir} exists but is not a directory" in result.stderr
 
 
+def test_a_second_run_into_a_workdir_in_use_is_refused_before_writing_anything(tmp_path, cache):
+    """Two runs in one workdir interleave their checkpoints and metrics.jsonl."""
+    from elmjax.training import workdir_lock
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    with workdir_lock.holding(workdir):  # as a running training process holds it
+        result = run(train_command(workdir), env(cache))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.startswith(f"error: workdir {workdir} is in use by another training run (process "
+                                    f"{os.getpid()} on ")
+    assert result.stderr.strip().endswith("); wait for it to end, or train in another --workdir")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in workdir.iterdir()) == [".train.lock"]
+
+
 def test_dry_run_reports_params_memory_and_compile_time_on_an_fsdp_mesh(tmp_path, cache):
     result = run(
         [sys.executable, "-m", "elmjax.train", f"--config={CONFIG}", "--dry_run",

@@ -5,6 +5,7 @@ around it is `python -m elmjax.train` (elmjax/train.py).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -23,6 +24,7 @@ from elmjax.training import peers
 from elmjax.training import run_state
 from elmjax.training import setup as setup_lib
 from elmjax.training import stages
+from elmjax.training import workdir_lock
 
 
 class StopRequest:
@@ -92,11 +94,19 @@ def train(config, workdir, log=print) -> dict:
     "stopped" (why) when a signal or a closed stdout stopped it earlier, after saving."""
     run_start = time.perf_counter()
     primary = jax.process_index() == 0
+    tokenizer = None
     if primary:  # before anything is written: a config no tokenizer fits leaves no workdir behind
-        from elmjax.data.tokenizer_choice import keep_with_run, load_tokenizer
+        from elmjax.data.tokenizer_choice import load_tokenizer
 
         tokenizer = load_tokenizer(config)
     workdir = ckpt.prepare_workdir(workdir)
+    with workdir_lock.holding(workdir) if primary else contextlib.nullcontext():
+        return _train(config, workdir, log, run_start, tokenizer)
+
+
+def _train(config, workdir, log, run_start: float, tokenizer) -> dict:
+    """`train` in WORKDIR, made and locked; `tokenizer` is process 0's (None elsewhere)."""
+    primary = jax.process_index() == 0
     stop = StopRequest()
     log = stop.guard(log) if primary else (lambda *args: None)
     saved_step = run_state.check_resume_config(workdir, config, log)
@@ -110,6 +120,8 @@ def train(config, workdir, log=print) -> dict:
     if primary:
         # The tokenizer stays with the run: a fine-tune or generate from this workdir finds it
         # (checked first: another tokenizer than the run's fails before anything is written).
+        from elmjax.data.tokenizer_choice import keep_with_run
+
         keep_with_run(workdir, tokenizer)
         storage.write_text(workdir / "config.json", config.to_json(indent=2))
     setup = setup_lib.build_setup(config)
