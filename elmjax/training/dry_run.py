@@ -26,9 +26,15 @@ def tpu_devices(topology: str):
     from jax.experimental import topologies
 
     try:
-        return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+        devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+        if any(getattr(device, "core_on_chip", 0) for device in devices):
+            # A device per TensorCore (v4's default description); jax runs such chips as one
+            # device each (megacore), and its meshes refuse the cores.
+            devices = topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                                   chip_config_name="megacore").devices
+        return devices
     except Exception as error:  # noqa: BLE001 - no libtpu, or a name it does not know
-        names = "give a name such as v5p:2x2x1, v5e:2x2 or v4:2x2x1"
+        names = "give a name such as v5p:2x2x1, v5e:2x2, v6e:2x2 or v4:2x2x1"
         fix = names if accelerators.tpu_compiler_installed() else f"install it with pip install -e \".[tpu]\" and {names}"
         raise ValueError(f"--topology={topology}: the TPU compiler cannot describe it ({first_line(error)}); {fix}") from None
 
@@ -98,4 +104,7 @@ def dry_run(config, topology: str | None = None, log=print) -> dict:
             f"{report['optimal_seconds']:.4g} s; "
             f"estimated MFU {100 * report['estimated_mfu']:.1f}% of {spec[0] / 1e12:.0f} TFLOP/s per chip "
             f"({tokens / report['optimal_seconds']:,.0f} tokens/s estimated)")
+    elif device.platform == "tpu":
+        log(f"no step-time estimate: the TPU compiler's cost analysis for {device.device_kind} gives no "
+            "optimal_seconds" if spec is not None else f"no MFU estimate: no peak FLOP/s known for {device.device_kind}")
     return report
