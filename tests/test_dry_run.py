@@ -120,3 +120,14 @@ def test_dpo_counts_the_reference_pass_through_scanned_runs_like_the_unrolled_st
     # initial: without the reference pass's 3 extra layer forwards the count would be 14% low;
     # base: with weight gradients in the frozen layers' probe it was 14% high
     assert _flops(scanned.stdout) == pytest.approx(_flops(unrolled.stdout), rel=0.01)
+
+
+def test_a_staged_run_compiles_every_stage_shape():
+    """The last stage (8x the tokens per step here) is the one that must fit."""
+    result = train("--config=configs/tiny_btlm.py", "--dry_run", "--config.train.steps=20",
+                   "--config.train.stages=((10,64,32),(20,512,64))", "--config.train.stages_equal_tokens=False")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert out.index("stage 1/2: steps 1-10 at 32 x 64 tokens:") < out.index("batch 32 x 64 tokens") \
+        < out.index("stage 2/2: steps 11-20 at 64 x 512 tokens:") < out.index("batch 64 x 512 tokens")
+    assert out.count("per-device memory (XLA estimate): ") == 2

@@ -61,8 +61,24 @@ def memory_report(compiled) -> dict:
 
 
 def dry_run(config, topology: str | None = None, log=print) -> dict:
-    """Builds, lowers and compiles the train step; logs and returns the figures."""
+    """Builds, lowers and compiles the train step; logs and returns the figures. A staged run
+    (`train.stages`) compiles each stage's batch shape, as training will; the figures are
+    the last stage's, with every stage's under "stages"."""
+    from elmjax.training import stages
+
     devices = tpu_devices(topology) if topology else None
+    plan = stages.plan(config)
+    if len(plan) == 1:
+        return _dry_run_shape(config, devices, topology, log)
+    reports = []
+    for stage in plan:
+        log(f"{stage.describe()}:")
+        reports.append(_dry_run_shape(stages.stage_config(config, stage), devices, topology, log))
+    return {**reports[-1], "stages": reports}
+
+
+def _dry_run_shape(config, devices, topology: str | None, log) -> dict:
+    """`dry_run` of the step at `train.batch_size` x `train.seq_len`."""
     setup = build_setup(config, devices)
     bound = memory.check_fits(setup)
     compiled, seconds = compile_train_step(setup)
