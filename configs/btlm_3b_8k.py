@@ -6,8 +6,8 @@ and no position embeddings; muP relative to a base width of 256 (embeddings x 14
 2.22 x 0.1, attention 1/head_dim, hidden matrices at 0.1 x the learning rate, truncated-normal
 init with std 0.073). Recipe: 470B tokens at 2048 x 1920, then 157B at 8192 x 480 (the same
 3,932,160 tokens per batch), AdamW (0.9, 0.95, eps 1e-8, wd 0.1), clip 1.0, 95 warmup steps to
-1.2e-2, then linear decay to 1.01e-4. `train.seq_len` / `batch_size` are the 8K stage's shape,
-which `--dry_run` compiles (the stages set the run's shapes).
+1.2e-2, then linear decay to 1.01e-4. `train.seq_len` / `batch_size` are the 8K stage's shape
+(the stages set the run's shapes; `--dry_run` compiles each stage's).
 """
 from elmjax.config import family_config
 
