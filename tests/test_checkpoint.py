@@ -292,7 +292,7 @@ def test_a_step_missing_its_state_is_set_aside_with_a_warning(saved, tmp_path, c
         step, _, _ = ckpt.restore_train_state(workdir, setup.abstract_state, data_iterator())
     assert step == 1
     assert "checkpoints/2 is incomplete" in caplog.text
-    assert [p.name.split(".")[0] for p in (workdir / "checkpoints").iterdir() if "damaged" in p.name] == ["2"]
+    assert [p.name.split(".")[0] for p in (workdir / "checkpoints").iterdir() if "incomplete" in p.name] == ["2"]
     config = micro()
     save_steps(workdir, config, [2], jax.device_put(saved[2]), data_iterator())  # step 2 can be saved again
     assert ckpt.complete_steps(workdir) == [1, 2]
@@ -333,6 +333,16 @@ def test_when_every_step_is_damaged_the_run_is_refused_not_started_over(saved, t
         ckpt.restore_train_state(workdir, setup.abstract_state, data_iterator())
     with pytest.raises(ckpt.DamagedCheckpointError, match="every checkpoint"):  # and again on a rerun
         ckpt.restore_train_state(workdir, setup.abstract_state, data_iterator())
+
+
+def test_a_save_that_died_before_any_step_finished_does_not_block_a_fresh_start(saved, tmp_path):
+    """A job preempted during its first save restarts from step 0: nothing finished was lost."""
+    workdir = copy_run(saved, tmp_path)
+    shutil.rmtree(workdir / "checkpoints" / "1")
+    shutil.rmtree(workdir / "checkpoints" / "2" / "state")
+    setup = build_setup(micro())
+    assert ckpt.restore_train_state(workdir, setup.abstract_state, data_iterator()) == (None, None, None)
+    assert [p.name.split("-")[0] for p in (workdir / "checkpoints").iterdir()] == ["2.incomplete"]
 
 
 def test_a_damaged_steps_restored_data_position_is_undone_before_the_step_before_it(saved, tmp_path):

@@ -198,7 +198,7 @@ def test_a_gcs_step_without_its_commit_file_is_incomplete_and_set_aside(gcs_emul
     assert ckpt.complete_steps(workdir) == []
     ckpt.set_aside_incomplete_steps(workdir)
     names = [p.name for p in (storage.path(workdir) / "checkpoints").iterdir()]
-    assert len(names) == 1 and names[0].startswith("3.damaged-"), names
+    assert len(names) == 1 and names[0].startswith("3.incomplete-"), names
     assert (storage.path(workdir) / "checkpoints" / names[0] / "state" / "_METADATA").exists()
 
 

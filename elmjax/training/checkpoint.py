@@ -10,9 +10,10 @@ A params-only checkpoint (`save_params_checkpoint`) has `state` = {"params": ...
 The workdir may be local or gs:// (elmjax/storage.py). Locally orbax writes each step into a
 temporary directory and renames it when every item is written; on GCS, which cannot rename,
 it writes the step in place and `commit_success.txt` last. Either way a save that dies
-halfway never replaces the last good step. A finished step whose files
-are damaged is skipped on restore with a warning (and moved aside), and the one before it is
-used.
+halfway never replaces the last good step (what it left is moved aside as
+`<step>.incomplete-<time>`). A finished step whose files are damaged is skipped on restore
+with a warning (and moved aside as `<step>.damaged-<time>`), and the one before it is used;
+when every finished step is damaged the run stops with one line instead of starting over.
 """
 from __future__ import annotations
 
@@ -121,7 +122,7 @@ def set_aside_incomplete_steps(path) -> None:
             readable = False
         if readable and not _is_complete(step_dir):
             log.warning("checkpoint %s is incomplete (no state or metadata); setting it aside", step_dir)
-            set_aside(step_dir)
+            set_aside(step_dir, "incomplete")
 
 
 def latest_complete_step(path) -> int | None:
@@ -177,11 +178,17 @@ def save(manager, step: int, state, data_iterator, config, *, force: bool = Fals
         raise save_failed(manager.directory, step, error, latest_complete_step(manager.directory)) from error
 
 
-def set_aside(step_dir: epath.Path) -> None:
-    """Moves a damaged step to a name that is not a step number, so the manager neither
-    restores nor overwrites it (on GCS a copy and delete: see elmjax/storage.py)."""
+def set_aside(step_dir: epath.Path, why: str = "damaged") -> None:
+    """Moves a damaged (or incomplete) step to `<step>.<why>-<time>`, a name that is not a step
+    number, so the manager neither restores nor overwrites it (on GCS a copy and delete: see
+    elmjax/storage.py)."""
     if jax.process_index() == 0 and step_dir.exists():
-        storage.move(step_dir, step_dir.with_name(f"{step_dir.name}.damaged-{int(time.time())}"))
+        storage.move(step_dir, step_dir.with_name(f"{step_dir.name}.{why}-{int(time.time())}"))
+
+
+def _damaged_before(root) -> list[str]:
+    """Names of the finished steps set aside as damaged by earlier runs."""
+    return sorted(path.name for path in storage.path(root).glob("*.damaged-*")) if storage.path(root).exists() else []
 
 
 def restore_train_state(workdir, abstract_state, data_iterator):
@@ -190,14 +197,24 @@ def restore_train_state(workdir, abstract_state, data_iterator):
 
     Returns (step, state, kind): kind is "train" (full resume), "params" (a params-only
     checkpoint: state holds fresh-optimizer fields as None) or None when there is nothing to
-    restore. Damaged newer steps are skipped with a warning.
+    restore. Damaged newer steps are skipped with a warning; DamagedCheckpointError when every
+    finished step is damaged (now or by an earlier run), rather than starting over at step 0.
     """
     root = checkpoint_dir(workdir)
     set_aside_incomplete_steps(root)
     drop_failed_read_echoes()
+    # Listed before this call moves anything (only process 0 moves): every process decides alike.
+    damaged_before = _damaged_before(root)
     # A damaged step's restore may have set the iterator already: every fallback starts over.
     initial_data_state = data_iterator.get_state()
     set_aside_now = []
+
+    def skip(step_dir, error):
+        log.warning("checkpoint %s is unreadable (%s); skipping it", step_dir, one_line(error))
+        set_aside(step_dir)
+        set_aside_now.append(step_dir)
+        data_iterator.set_state(initial_data_state)
+
     for step in reversed(complete_steps(root)):
         step_dir = root / str(step)
         train_checkpoint = is_train_checkpoint(step_dir)
@@ -207,7 +224,11 @@ def restore_train_state(workdir, abstract_state, data_iterator):
                        resuming=True)
         writers = layout.writers_to_restore(step_dir, data_iterator) if train_checkpoint else None
         try:
-            read_config(step_dir)  # every process reads the same files: all skip the same steps
+            read_config(step_dir)  # a damaged one is damage; a config of another version is not
+        except DamagedCheckpointError as error:
+            skip(step_dir, error)
+            continue
+        try:
             if train_checkpoint:
                 items = {"state": ocp.args.StandardRestore(abstract_state)}
                 if writers == jax.process_count():  # this process's own file: grain reads it
@@ -223,13 +244,9 @@ def restore_train_state(workdir, abstract_state, data_iterator):
             verify(step_dir, {"params": params})
             return step, {"params": params}, "params"
         except Exception as error:  # a damaged step: fall back to the one before it
-            log.warning("checkpoint %s is unreadable (%s); skipping it", step_dir, one_line(error))
-            set_aside(step_dir)
-            set_aside_now.append(step_dir)
-            data_iterator.set_state(initial_data_state)
-    damaged = sorted(path.name for path in root.glob("*.damaged-*")) if root.exists() else []
-    if damaged or set_aside_now:  # starting over would train from step 0 where trained steps were
-        names = damaged or [f"{step_dir.name}.damaged-*" for step_dir in set_aside_now]
+            skip(step_dir, error)
+    if damaged_before or set_aside_now:  # starting over would train from step 0 where trained steps were
+        names = _damaged_before(root) or [f"{step_dir.name}.damaged-*" for step_dir in set_aside_now]
         raise DamagedCheckpointError(
             f"every checkpoint in {root} is damaged (set aside as {', '.join(names)}), so nothing can be "
             f"resumed; to start over from step 0, move those directories out of {root} (or use a new --workdir)")
@@ -273,16 +290,16 @@ def _restore_params_onto(step_dir: epath.Path, abstract_params):
     return ocp.PyTreeCheckpointer().restore(storage.absolute(step_dir / "state"), args=args)["params"]
 
 
-def _read_or_explain(step_dir, read, fix: str):
-    """`read()`'s parameters (or (config, parameters)), checked against the step's checksums;
-    any failure is one `unreadable` line whose `fix` names the newest earlier complete step."""
+def _read_or_explain(step_dir, read, fix: str) -> dict:
+    """`read()`'s parameters, checked against the step's checksums; any failure is one
+    `unreadable` line whose `fix` names the newest earlier complete step."""
     drop_failed_read_echoes()
     try:
-        result = read()
-        verify(step_dir, {"params": result[1] if isinstance(result, tuple) else result})
+        params = read()
+        verify(step_dir, {"params": params})
     except Exception as error:  # noqa: BLE001 - any read failure means damaged files
         raise unreadable(step_dir, error, complete_steps(step_dir.parent), fix) from error
-    return result
+    return params
 
 
 def _int_keys(tree):
@@ -319,9 +336,12 @@ def restore_params(path, step=None):
     `nnx.State.to_pure_dict()` layout, as numpy arrays.
     """
     step_dir = _resolve_step_dir(path, step)
-    config, params = _read_or_explain(step_dir, lambda: (read_config(step_dir), _read_params(step_dir)),
-                                      "the newest earlier complete step is {path} (pass it, or --step {step} "
-                                      "where the command takes a step)")
+    fix = "the newest earlier complete step is {path} (pass it, or --step {step} where the command takes a step)"
+    try:
+        config = read_config(step_dir)
+    except DamagedCheckpointError as error:
+        raise unreadable(step_dir, error, complete_steps(step_dir.parent), fix) from None
+    params = _read_or_explain(step_dir, lambda: _read_params(step_dir), fix)
     log.info("restored parameters from %s", step_dir)
     return config, _with_frozen(config, _int_keys(params))
 
