@@ -183,19 +183,24 @@ def test_training_is_deterministic_so_every_host_trains_the_same_tokenizer():
     assert train_sentencepiece(texts, 800) == train_sentencepiece(texts, 800)
 
 
-def test_a_token_store_keeps_and_gives_back_either_kind_of_tokenizer(tokenizer, tmp_path):
+def reloaded_from_a_store(made_with, root):
+    """The tokenizer a run reading the token store (one document) that `made_with` wrote at
+    `root` loads."""
     from elmjax.data.sources import SourceStats
     from elmjax.data.token_store import TokenStoreWriter
 
+    writer = TokenStoreWriter(str(root), made_with)
+    writer.add(made_with.encode(SAMPLES[0]))
+    writer.close(SourceStats(documents=1), ["test"])
+    config = base_config()
+    config.data.source = str(root)
+    return load_tokenizer(config)
+
+
+def test_a_token_store_keeps_and_gives_back_either_kind_of_tokenizer(tokenizer, tmp_path):
     tokenizer.save_hf_files(tmp_path / "hf")
     for made_with in (tokenizer, open_tokenizer(tmp_path / "hf" / "tokenizer.json")):
-        root = str(tmp_path / f"store-{type(made_with).__name__}")
-        writer = TokenStoreWriter(root, made_with)
-        writer.add(made_with.encode(SAMPLES[0]))
-        writer.close(SourceStats(documents=1), ["test"])
-        config = base_config()
-        config.data.source = root
-        reloaded = load_tokenizer(config)
+        reloaded = reloaded_from_a_store(made_with, tmp_path / f"store-{type(made_with).__name__}")
         assert type(reloaded) is type(made_with) and reloaded.fingerprint == made_with.fingerprint
         assert reloaded.encode(SAMPLES[1]) == made_with.encode(SAMPLES[1])
 
@@ -208,8 +213,6 @@ def test_special_tokens_named_only_in_tokenizer_config_stay_with_the_run_and_the
     tokenizer_config.json named must come back with it (they came back as None)."""
     from transformers import PreTrainedTokenizerFast
 
-    from elmjax.data.sources import SourceStats
-    from elmjax.data.token_store import TokenStoreWriter
     from elmjax.data.tokenizer_choice import keep_with_run, run_tokenizer
 
     source = byte_level_bpe(tmp_path / "tok", ["<|unk|>", "<|bos|>", "<|eos|>", "<|pad|>"], UNUSUAL_NAMES)
@@ -227,13 +230,7 @@ def test_special_tokens_named_only_in_tokenizer_config_stay_with_the_run_and_the
     in_workdir = PreTrainedTokenizerFast.from_pretrained(str(workdir))  # the kept files are HF's own
     assert (in_workdir.bos_token_id, in_workdir.eos_token_id, in_workdir.pad_token_id) == ids
 
-    root = str(tmp_path / "store")
-    writer = TokenStoreWriter(root, made_with)
-    writer.add(made_with.encode(SAMPLES[0]))
-    writer.close(SourceStats(documents=1), ["test"])
-    config = base_config()
-    config.data.source = root
-    from_store = load_tokenizer(config)
+    from_store = reloaded_from_a_store(made_with, tmp_path / "store")
     assert (from_store.bos_id, from_store.eos_id, from_store.pad_token_id) == ids
 
 
@@ -262,3 +259,16 @@ def test_prompts_of_a_vocabulary_without_bos_get_no_bos(tmp_path, monkeypatch):
                         or real_generate(model, prompts, **kw))
     texts = gen.generate_text(build_model(config, 0), no_bos, ["In the beginning"], max_new_tokens=3, temperature=0.0)
     assert prompts_given == [no_bos.encode("In the beginning")] and isinstance(texts[0], str)
+
+
+def test_a_workdir_kept_without_the_names_gets_them_when_the_run_resumes(tmp_path):
+    """Workdirs of earlier versions kept the tokenizer.json alone."""
+    from elmjax.data.tokenizer_choice import keep_with_run, run_tokenizer
+
+    source = byte_level_bpe(tmp_path / "tok", ["<|unk|>", "<|bos|>", "<|eos|>", "<|pad|>"], UNUSUAL_NAMES)
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "tokenizer.json").write_bytes((source / "tokenizer.json").read_bytes())
+    assert run_tokenizer(workdir).bos_id is None
+    keep_with_run(workdir, open_tokenizer(source / "tokenizer.json"))
+    assert (run_tokenizer(workdir).bos_id, run_tokenizer(workdir).eos_id) == (1, 2)

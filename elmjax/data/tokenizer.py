@@ -188,8 +188,9 @@ class SentencePieceTokenizer(Tokenizer):
         self.name = name
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.vocab_size = self._sp.get_piece_size()
-        self.bos_id = self._sp.bos_id()
-        self.eos_id = self._sp.eos_id()
+        # SentencePiece answers -1 for a token the model does not have.
+        self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+        self.eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
         self.pad_token_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else None
 
     @classmethod
@@ -276,8 +277,8 @@ class HuggingFaceTokenizer(Tokenizer):
         return self.stored_file_name, self._json.encode()
 
     def stored_special(self) -> bytes | None:
-        """The resolved BOS/EOS/pad token names, when a tokenizer_config.json gave any: the
-        usual names need none."""
+        """The resolved BOS/EOS/pad token names, when a tokenizer_config.json (or the built-in
+        GPT-2's table) named any: a tokenizer found by the usual names needs none."""
         if not any(self._special.get(f"{kind}_token") for kind in ("bos", "eos", "pad")):
             return None
         ids = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_token_id}

@@ -34,8 +34,10 @@ def keep_with_run(workdir, tokenizer: Tokenizer) -> None:
     from elmjax.validation import ConfigError
 
     kept = run_tokenizer(workdir, look_up=False)
-    if kept is None:
-        write_stored_tokenizer(workdir, *tokenizer.stored_file(), tokenizer.stored_special())
+    special = tokenizer.stored_special()
+    if kept is None or (kept.fingerprint == tokenizer.fingerprint and special and kept.stored_special() is None):
+        # New, or kept by a version that did not keep the special-token names: (re)write.
+        write_stored_tokenizer(workdir, *tokenizer.stored_file(), special)
     elif kept.fingerprint != tokenizer.fingerprint:
         raise ConfigError("data.tokenizer", f"{tokenizer.name} ({tokenizer.fingerprint}) is not the tokenizer "
                           f"this run trained with, {kept.name} ({kept.fingerprint}); use that one or a new workdir")
