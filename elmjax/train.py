@@ -128,6 +128,13 @@ def main(argv) -> None:
         if FLAGS.debug:
             raise
         cli.fail(str(error), code=3)
+    except Exception as error:  # a collective's (a save's too), when a peer was lost: the line says which
+        from elmjax.training import peers
+        from elmjax.training.checkpoint_errors import SaveFailedError
+
+        if not isinstance(error, cli.user_errors()) or isinstance(error, SaveFailedError):
+            peers.exit_if_a_peer_was_lost(workdir)
+        raise
     if last.get("stopped"):  # saved but not finished: a rerun resumes
         from elmjax.training.loop import STOPPED_EXIT
 

@@ -18,14 +18,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_two_processes(tmp_path, workdir, *overrides):
+def start_two_processes(tmp_path, workdir, *overrides, devices=2):
     port = free_port()
     return [
         subprocess.Popen(
             [sys.executable, "-m", "elmjax.train", f"--config={CONFIG}", f"--workdir={workdir}",
              f"--coordinator=localhost:{port}", "--num_processes=2", f"--process_id={index}",
              *overrides],
-            cwd=ROOT, env=env(tmp_path / "cache", devices=2), stdout=subprocess.PIPE,
+            cwd=ROOT, env=env(tmp_path / "cache", devices=devices), stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True,
         )
         for index in range(2)
@@ -69,3 +69,23 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     assert len(steps) == 1 and steps[0] % 2 == 0
     data_files = sorted(p.name for p in (workdir / "checkpoints" / str(steps[0]) / "data").glob("*.json"))
     assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+def test_a_peer_lost_during_a_host_collective_ends_the_survivor_with_one_line(tmp_path):
+    """Killed while the survivor waits in the stop check's all-gather (every step here), Gloo
+    raises "Connection closed by peer" in the survivor's main thread: the watchdog's one line
+    (naming the lost process) is all it prints, not that exception's traceback first."""
+    workdir = tmp_path / "killed"
+    processes = start_two_processes(tmp_path, workdir, "--config.train.steps=100000", "--config.train.log_every=1",
+                                    "--config.train.stop_check_every=1", "--failure_timeout=5", devices=1)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        time.sleep(0.2)
+    processes[1].kill()  # its supervising parent: the training child dies with it
+    _, stderr = processes[0].communicate(timeout=120)
+    processes[1].communicate(timeout=60)
+    assert processes[0].returncode == 75, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: lost process 1 of 2"), stderr[-3000:]

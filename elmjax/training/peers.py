@@ -16,6 +16,9 @@ Both bounded by `failure_timeout` seconds (`--failure_timeout`, default 30), in 
   also stops the steps, and the peer check, which names it, needs up to the timeout plus a
   heartbeat to notice; the stall check must not win that race.) The step check is paused while compiling,
   saving and evaluating, and armed from the first finished step.
+- A process whose collective fails in its main thread (Gloo's "Connection closed by peer",
+  also inside a checkpoint save) would print that exception: `exit_if_a_peer_was_lost`
+  asks the service first, and a lost peer gets the same line.
 
 When process 0 (which hosts the service) dies, the others' next RPC to it fails at once and
 JAX aborts them itself (C++ stack trace, SIGABRT); JAX offers no way to replace that from
@@ -36,7 +39,7 @@ import time
 PEER_LOST_EXIT = 75
 DEFAULT_FAILURE_TIMEOUT = 30
 
-_settings = {"failure_timeout": None}
+_settings = {"failure_timeout": None, "steps_over": False}
 
 
 def initialize(coordinator=None, num_processes=None, process_id=None, local_device_ids=None,
@@ -82,9 +85,16 @@ def last_saved(workdir) -> str:
     return "none yet" if step is None else f"step {step} ({ckpt.checkpoint_dir(workdir) / str(step)})"
 
 
+_exiting = threading.Lock()  # the watchdog and the main thread may both find the lost peer
+
+
 def exit_now(what: str, workdir) -> None:
     """Prints the one line (what happened, WORKDIR's last saved step, the exit code) and
-    exits at once: the main thread may be blocked in a collective that will never finish."""
+    exits at once: the main thread may be blocked in a collective that will never finish.
+    A second caller waits for the first to end the process."""
+    if not _exiting.acquire(blocking=False):
+        while True:
+            time.sleep(60)
     line = (f"error: {what}; the last saved step is {last_saved(workdir)}; restart the "
             f"job to resume from it (exit code {PEER_LOST_EXIT})")
     try:
@@ -135,6 +145,7 @@ class Watchdog:
 
     def stop(self) -> None:
         self._stopped.set()
+        _settings["steps_over"] = True
 
     def _watch_steps(self) -> None:
         while not self._stopped.wait(1.0):
@@ -154,8 +165,7 @@ class Watchdog:
                 return
             lost = sorted(set(everyone) - set(live))
             if lost and not self._stopped.is_set():  # not a peer that finished normally
-                exit_now(f"lost process {', '.join(map(str, lost))} of {process_count} (no heartbeat "
-                         f"for {self.timeout} s: it died, or its host or network failed)", self.workdir)
+                exit_now(_lost(lost, process_count, self.timeout), self.workdir)
 
 
 def watch(workdir) -> Watchdog:
@@ -166,6 +176,40 @@ def watch(workdir) -> Watchdog:
     if jax.process_count() == 1 or _settings["failure_timeout"] is None:
         return Watchdog(None)
     return Watchdog(_settings["failure_timeout"], workdir, _client(), jax.process_count())
+
+
+def exit_if_a_peer_was_lost(workdir) -> None:
+    """Before an error ends this process of a multi-process run: a failed collective (e.g.
+    Gloo's "Connection reset by peer", raised as such or inside a checkpoint save) means a
+    peer was lost, most likely. Asks the coordination service which processes are live (at
+    most twice the failure timeout: a dead one is dropped once its heartbeat lapses) and, if
+    one is not, ends this process with the watchdog's one line naming it. Returns when every
+    process is live (the error is this process's own, for the caller to raise), and once the
+    training steps are over."""
+    import jax
+
+    client, timeout = _client(), _settings["failure_timeout"]
+    if client is None or not timeout or jax.process_count() == 1 or _settings["steps_over"]:
+        return  # after the steps the others may have finished and disconnected: not lost
+    everyone, answer = list(range(jax.process_count())), []
+
+    def ask():
+        try:
+            answer.append(client.get_live_nodes(everyone))
+        except Exception:  # noqa: BLE001 - the service is gone (process 0 lost): JAX ends this process
+            pass
+
+    asking = threading.Thread(target=ask, daemon=True)
+    asking.start()
+    asking.join(2 * timeout + 1)
+    lost = sorted(set(everyone) - set(answer[0])) if answer else []
+    if lost:
+        exit_now(_lost(lost, len(everyone), timeout), workdir)
+
+
+def _lost(lost: list[int], process_count: int, timeout: float) -> str:
+    return (f"lost process {', '.join(map(str, lost))} of {process_count} (no heartbeat for {timeout} s: it died, "
+            "or its host or network failed)")
 
 
 def _outlive_the_others(timeout: float) -> None:
