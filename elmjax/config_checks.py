@@ -243,6 +243,7 @@ def _validate_adapter(config, reads_weights: bool) -> None:
         bool(target_names(adapter)), "model.adapter.targets",
         f"is empty; name the layers to adapt, e.g. {models.get(config.model.family).adapter_targets}",
     )
+    adapter.targets = ",".join(target_names(adapter))  # one spelling, saved and compared on resume
     _require(
         config.train.init_from != "" or not reads_weights,
         "train.init_from",

@@ -163,3 +163,23 @@ def test_the_peft_recipe_on_an_olmoe_config_adapts_what_the_family_has():
     adapted = {key.split("/adapter/")[0].rsplit("/", 1)[-1] for key in tree.flatten(build_model(config.model, seed=0))
                if "/adapter/" in key}
     assert adapted == {"qkv_proj", "out_proj"}
+
+
+@pytest.mark.parametrize("written", ["qkv_proj,out_proj", "('qkv_proj', 'out_proj')", "[qkv_proj, out_proj]",
+                                     " qkv_proj , out_proj ,"])
+def test_adapter_targets_read_as_a_list_however_a_command_line_brackets_them(written):
+    from ml_collections import ConfigDict
+
+    from elmjax.layers.adapters import target_names
+
+    assert target_names(ConfigDict({"targets": written})) == ("qkv_proj", "out_proj")
+
+
+def test_validation_saves_the_targets_in_one_spelling_so_a_resume_compares_alike():
+    from configs.lora_sft_tiny import get_config
+
+    from elmjax.config import validate
+
+    config = get_config()
+    config.model.adapter.targets = "[qkv_proj, out_proj]"
+    assert validate(config, reads_weights=False).model.adapter.targets == "qkv_proj,out_proj"

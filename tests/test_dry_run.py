@@ -45,8 +45,9 @@ def test_tiny_compiles_for_other_tpu_generations(topology, kind, capacity):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"on 4 tpu devices ({kind}), topology {topology}" in result.stdout
     assert f"fits in {capacity} GiB ({kind} datasheet memory)" in result.stdout
-    assert (f"no step-time estimate: the TPU compiler's cost analysis for {kind} gives no optimal_seconds"
-            in result.stdout) != ("estimated MFU" in result.stdout)
+    # libtpu 0.0.42's cost analysis for these two gives a negative optimal_seconds (v5p's a time).
+    assert (f"no step-time estimate: the TPU compiler's cost analysis for {kind} gives no usable optimal_seconds "
+            "(it reports -") in result.stdout
 
 
 def test_an_unknown_topology_is_one_line():

@@ -2,6 +2,7 @@
 SIGTERM saves and exits, metrics files, dry run, and clear workdir errors."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -220,11 +221,25 @@ def test_skipping_stops_after_too_many_nonfinite_steps_in_a_row(tmp_path, cache)
 
 
 def copy_workdir(straight_run, tmp_path):
-    import shutil
-
     workdir = tmp_path / "copy"
     shutil.copytree(straight_run[0], workdir)
     return workdir
+
+
+def test_the_suggested_commands_quote_a_workdir_with_spaces(straight_run, tmp_path):
+    """Copied into a shell, each path stays one argument."""
+    import shlex
+
+    from elmjax.training.run_state import finished_summary
+    from tests.train_micro_config import get_config
+
+    workdir = tmp_path / "my runs" / "ü run"
+    shutil.copytree(straight_run[0], workdir)
+    lines = finished_summary(workdir, get_config(), 8, None, {})
+    generate = next(line for line in lines if "elmjax.generate" in line).split("next", 1)[1]
+    assert shlex.split(generate)[3:5] == ["--checkpoint", str(workdir)]
+    export = next(line for line in lines if "tools/export.py" in line)
+    assert shlex.split(export)[-1] == f"{workdir}/hf"
 
 
 def test_rerunning_a_finished_run_says_so_without_compiling(straight_run, tmp_path, cache):

@@ -81,8 +81,11 @@ def scale(adapter_config) -> float:
 
 
 def target_names(adapter_config) -> tuple[str, ...]:
-    """The configured target layer names, in order, without blanks."""
-    return tuple(name.strip() for name in adapter_config.targets.split(",") if name.strip())
+    """The configured target layer names (a comma-separated string), in order, without blanks.
+    Brackets and quotes around them are dropped: `('qkv_proj',)` and `[qkv_proj]` on a command
+    line mean `qkv_proj`."""
+    names = (name.strip().strip("()[]'\" ") for name in adapter_config.targets.split(","))
+    return tuple(name for name in names if name)
 
 
 class LowRank(nnx.Module):
@@ -197,7 +200,7 @@ def attach(model, model_config) -> None:
         raise ConfigError(
             "model.adapter.targets",
             f"{missing[0]!r} names no linear layer of this {model_config.family} model; "
-            f"choose from {', '.join(sorted(names | {EMBEDDING_TARGET}))}",
+            f"choose from {', '.join(sorted(names | {EMBEDDING_TARGET}))} (comma-separated, e.g. qkv_proj,out_proj)",
         )
 
 

@@ -4,6 +4,7 @@ changed since the checkpoint it would resume from, and what the run tells the us
 from __future__ import annotations
 
 import datetime
+import shlex
 
 from elmjax import storage
 from elmjax.training import checkpoint as ckpt
@@ -84,6 +85,7 @@ def duration(seconds: float) -> str:
 def finished_summary(workdir, config, step: int, seconds: float | None, last: dict) -> list[str]:
     """Where the run's outputs are and what to run next."""
     steps = ckpt.complete_steps(workdir)
+    quoted = shlex.quote(str(workdir))  # commands to copy: a path with spaces stays one argument
     head = f"done: step {step} of {config.train.steps}"
     if seconds is not None:
         head += f" in {duration(seconds)}"
@@ -92,10 +94,10 @@ def finished_summary(workdir, config, step: int, seconds: float | None, last: di
     return [
         head,
         f"  checkpoints  {ckpt.checkpoint_dir(workdir)} (steps {', '.join(map(str, steps))})",
-        f"  metrics      {workdir}/metrics.jsonl; TensorBoard: tensorboard --logdir {workdir}/tensorboard",
-        f"  next         python -m elmjax.generate --checkpoint {workdir} "
+        f"  metrics      {workdir}/metrics.jsonl; TensorBoard: tensorboard --logdir {shlex.quote(str(workdir) + '/tensorboard')}",
+        f"  next         python -m elmjax.generate --checkpoint {quoted} "
         + ("--chat --prompt \"Hi! How are you?\"" if config.data.get("chat_template", "") else "--prompt \"The\""),
-        f"               python -m elmjax.evaluate --checkpoint {workdir} --tasks openelm_zero_shot --limit 100",
-        f"               python tools/export.py --checkpoint {workdir} --to torch --out "
-        + (f"{storage.path(workdir).name}-hf" if storage.is_remote(workdir) else f"{workdir}/hf"),
+        f"               python -m elmjax.evaluate --checkpoint {quoted} --tasks openelm_zero_shot --limit 100",
+        f"               python tools/export.py --checkpoint {quoted} --to torch --out "
+        + shlex.quote(f"{storage.path(workdir).name}-hf" if storage.is_remote(workdir) else f"{workdir}/hf"),
     ]

@@ -27,7 +27,11 @@ def holding(workdir):
         yield
         return
     path = os.path.join(storage.absolute(workdir), LOCK_NAME)
-    handle = open(path, "a+")
+    try:
+        handle = open(path, "a+")
+    except OSError as error:
+        raise CheckpointError(f"cannot open the workdir's lock file {path} ({error.strerror or error}); fix its "
+                              "permissions or train in another --workdir") from None
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
