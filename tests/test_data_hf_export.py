@@ -116,3 +116,25 @@ def test_a_tokenizer_json_exports_the_special_ids_transformers_reads(tmp_path, v
     theirs = PreTrainedTokenizerFast.from_pretrained(tmp_path)
     assert (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id) == (0, 0, pad)
     assert (ours.bos_id, ours.eos_id, ours.pad_token_id) == (0, 0, pad)
+
+
+def test_a_sentencepiece_model_without_bos_exports_files_that_add_none(tmp_path):
+    """transformers, adding special tokens as generation does, must give SentencePiece's ids."""
+    from transformers import PreTrainedTokenizerFast
+
+    from elmjax.data.tokenizer import SentencePieceTokenizer
+
+    texts = [t for _, t in embedded_documents("kjv")[:60]]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=400, model_type="bpe",
+        normalization_rule_name="identity", remove_extra_whitespaces=False, byte_fallback=True,
+        unk_id=0, bos_id=-1, eos_id=1, pad_id=-1, num_threads=1, minloglevel=2,
+    )  # fmt: skip
+    tokenizer = SentencePieceTokenizer(model.getvalue())
+    assert tokenizer.bos_id is None and tokenizer.bos_prefix == []
+    tokenizer.save_hf_files(tmp_path)
+    loaded = PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
+    text = "In the beginning God created the heaven and the earth."
+    assert loaded(text)["input_ids"] == tokenizer._sp.encode(text)
+    assert loaded.bos_token_id is None and loaded.eos_token_id == 1

@@ -49,11 +49,12 @@ def sentencepiece_to_tokenizer_json(sp) -> str:
     )
     specials = [sp.id_to_piece(i) for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i)]
     tok.add_special_tokens([tokenizers.AddedToken(s, special=True, normalized=False) for s in specials])
-    bos = sp.id_to_piece(sp.bos_id())
-    # Like LLaMA: callers that add special tokens get BOS in front (prompts at generation).
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, sp.bos_id())]
-    )
+    if sp.bos_id() >= 0:  # a model without BOS: nothing to add
+        bos = sp.id_to_piece(sp.bos_id())
+        # Like LLaMA: callers that add special tokens get BOS in front (prompts at generation).
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, sp.bos_id())]
+        )
     return tok.to_str()
 
 
@@ -85,7 +86,7 @@ def save_sentencepiece(tokenizer, proto: bytes, out_dir) -> list[str]:
     (out_dir / "tokenizer.json").write_text(sentencepiece_to_tokenizer_json(sp), encoding="utf-8")
     special = _special_tokens(tokenizer, sp.id_to_piece)
     special["unk_token"] = sp.id_to_piece(sp.unk_id())
-    return ["tokenizer.model", "tokenizer.json", *_write_configs(out_dir, special, add_bos=True)]
+    return ["tokenizer.model", "tokenizer.json", *_write_configs(out_dir, special, add_bos=sp.bos_id() >= 0)]
 
 
 def save_tokenizer_json(tokenizer, json_text: str, out_dir) -> list[str]:
