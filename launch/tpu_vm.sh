@@ -39,11 +39,17 @@ nodes() {
 }
 
 on_all_workers() {
-  local command=$1 node
+  local command=$1 node pid failed=0
+  local pids=()
   for node in $(nodes); do
     run gcloud compute tpus tpu-vm ssh "${node}" --zone="${ZONE}" --worker=all --command="${command}" &
+    pids+=($!)
   done
-  wait
+  # A bare `wait` returns 0 whatever the ssh sessions returned: wait for each, keep a failure.
+  for pid in "${pids[@]}"; do
+    wait "${pid}" || failed=$?
+  done
+  return "${failed}"
 }
 
 case "${ACTION}" in

@@ -63,6 +63,27 @@ def test_tpu_vm_pod_recipe_creates_installs_trains_stops_and_deletes():
     assert commands["delete"][0].startswith("gcloud compute tpus queued-resources delete pod ")
 
 
+def test_scripts_run_as_the_readme_shows_and_a_failed_worker_fails_the_command(tmp_path):
+    """`launch/tpu_vm.sh train ...` (executable); one slice whose ssh fails fails the whole
+    command (a bare `wait` had returned 0). A stand-in gcloud on PATH: slice 1's ssh exits 7."""
+    import os
+
+    assert all(os.access(ROOT / "launch" / name, os.X_OK) for name in ("tpu_vm.sh", "xpk.sh"))
+    fake = tmp_path / "gcloud"
+    fake.write_text('#!/bin/bash\nif [[ " $* " == *" pod-1 "* ]]; then exit 7; fi\n')
+    fake.chmod(0o755)
+    environment = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "TPU_NAME": "pod", "NUM_SLICES": "2",
+                   "ZONE": "z", "ACCELERATOR_TYPE": "v5p-32", "RUNTIME_VERSION": "v2-alpha-tpuv5"}
+    environment.pop("DRY_RUN", None)
+    result = subprocess.run([str(ROOT / "launch" / "tpu_vm.sh"), "train", CONFIG, WORKDIR], env=environment,
+                            capture_output=True, text=True)
+    assert result.returncode == 7, result.stderr
+    fake.write_text("#!/bin/bash\nexit 0\n")
+    result = subprocess.run([str(ROOT / "launch" / "tpu_vm.sh"), "train", CONFIG, WORKDIR], env=environment,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 def test_multislice_tpu_recipe_creates_and_runs_on_every_slice():
     create = render.script_commands("tpu_vm.sh", "create", CONFIG, WORKDIR, TPU_NAME="pod", NUM_SLICES="2")
     assert "--node-count=2" in create[0] and "--node-prefix=pod" in create[0]
