@@ -159,6 +159,18 @@ def test_prepare_data_names_a_missing_source_file(tokenizer, tmp_path, capsys):
                                                "--tokenizer and the data section of configs/tiny.py")
 
 
+def test_prepare_data_names_a_glob_that_matches_nothing_and_a_missing_tokenizer(tokenizer, tmp_path, capsys):
+    from tools.prepare_data import main
+
+    tokenizer.save_hf_files(tmp_path)
+    output = f"--output={tmp_path / 'store'}"
+    assert main([f"--source={tmp_path / 'none' / '*.jsonl'}", f"--tokenizer={tmp_path / 'tokenizer.model'}", output]) == 2
+    assert f"'{tmp_path / 'none' / '*.jsonl'}' matches no file" in capsys.readouterr().err
+    (tmp_path / "a.txt").write_text("text")
+    assert main([f"--source={tmp_path / 'a.txt'}", "--format=text", f"--tokenizer={tmp_path / 'no.model'}", output]) == 2
+    assert f"tokenizer file '{tmp_path / 'no.model'}' does not exist" in capsys.readouterr().err
+
+
 def test_hf_files_load_in_mlx_lm_with_its_sentencepiece_detokenizer(tokenizer, tmp_path):
     tokenizer_utils = pytest.importorskip("mlx_lm.tokenizer_utils")
     tokenizer.save_hf_files(tmp_path)

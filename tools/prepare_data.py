@@ -66,12 +66,14 @@ def main(argv=None) -> int:
     try:
         validate(config)
         meta = prepare(config, args.output, overwrite=args.overwrite)
-    except FileNotFoundError as error:
-        print(f"error: no such file: {error.filename}; check --source, --tokenizer and the data section of "
-              f"{args.config}", file=sys.stderr)
-        return 2
-    except (ConfigError, StorageError, ValueError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ConfigError, StorageError, ValueError, OSError) as error:
+        if "--debug" in sys.argv:  # cli.run_command took it out of argv
+            raise
+        if isinstance(error, FileNotFoundError) and error.filename:  # an OS error: name the file
+            print(f"error: no such file: {error.filename}; check --source, --tokenizer and the data section of "
+                  f"{args.config}", file=sys.stderr)
+        else:  # ours name the file and the fix already
+            print(f"error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(meta, indent=2))
     return 0
