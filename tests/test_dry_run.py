@@ -59,15 +59,29 @@ def test_an_unknown_topology_is_one_line():
     assert "; give a name such as v5p:2x2x1, v5e:2x2, v6e:2x2 or v4:2x2x1" in error and "pip install" not in error
 
 
-def test_a_step_that_cannot_fit_stops_before_compiling():
-    """configs/270m.py at the paper's batch (2048 x 2048) on this host: logits alone are 537 GB."""
-    result = train("--config=configs/270m.py", "--dry_run")
+def test_a_step_that_cannot_fit_a_chip_stops_before_compiling():
+    """configs/270m.py at the paper's batch (2048 x 2048) on 4 v5p chips: logits alone are
+    125 GiB a chip, of 95."""
+    pytest.importorskip("libtpu", reason="the TPU compiler comes with libtpu (pip install -e '.[tpu]')")
+    result = train("--config=configs/270m.py", "--dry_run", "--topology=v5p:2x2x1")
     assert result.returncode == 2
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("error: config field `train.batch_size`: 2048 x 2048 tokens need at least")
-    assert "need at least 824.0 GiB per device" in error and "logits 500.0," in error
+    assert "logits 125.0," in error and "but a device has 95.0 GiB (TPU v5 datasheet memory)" in error
     assert "lower train.batch_size" in error
     assert "compile time" not in result.stdout
+
+
+def test_a_cpu_dry_run_beyond_this_hosts_memory_warns_and_compiles():
+    """Forced CPU devices stand in for accelerators (README's 3B and OLMoE dry runs): they only
+    split this host's memory, and a dry run allocates nothing."""
+    result = train("--config=configs/tiny.py", "--dry_run", "--config.train.batch_size=262144",
+                   "--config.train.seq_len=256")  # a TiB of logits: more than any host has
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning: 262144 x 256 tokens need at least 1216.0 GiB per device (state 0.0, gradients 0.0, " \
+        "logits 1024.0, " in result.stdout
+    assert "training would stop here; compiling anyway (a dry run allocates nothing)" in result.stdout
+    assert "compile time: " in result.stdout
 
 
 def test_the_bound_counts_one_piece_of_the_logits_with_logit_chunks():

@@ -78,19 +78,22 @@ def device_capacity(device) -> tuple[int | None, str]:
     return None, f"unknown memory for {device.device_kind!r}"
 
 
-def check_fits(setup, log=print) -> dict:
+def check_fits(setup, log=print, *, refuse: bool = True) -> dict:
     """Raises ConfigError (naming train.batch_size) when the lower bound exceeds the device's
-    memory; returns the bound."""
+    memory, or with `refuse=False` logs that as a warning; returns the bound."""
     bound = lower_bound(setup)
     capacity, source = device_capacity(setup.mesh.devices.flat[0])
     if capacity is not None and bound["total"] > capacity:
         config = setup.config
         parts = ", ".join(f"{name} {bound[name] / GiB:.1f}" for name in ("state", "gradients", "logits", "activations"))
+        need = (f"{config.train.batch_size} x {config.train.seq_len} tokens need at least {bound['total'] / GiB:.1f} "
+                f"GiB per device ({parts} GiB) but a device has {capacity / GiB:.1f} GiB ({source})")
+        if not refuse:
+            log(f"warning: {need}: training would stop here; compiling anyway (a dry run allocates nothing)")
+            return bound
         raise ConfigError(
             "train.batch_size",
-            f"{config.train.batch_size} x {config.train.seq_len} tokens need at least {bound['total'] / GiB:.1f} GiB "
-            f"per device ({parts} GiB) but a device has {capacity / GiB:.1f} GiB ({source}); lower "
-            "train.batch_size or train.seq_len, raise train.grad_accum_steps, or shard over more devices "
-            "(mesh.fsdp)",
+            f"{need}; lower train.batch_size or train.seq_len, raise train.grad_accum_steps, or shard over more "
+            "devices (mesh.fsdp)",
         )
     return bound
