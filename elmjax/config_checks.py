@@ -34,11 +34,12 @@ def _choice(config: ml_collections.ConfigDict, section: str, name: str, allowed)
     choice(config[section], section, name, allowed)
 
 
-def validate(config: ml_collections.ConfigDict, *, reads_weights: bool = True) -> ml_collections.ConfigDict:
+def validate(config: ml_collections.ConfigDict, *, reads_inputs: bool = True) -> ml_collections.ConfigDict:
     """Checks every field; raises `ConfigError` naming the first bad one. Returns `config`.
 
-    `reads_weights=False` is for commands that use the config's shapes only (a dry run, a
-    parameter count): adapters and DPO then need no `train.init_from` to start from."""
+    `reads_inputs=False` is for commands that use the config's shapes only (a dry run, a
+    parameter count): adapters and DPO then need no `train.init_from` to start from, and a
+    recipe whose data the user names (DPO's preference file) needs no `data.source`."""
     model = config.model
     family = models.get(model.family)  # ConfigError listing the known families
     missing = [name for name in family.model_fields() if name not in model]
@@ -92,7 +93,7 @@ def validate(config: ml_collections.ConfigDict, *, reads_weights: bool = True) -
         )
     _validate_mup_and_alibi(model)
     family.validate(model)
-    _validate_adapter(config, reads_weights)
+    _validate_adapter(config, reads_inputs)
 
     train = config.train
     for name in ("steps", "batch_size", "seq_len", "grad_accum_steps", "log_every", "stop_check_every"):
@@ -112,7 +113,7 @@ def validate(config: ml_collections.ConfigDict, *, reads_weights: bool = True) -
     _choice(config, "train", "nonfinite", NONFINITE_ACTIONS)
     at_least(train, "train", "max_nonfinite_streak", 1)
     _choice(config, "train", "reuse_host_memory", HOST_MEMORY_MODES)
-    _validate_objective(config, reads_weights)
+    _validate_objective(config, reads_inputs)
     _require(
         isinstance(train.workdir, str), "train.workdir", f"is {train.workdir!r}; need a path string"
     )
@@ -141,9 +142,9 @@ def validate(config: ml_collections.ConfigDict, *, reads_weights: bool = True) -
 
     data = config.data
     _require(
-        isinstance(data.source, str) and data.source.strip() != "",
+        isinstance(data.source, str) and (data.source.strip() != "" or not reads_inputs),
         "data.source",
-        f"is {data.source!r}; give `embedded`, `embedded:shakespeare`, `seqio:NAME` or paths/globs",
+        f"is {data.source!r}; give `embedded`, `embedded:shakespeare`, `embedded:chat`, `seqio:NAME` or paths/globs",
     )
     _choice(config, "data", "format", DATA_FORMATS)
     _choice(config, "data", "text_unit", TEXT_UNITS)
@@ -228,7 +229,7 @@ def _validate_rules(rules) -> None:
                  f"maps {logical!r} to {target!r}, which is not None, a mesh axis or a tuple of distinct ones; {form}")
 
 
-def _validate_adapter(config, reads_weights: bool) -> None:
+def _validate_adapter(config, reads_inputs: bool) -> None:
     """`model.adapter`: its kind, shape and targets; adapters need a base (`train.init_from`)."""
     from elmjax.layers.adapters import ADAPTER_KINDS, target_names
 
@@ -245,14 +246,14 @@ def _validate_adapter(config, reads_weights: bool) -> None:
     )
     adapter.targets = ",".join(target_names(adapter))  # one spelling, saved and compared on resume
     _require(
-        config.train.init_from != "" or not reads_weights,
+        config.train.init_from != "" or not reads_inputs,
         "train.init_from",
         "is empty, but adapters train over a frozen base model: give the base's training workdir or "
         "step directory (tools/import_hf.py turns a Hugging Face model into one)",
     )
 
 
-def _validate_objective(config, reads_weights: bool) -> None:
+def _validate_objective(config, reads_inputs: bool) -> None:
     """`train.objective` and, for DPO, the `dpo` section: DPO's reference is the frozen base
     under adapters, and pairs of rows stay whole in every micro-batch."""
     from elmjax.training.dpo import DPO_LOSSES, DPO_REFERENCES
@@ -279,7 +280,7 @@ def _validate_objective(config, reads_weights: bool) -> None:
             "reference, so use dpo.reference=base",
         )
         _require(
-            config.train.init_from != "" or not reads_weights,
+            config.train.init_from != "" or not reads_inputs,
             "train.init_from",
             "is empty; DPO starts from a trained model (its starting weights are the reference): give its "
             "workdir or step directory",

@@ -89,7 +89,7 @@ def main(argv) -> None:
         cli.fail(f"unexpected arguments: {argv[1:]}; flags take the form --name=value")
     from elmjax.config import validate
 
-    config = validate(FLAGS.config, reads_weights=not FLAGS.dry_run)
+    config = validate(FLAGS.config, reads_inputs=not FLAGS.dry_run)
     _check_distributed_flags()
     from elmjax.training import supervisor
 

@@ -159,7 +159,7 @@ def test_the_peft_recipe_on_an_olmoe_config_adapts_what_the_family_has():
     experts take no adapters), so the config validates as it comes."""
     from elmjax.config import load_config_file, validate, with_adapters
 
-    config = validate(with_adapters(load_config_file("configs/tiny_moe.py"), "lora"), reads_weights=False)
+    config = validate(with_adapters(load_config_file("configs/tiny_moe.py"), "lora"), reads_inputs=False)
     adapted = {key.split("/adapter/")[0].rsplit("/", 1)[-1] for key in tree.flatten(build_model(config.model, seed=0))
                if "/adapter/" in key}
     assert adapted == {"qkv_proj", "out_proj"}
@@ -182,4 +182,4 @@ def test_validation_saves_the_targets_in_one_spelling_so_a_resume_compares_alike
 
     config = get_config()
     config.model.adapter.targets = "[qkv_proj, out_proj]"
-    assert validate(config, reads_weights=False).model.adapter.targets == "qkv_proj,out_proj"
+    assert validate(config, reads_inputs=False).model.adapter.targets == "qkv_proj,out_proj"

@@ -108,3 +108,13 @@ def test_count_params_tool_rejects_bad_config_with_field_name():
     )
     assert result.returncode == 2
     assert "model.num_layers" in result.stderr
+
+
+def test_count_params_takes_the_dpo_recipe_before_its_preference_file_is_named():
+    """The recipe leaves data.source to the user; counting reads no data (SPEC §1's count)."""
+    result = subprocess.run(
+        [sys.executable, "tools/count_params.py", "--config=configs/dpo_openelm_instruct.py:270m"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines()[0] == "params: 271527168"

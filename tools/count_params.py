@@ -43,7 +43,7 @@ def main(argv):
 
     if flags.FLAGS.config is None:
         cli.fail("--config=PATH is required, e.g. --config=configs/3b.py")
-    print("\n".join(describe(validate(flags.FLAGS.config, reads_weights=False))))
+    print("\n".join(describe(validate(flags.FLAGS.config, reads_inputs=False))))
 
 
 if __name__ == "__main__":
