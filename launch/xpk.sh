@@ -28,6 +28,10 @@ if [[ ${ACTION} == delete ]]; then
   run xpk workload delete --workload="${WORKLOAD}" "${location[@]}"
   exit 0
 fi
+if [[ ${ACTION} != tpu && ${ACTION} != gpu ]]; then
+  echo "error: unknown action ${ACTION}; use tpu, gpu or delete" >&2  # before asking for IMAGE
+  exit 2
+fi
 CONFIG=${2:?missing CONFIG (e.g. configs/3b.py)}
 WORKDIR=${3:?missing WORKDIR (e.g. gs://BUCKET/runs/3b)}
 IMAGE=${IMAGE:?set IMAGE to an image built from launch/Dockerfile}
@@ -48,9 +52,5 @@ case "${ACTION}" in
     run xpk workload create --workload="${WORKLOAD}" "${location[@]}" --docker-image="${IMAGE}" \
       --device-type="${DEVICE_TYPE:-h100-80gb-8}" --num-nodes="${NUM_NODES:-2}" \
       --command="${TRAIN} --coordinator=\${JAX_COORDINATOR_ADDRESS}:\${JAX_COORDINATOR_PORT} --num_processes=\${NNODES} --process_id=\${NODE_RANK}"
-    ;;
-  *)
-    echo "error: unknown action ${ACTION}; use tpu, gpu or delete" >&2
-    exit 2
     ;;
 esac

@@ -84,6 +84,12 @@ def test_scripts_run_as_the_readme_shows_and_a_failed_worker_fails_the_command(t
     assert result.returncode == 0, result.stderr
 
 
+def test_an_unknown_xpk_action_is_named_before_any_setting_is_asked_for():
+    result = subprocess.run(["bash", str(ROOT / "launch" / "xpk.sh"), "foo", CONFIG, WORKDIR], capture_output=True,
+                            text=True, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2 and result.stderr.strip() == "error: unknown action foo; use tpu, gpu or delete"
+
+
 def test_multislice_tpu_recipe_creates_and_runs_on_every_slice():
     create = render.script_commands("tpu_vm.sh", "create", CONFIG, WORKDIR, TPU_NAME="pod", NUM_SLICES="2")
     assert "--node-count=2" in create[0] and "--node-prefix=pod" in create[0]
