@@ -96,8 +96,8 @@ def encode_conversation(tokenizer: Tokenizer, messages, header: str, *, bos: boo
     if tokenizer.eos_id is None or tokenizer.eos_id < 0:
         raise ValueError(f"tokenizer {getattr(tokenizer, 'name', '')!r} has no EOS token, which ends every chat turn")
     pieces, weights = [], []
-    if bos and tokenizer.bos_id is not None:
-        pieces.append([tokenizer.bos_id]), weights.append(0)
+    if bos and tokenizer.bos_prefix:
+        pieces.append(tokenizer.bos_prefix), weights.append(0)
     heads = [header.format(role=m["role"]) for m in messages]
     # A content is encoded after its header's last character, whose ids are then dropped:
     # so it tokenizes as it does inside the whole rendered text (no word-start "▁" of its

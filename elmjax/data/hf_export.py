@@ -86,7 +86,7 @@ def save_sentencepiece(tokenizer, proto: bytes, out_dir) -> list[str]:
     (out_dir / "tokenizer.json").write_text(sentencepiece_to_tokenizer_json(sp), encoding="utf-8")
     special = _special_tokens(tokenizer, sp.id_to_piece)
     special["unk_token"] = sp.id_to_piece(sp.unk_id())
-    return ["tokenizer.model", "tokenizer.json", *_write_configs(out_dir, special, add_bos=sp.bos_id() >= 0)]
+    return ["tokenizer.model", "tokenizer.json", *_write_configs(out_dir, special, add_bos=tokenizer.bos_id is not None)]
 
 
 def save_tokenizer_json(tokenizer, json_text: str, out_dir) -> list[str]:
