@@ -75,8 +75,23 @@ def describe_flag_error(error: BaseException, argv) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
+HELP_FLAGS = {"--help", "-help", "-?", "--helpshort", "-helpshort", "--helpfull", "-helpfull"}
+
+
+def print_help() -> None:
+    """The command's docstring and its flags, the shared `--config`/`--debug` included (absl's
+    own --help lists only the main module's and exits 1)."""
+    app.usage(shorthelp=True, writeto_stdout=True)
+    print(flags.FLAGS.module_help(__name__))
+    print("\n`--config.SECTION.FIELD=VALUE` overrides any config field (elmjax/config.py).")
+
+
 def parse_flags(argv):
-    """`flags_parser` for `absl.app.run`: command-line errors become one line (exit 2)."""
+    """`flags_parser` for `absl.app.run`: command-line errors become one line (exit 2);
+    --help prints the flags and exits 0."""
+    if any(arg in HELP_FLAGS for arg in argv[1:]):
+        print_help()
+        raise SystemExit(0)
     try:
         rest = flags.FLAGS(argv)
     except SystemExit:

@@ -12,3 +12,12 @@ run() {
     "$@"
   fi
 }
+
+# `required VALUE MESSAGE`: prints `error: MESSAGE` and exits 2, the trainer's code for a
+# usage mistake, when VALUE is empty (bash's own ${x:?} exits 1, which reads as a failed run).
+required() {
+  if [[ -z $1 ]]; then
+    echo "error: $2" >&2
+    exit 2
+  fi
+}

@@ -12,9 +12,15 @@
 # Re-running `train` with the same CONFIG and WORKDIR resumes from the newest checkpoint.
 set -euo pipefail
 
-ACTION=${1:?usage: launch/tpu_vm.sh create|install|train|stop|delete CONFIG WORKDIR}
-CONFIG=${2:?missing CONFIG (e.g. configs/3b.py)}
-WORKDIR=${3:?missing WORKDIR (e.g. gs://BUCKET/runs/3b)}
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # run (or print with DRY_RUN), required
+
+required "${1:-}" "usage: launch/tpu_vm.sh create|install|train|stop|delete CONFIG WORKDIR"
+ACTION=${1}
+required "${2:-}" "missing CONFIG (e.g. configs/3b.py)"
+CONFIG=${2}
+required "${3:-}" "missing WORKDIR (e.g. gs://BUCKET/runs/3b)"
+WORKDIR=${3}
 TPU_NAME=${TPU_NAME:-elmjax}
 ZONE=${ZONE:-us-east5-a}
 ACCELERATOR_TYPE=${ACCELERATOR_TYPE:-v5p-32}
@@ -25,9 +31,6 @@ NUM_SLICES=${NUM_SLICES:-1}
 # jax.distributed.initialize() read the workers and this worker's id from the TPU metadata
 # (and, multislice, the MEGASCALE_* variables), so no flag differs between workers.
 TRAIN="python -m elmjax.train --config=${CONFIG} --workdir=${WORKDIR} --distributed"
-
-# shellcheck source=lib.sh
-source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # run: runs a command, or prints it with DRY_RUN
 
 # The TPU VMs: one node, or NUM_SLICES nodes named TPU_NAME-0, TPU_NAME-1, ... (multislice).
 nodes() {

@@ -14,15 +14,16 @@
 # Re-creating the workload with the same CONFIG and WORKDIR resumes from the newest checkpoint.
 set -euo pipefail
 
-ACTION=${1:?usage: launch/xpk.sh tpu|gpu CONFIG WORKDIR, or launch/xpk.sh delete}
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # run (or print with DRY_RUN), required
+
+required "${1:-}" "usage: launch/xpk.sh tpu|gpu CONFIG WORKDIR, or launch/xpk.sh delete"
+ACTION=${1}
 CLUSTER=${CLUSTER:-elmjax}
 WORKLOAD=${WORKLOAD:-elmjax-run}
 location=(--cluster="${CLUSTER}")
 if [[ -n ${ZONE:-} ]]; then location+=(--zone="${ZONE}"); fi
 if [[ -n ${PROJECT:-} ]]; then location+=(--project="${PROJECT}"); fi
-
-# shellcheck source=lib.sh
-source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # run: runs a command, or prints it with DRY_RUN
 
 if [[ ${ACTION} == delete ]]; then
   run xpk workload delete --workload="${WORKLOAD}" "${location[@]}"
@@ -32,9 +33,11 @@ if [[ ${ACTION} != tpu && ${ACTION} != gpu ]]; then
   echo "error: unknown action ${ACTION}; use tpu, gpu or delete" >&2  # before asking for IMAGE
   exit 2
 fi
-CONFIG=${2:?missing CONFIG (e.g. configs/3b.py)}
-WORKDIR=${3:?missing WORKDIR (e.g. gs://BUCKET/runs/3b)}
-IMAGE=${IMAGE:?set IMAGE to an image built from launch/Dockerfile}
+required "${2:-}" "missing CONFIG (e.g. configs/3b.py)"
+CONFIG=${2}
+required "${3:-}" "missing WORKDIR (e.g. gs://BUCKET/runs/3b)"
+WORKDIR=${3}
+required "${IMAGE:-}" "set IMAGE to an image built from launch/Dockerfile"
 TRAIN="python -m elmjax.train --config=${CONFIG} --workdir=${WORKDIR}"
 
 case "${ACTION}" in

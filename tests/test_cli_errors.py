@@ -119,3 +119,13 @@ def test_a_vocabulary_too_small_for_the_embedded_corpus_names_model_vocab_size(t
     assert error.startswith("error: config field `model.vocab_size`: is 100, which the tokenizer trained on the "
                             "embedded corpus cannot have (at least 327, for its characters and special pieces)")
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+@pytest.mark.parametrize("command", [["-m", "elmjax.train"], ["tools/count_params.py"]])
+def test_help_lists_the_shared_flags_and_exits_0(command):
+    # absl's own --help exits 1 and lists only the main module's flags, not --config/--debug
+    env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), "HOME": str(Path.home())}
+    result = subprocess.run([sys.executable, *command, "--help"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--config: Config file" in result.stdout and "--[no]debug" in result.stdout

