@@ -93,7 +93,7 @@ def encode_conversation(tokenizer: Tokenizer, messages, header: str, *, bos: boo
                         add_generation_prompt: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, target weights), both int32 [n]: the rendered conversation's ids and the
     loss weight of each token as a prediction target (1 on assistant content + its EOS)."""
-    if tokenizer.eos_id is None or tokenizer.eos_id < 0:
+    if tokenizer.eos_id is None:
         raise ValueError(f"tokenizer {getattr(tokenizer, 'name', '')!r} has no EOS token, which ends every chat turn")
     pieces, weights = [], []
     if bos and tokenizer.bos_prefix:
