@@ -246,6 +246,38 @@ def test_special_tokens_named_only_in_tokenizer_config_stay_with_the_run_and_the
     assert (from_store.bos_id, from_store.eos_id, from_store.pad_token_id) == ids
 
 
+def test_a_run_kept_without_the_names_takes_them_from_the_file_it_trained_with(tmp_path):
+    """A workdir of the version before the names were kept: generate and export read them
+    from the run's config.json `data.tokenizer`, as transformers reads that folder."""
+    from transformers import PreTrainedTokenizerFast
+
+    from elmjax.data.tokenizer_choice import run_tokenizer
+
+    source = byte_level_bpe(tmp_path / "tok", ["<|unk|>", "<|bos|>", "<|eos|>", "<|pad|>"], UNUSUAL_NAMES)
+    oracle = PreTrainedTokenizerFast.from_pretrained(str(source))
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "tokenizer.json").write_bytes((source / "tokenizer.json").read_bytes())
+    (workdir / "config.json").write_text(json.dumps({"data": {"tokenizer": str(source / "tokenizer.json")}}))
+    kept = run_tokenizer(workdir / "checkpoints" / "5")
+    assert (kept.bos_id, kept.eos_id, kept.pad_token_id) == (oracle.bos_token_id, oracle.eos_token_id,
+                                                             oracle.pad_token_id)
+
+
+def test_resuming_a_run_kept_without_the_names_writes_them_beside_its_tokenizer(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    from elmjax.data.tokenizer_choice import keep_with_run
+
+    source = byte_level_bpe(tmp_path / "tok", ["<|unk|>", "<|bos|>", "<|eos|>", "<|pad|>"], UNUSUAL_NAMES)
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "tokenizer.json").write_bytes((source / "tokenizer.json").read_bytes())
+    (workdir / "config.json").write_text(json.dumps({"data": {"tokenizer": str(source / "tokenizer.json")}}))
+    keep_with_run(workdir, open_tokenizer(source / "tokenizer.json"))
+    assert PreTrainedTokenizerFast.from_pretrained(str(workdir)).bos_token_id == 1
+
+
 def test_a_tokenizer_with_usual_names_keeps_no_extra_file(tmp_path):
     from elmjax.data.tokenizer_choice import keep_with_run
 

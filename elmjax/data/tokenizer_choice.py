@@ -24,18 +24,43 @@ def run_tokenizer(path, *, look_up: bool = True) -> Tokenizer | None:
     from elmjax.data.run_files import find_stored_tokenizer
 
     found = find_stored_tokenizer(path, look_up=look_up)
-    return None if found is None else Tokenizer.from_stored_file(found[0], found[1], name=found[2], special=found[3])
+    if found is None:
+        return None
+    file_name, payload, file_path, special = found
+    kept = Tokenizer.from_stored_file(file_name, payload, name=file_path, special=special)
+    return kept if special is not None else _with_names_from_its_source(kept, file_path)
+
+
+def _with_names_from_its_source(kept: Tokenizer, file_path: str) -> Tokenizer:
+    """A run of a version that kept no special-token names beside its tokenizer.json: the
+    names come from the file it was made from (the run's config.json `data.tokenizer`, with
+    its tokenizer_config.json), when that is still there and is the same tokenizer. Else the
+    kept one as it is (a resumed run writes the names)."""
+    import json
+
+    from elmjax import storage
+
+    run_config = storage.path(file_path).parent / "config.json"
+    try:
+        source = json.loads(run_config.read_text())["data"]["tokenizer"]
+        if not source:
+            return kept
+        original = open_tokenizer(source)
+    except Exception:  # noqa: BLE001 - no config, no source, or it moved: the kept file is what there is
+        return kept
+    return original if original.fingerprint == kept.fingerprint and original.stored_special() else kept
 
 
 def keep_with_run(workdir, tokenizer: Tokenizer) -> None:
     """Writes `tokenizer` into `workdir` unless it is there; a different one there (the run
     trained with another) is a one-line ConfigError naming both."""
-    from elmjax.data.run_files import write_stored_tokenizer
+    from elmjax.data.run_files import find_stored_tokenizer, write_stored_tokenizer
     from elmjax.validation import ConfigError
 
-    kept = run_tokenizer(workdir, look_up=False)
+    found = find_stored_tokenizer(workdir, look_up=False)
+    kept = None if found is None else Tokenizer.from_stored_file(found[0], found[1], name=found[2], special=found[3])
     special = tokenizer.stored_special()
-    if kept is None or (kept.fingerprint == tokenizer.fingerprint and special and kept.stored_special() is None):
+    if kept is None or (kept.fingerprint == tokenizer.fingerprint and special and found[3] is None):
         # New, or kept by a version that did not keep the special-token names: (re)write.
         write_stored_tokenizer(workdir, *tokenizer.stored_file(), special)
     elif kept.fingerprint != tokenizer.fingerprint:
