@@ -102,7 +102,7 @@ def test_mlx_adapters_refuse_an_embedding_adapter(tmp_path):
 
 @pytest.mark.parametrize("config_file,targets", [
     ("configs/tiny_moe.py", "token_embeddings,qkv_proj,out_proj,lm_head"),  # experts take no adapters
-    ("configs/tiny_btlm.py", "qkv_proj,out_proj,proj_1,proj_2"),
+    ("configs/tiny_btlm.py", "token_embeddings,qkv_proj,out_proj,proj_1,proj_2"),  # the default
 ])
 def test_other_families_adapt_their_linear_layers_and_export_merged(tmp_path, config_file, targets):
     from elmjax.config import load_config_file

@@ -230,7 +230,9 @@ def reference_btlm_logits(hf_dir, tokens) -> np.ndarray:
         x = norm(h, p + "ln_2")
         h = h + conv1d(conv1d(x, p + "mlp.c_fc") * torch.nn.functional.silu(conv1d(x, p + "mlp.c_fc2")), p + "mlp.c_proj")
     h = norm(h, "transformer.ln_f")
-    logits = h @ w["transformer.wte.weight"].T * config["mup_output_alpha"] * config["mup_width_scale"]
+    # transformers' convention: the head is wte unless tie_word_embeddings is false
+    head = w["transformer.wte.weight"] if config.get("tie_word_embeddings", True) else w["lm_head.weight"]
+    logits = h @ head.T * config["mup_output_alpha"] * config["mup_width_scale"]
     return logits.numpy()
 
 
@@ -278,6 +280,28 @@ def test_export_writes_cerebras_names_shapes_and_config_keys(small, tmp_path):
                 "mup_width_scale": 16 / 48, "mup_embeddings_scale": 14.6, "mup_output_alpha": 2.22,
                 "mup_scale_qk_dot_by_d": True, "alibi_scaling": None, "bos_token_id": 50256, "eos_token_id": 50256}
     assert {key: hf[key] for key in expected} == expected
+
+
+def test_a_merged_embedding_adapter_exports_an_untied_head_that_the_reference_and_import_read(tmp_path):
+    """The family's default adapter targets include token_embeddings (SPEC §1's recipe).
+    Merged, the lookup changes and the head keeps the base table, so the export unties them:
+    tie_word_embeddings false and lm_head.weight (export had refused, so a default LoRA run
+    could not be shipped)."""
+    from elmjax.convert import adapters as adapter_export
+
+    config = small_config()
+    config.model.adapter.kind = "lora"
+    config = validate(config, reads_inputs=False)  # no base workdir: the weights are drawn here
+    assert config.model.adapter.targets.startswith("token_embeddings,")
+    params = nnx.to_pure_dict(random_btlm_params(config.model, seed=2))  # adapters ~ N(0, 0.1): not a no-op
+    merged_config, merged = adapter_export.merge(config, params)
+    export_params(tmp_path / "hf", merged_config.model, merged, target="torch")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"] is False
+    adapted = elmjax_logits(config.model, params, TOKENS)
+    np.testing.assert_allclose(reference_btlm_logits(tmp_path / "hf", TOKENS), adapted, atol=1e-4, rtol=0)
+    imported_config, imported = load_hf_dir(tmp_path / "hf")
+    assert imported_config.model.tie_embeddings is False
+    np.testing.assert_allclose(elmjax_logits(imported_config.model, imported, TOKENS), adapted, atol=1e-5, rtol=0)
 
 
 def test_hf_round_trip_is_bit_exact_with_the_same_model_fields(small, tmp_path):

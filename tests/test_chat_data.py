@@ -127,6 +127,15 @@ def test_bad_jsonl_record_is_one_line_error(tokenizer, tmp_path):
     assert "\n" not in message and "chat.jsonl" in message and "'bot'" in message
 
 
+def test_records_without_the_messages_field_name_data_messages_field(tmp_path):
+    """It named data.text_field, which chat data does not read."""
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"conversation": CONVERSATION}) + "\n")
+    with pytest.raises(ConfigError, match=r"1 missing the field 'messages'\); check the files in data.source "
+                                          r"and data.messages_field$"):
+        chat.ChatJsonlSource(str(path), "messages")
+
+
 def _pieces(batch):
     """(row, start, end) of each document piece in a batch (runs of one segment id > 0)."""
     for row, segments in enumerate(batch["segment_ids"]):

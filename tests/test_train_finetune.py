@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from elmjax import tree
-from test_train_resume import env, killed_train_command, metrics_by_step, run, train_command
+from test_train_resume import ROOT, env, killed_train_command, metrics_by_step, run, train_command
 
 LORA = ("--config.model.adapter.kind=lora", "--config.model.adapter.rank=4", "--config.model.adapter.dropout=0.1",
         "--config.optim.weight_decay=0")
@@ -66,6 +66,37 @@ def jax_free(node):
     if isinstance(node, (list, tuple)):
         return {str(i): jax_free(v) for i, v in enumerate(node)}
     return np.asarray(getattr(node, "shape", ()))
+
+
+def test_the_readmes_peft_recipe_loads_the_exported_adapters_onto_the_exported_base(lora_run, base, tmp_path):
+    """tools/export.py --adapters peft --base DIR, loaded as README.md says, gives the merged
+    export's logits (peft is the oracle of the adapter math; the merged model elmjax's own)."""
+    import sys
+
+    import torch
+    from peft import LoraConfig, PeftModel
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import export as export_tool
+
+    from elmjax.models.openelm.torch_model import OpenELMForCausalLM
+
+    hf, adapters, merged = tmp_path / "hf", tmp_path / "peft", tmp_path / "merged"
+    assert export_tool.main(["--checkpoint", str(base), "--to", "torch", "--out", str(hf)]) == 0
+    assert export_tool.main(["--checkpoint", str(lora_run), "--adapters", "peft", "--base", str(hf),
+                             "--out", str(adapters)]) == 0
+    assert export_tool.main(["--checkpoint", str(lora_run), "--to", "torch", "--out", str(merged)]) == 0
+    assert json.loads((adapters / "adapter_config.json").read_text())["base_model_name_or_path"] == str(hf)
+    peft_config = LoraConfig.from_pretrained(adapters)
+    peft_config.task_type = None
+    model = PeftModel.from_pretrained(OpenELMForCausalLM.from_pretrained(hf), adapters, config=peft_config).eval()
+    tokens = torch.tensor([[1, 5, 9, 2, 7, 3, 11, 4]])
+    with torch.no_grad():
+        theirs = model.get_base_model()(tokens).numpy()
+        ours = OpenELMForCausalLM.from_pretrained(merged)(tokens).numpy()
+        base_logits = OpenELMForCausalLM.from_pretrained(hf)(tokens).numpy()
+    assert np.abs(ours - base_logits).max() > 1e-4  # the trained adapters changed the model
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
 
 
 def test_lora_run_resumes_bitwise_after_sigkill(lora_run, base, tmp_path, cache):

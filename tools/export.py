@@ -28,6 +28,8 @@ def parse_args(argv=None):
     parser.add_argument("--to", dest="target", help="torch (Hugging Face layout) or mlx (mlx-lm layout)")
     parser.add_argument("--adapters", help="peft or mlx: write a LoRA/DoRA checkpoint's adapters alone")
     parser.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    parser.add_argument("--base", default="", help="with --adapters peft: the exported base model's directory "
+                        "(or hub id), written as base_model_name_or_path; default: the run's train.init_from")
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     parser.add_argument("--step", type=int, default=None, help="export this step of a workdir instead of the newest")
     parser.add_argument("--quantize", type=int, default=None, help="mlx only: 4 or 8 bits (mlx-lm affine quantization)")
@@ -53,7 +55,7 @@ def main(argv=None) -> int:
     try:
         if args.adapters:
             files = export_adapter_checkpoint(args.checkpoint, args.out, to=args.adapters, step=args.step,
-                                              overwrite=args.overwrite)
+                                              overwrite=args.overwrite, base_model=args.base)
         else:
             files = export_checkpoint(
                 args.checkpoint, args.out, target=args.target, dtype=args.dtype, step=args.step,

@@ -62,15 +62,15 @@ class DocumentSource(abc.ABC):
         """A stable name of document `index` (decides its train/eval split)."""
         return f"{self.name}#{index}"
 
-    def require_documents(self, field: str | None = None) -> None:
+    def require_documents(self, field: str | None = None, setting: str = "data.text_field") -> None:
         """Fails, saying why, when indexing left no document (`field`: the JSONL field or
-        Parquet column the documents come from)."""
+        Parquet column the documents come from; `setting`: the config field that names it)."""
         if self.stats.documents:
             return
         reasons = [f"{self.stats.empty_skipped} empty or whitespace-only"]
         if field is not None:
             reasons.append(f"{self.stats.missing_field} missing the field {field!r}")
-        hint = "check the files in data.source" + (" and data.text_field" if field is not None else "")
+        hint = "check the files in data.source" + (f" and {setting}" if field is not None else "")
         raise DataSourceError(f"data source {self.name!r} has no documents ({', '.join(reasons)}); {hint}")
 
     def log_stats(self) -> None:

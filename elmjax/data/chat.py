@@ -161,6 +161,8 @@ class ChatJsonlSource(JsonlSource):
     without the field is skipped and counted; a malformed conversation fails at once, naming
     the file and the record's byte offset."""
 
+    field_setting = "data.messages_field"
+
     def _document(self, text: str, stats: SourceStats | None):
         messages = self._field_value(text, stats)
         if messages is None:

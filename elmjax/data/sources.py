@@ -177,6 +177,8 @@ class EmbeddedSource(DocumentSource):
 class _OffsetIndexedSource(DocumentSource):
     """Documents = byte ranges of files (one per file, or one per line / JSONL record)."""
 
+    field_setting = "data.text_field"  # the config field naming `field`, for error messages
+
     def __init__(self, pattern: str, per_line: bool, field: str | None = None):
         self.name = pattern
         self._paths = expand_glob(pattern)
@@ -205,7 +207,7 @@ class _OffsetIndexedSource(DocumentSource):
         self._end = np.asarray(ends, np.int64)
         self.stats.documents = len(self._file)
         self.log_stats()
-        self.require_documents(field)
+        self.require_documents(field, self.field_setting)
 
     def _field_value(self, text: str, stats: SourceStats | None):
         """The value of the record's field in a line's decoded text, or None for a blank line

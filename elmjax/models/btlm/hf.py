@@ -4,6 +4,9 @@ both ways.
 The weights follow GPT-2's module names, and GPT-2's `Conv1D` stores kernels [in, out] like
 elmjax, so no kernel is transposed:
   transformer.wte.weight [V, d]                  token_embeddings (lm_head tied to it)
+  lm_head.weight [V, d]                          lm_head/kernel [d, V], only when untied
+                                                 (tie_word_embeddings false: a merged
+                                                 embedding adapter keeps the base head)
   transformer.h.{i}.ln_1.{weight,bias} [d]       layers/i/attn_norm
   transformer.h.{i}.attn.c_attn.{weight,bias}    layers/i/attn/qkv_proj ([d, 3d]: q | k | v)
   transformer.h.{i}.attn.c_proj.{weight,bias}    layers/i/attn/out_proj
@@ -63,7 +66,6 @@ _FIXED_FIELDS = {
     "qk_norm": "none",
     "position_encoding": "alibi",
     "use_bias": True,
-    "tie_embeddings": True,
 }
 
 
@@ -118,7 +120,10 @@ class BTLMLayout:
     # ---- weights -------------------------------------------------------------------------
     def to_hf(self, flat: dict, model_config, vocab_rows: int | None = None) -> dict[str, np.ndarray]:
         """HF-named arrays from flat elmjax params (views: nothing is copied here)."""
-        out = {EMBEDDING: tied_embedding_rows(flat, vocab_rows, "BTLM")}
+        untied = {key: value for key, value in flat.items() if key != "lm_head/kernel"}
+        out = {EMBEDDING: tied_embedding_rows(untied, vocab_rows, "BTLM")}
+        if "lm_head/kernel" in flat:  # tie_word_embeddings false
+            out["lm_head.weight"] = flat["lm_head/kernel"].T[:vocab_rows]
         inner = model_config.ffn_dim
         for i in range(model_config.num_layers):
             prefix = f"transformer.h.{i}."
@@ -136,7 +141,8 @@ class BTLMLayout:
     def from_hf(self, tensors: dict, model_config) -> dict[str, np.ndarray]:
         """Flat elmjax paths -> arrays from HF names. Raises KeyError naming a missing tensor,
         ValueError for unexpected tensors, a tied lm_head that differs from wte, or stored
-        ALiBi slopes that are not the formula's."""
+        ALiBi slopes that are not the formula's. An untied model (`tie_embeddings` False,
+        from tie_word_embeddings) needs lm_head.weight."""
         num_layers = model_config.num_layers
         expected = {EMBEDDING, "transformer.ln_f.weight", "transformer.ln_f.bias", SLOPES}
         for i in range(num_layers):
@@ -152,10 +158,13 @@ class BTLMLayout:
                 f"holds tensors a BTLM with {num_layers} layers does not have: {unexpected[:5]} (names: SPEC §3)"
             )
         embedding = np.asarray(tensors[EMBEDDING])
-        if "lm_head.weight" in tensors and not np.array_equal(np.asarray(tensors["lm_head.weight"]), embedding):
-            raise ValueError("lm_head.weight differs from transformer.wte.weight; elmjax's BTLM ties them")
-        self._check_slopes(np.asarray(tensors[SLOPES]), model_config.num_heads)
         out = {"token_embeddings": embedding}
+        if not model_config.tie_embeddings:
+            out["lm_head/kernel"] = np.ascontiguousarray(np.asarray(tensors["lm_head.weight"]).T)
+        elif "lm_head.weight" in tensors and not np.array_equal(np.asarray(tensors["lm_head.weight"]), embedding):
+            raise ValueError("lm_head.weight differs from transformer.wte.weight, but config.json ties them "
+                             "(tie_word_embeddings is not false)")
+        self._check_slopes(np.asarray(tensors[SLOPES]), model_config.num_heads)
         for i in range(num_layers):
             prefix = f"transformer.h.{i}."
             for ours, theirs in _BLOCK_PARAMS:
@@ -217,7 +226,7 @@ class BTLMLayout:
             "alibi_scaling": alibi_scaling,
             "bos_token_id": 50256,
             "eos_token_id": 50256,
-            "tie_word_embeddings": True,
+            "tie_word_embeddings": bool(cfg.tie_embeddings),
             "torch_dtype": torch_dtype,
             "use_cache": True,
         }
@@ -232,7 +241,6 @@ class BTLMLayout:
             ("scale_attn_weights", [True]),
             ("scale_attn_by_inverse_layer_idx", [False]),
             ("add_cross_attention", [False]),
-            ("tie_word_embeddings", [True]),
         ):
             if key in hf_cfg and hf_cfg[key] not in allowed:
                 raise HFConfigError(
@@ -257,7 +265,7 @@ class BTLMLayout:
         head_dim = fields["head_dim"]
         fields.update(
             norm_type="layer_norm", norm_eps=float(hf_cfg.get("layer_norm_epsilon", 1e-5)), qk_norm="none",
-            position_encoding="alibi", use_bias=True, tie_embeddings=True,
+            position_encoding="alibi", use_bias=True, tie_embeddings=bool(hf_cfg.get("tie_word_embeddings", True)),
             embedding_scale=float(hf_cfg.get("mup_embeddings_scale", 1.0)),
         )
         if width_scale == 1.0:  # no muP: the multipliers are plain ones
