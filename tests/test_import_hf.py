@@ -71,6 +71,11 @@ def test_a_non_openelm_config_is_refused():
         config_from_hf(dict(OPENELM_270M_CONFIG, model_type="llama"))
 
 
+def test_an_elmjax_workdir_given_as_a_hugging_face_model_is_named_as_such():
+    with pytest.raises(HFConfigError, match="an elmjax run's config.*needs no import"):
+        config_from_hf(json.loads(tiny_config().to_json()))
+
+
 def test_elmjax_to_hf_to_elmjax_is_bit_exact_in_float32(tiny, tmp_path):
     config, params = tiny
     # Sharded (many small files + index), so import's index reading is covered too.

@@ -33,6 +33,9 @@ def read_hf_config(hf_dir: str | os.PathLike) -> dict:
 def family_for(hf_cfg: dict):
     """The elmjax model family of a config.json (by `model_type`)."""
     family = models.for_hf_model_type(hf_cfg.get("model_type"))
+    if family is None and "model_type" not in hf_cfg and {"model", "train"} <= set(hf_cfg):
+        raise HFConfigError("config.json is an elmjax run's config, not a Hugging Face model's: this is a training "
+                            "workdir, which needs no import (use it as --checkpoint or train.init_from)")
     if family is None:
         known = [models.get(name).hf_layout.model_type for name in models.names() if models.get(name).hf_layout]
         raise HFConfigError(
