@@ -142,11 +142,11 @@ def _train(config, workdir, log, run_start: float, tokenizer) -> dict:
         writer.write(0, results)
         log(f"step 0: {line}")
     peak, peak_source = mt.device_peak_flops()
-    if peak:
-        log(f"peak {peak / 1e9:,.1f} GFLOP/s per device ({peak_source})")
     # A CPU peak is measured for the whole host (its devices share the cores).
     on_cpu = jax.devices()[0].platform == "cpu"
     peak_units = jax.process_count() if on_cpu else jax.device_count()
+    if peak:
+        log(f"peak {peak / 1e9:,.1f} GFLOP/s per {'host' if on_cpu else 'device'} ({peak_source})")
     stop.listen()
     watchdog = peers.watch(workdir)  # a lost or hanging peer ends the run within a bound
     seen_nonfinite, last, run = int(jax.device_get(state["nonfinite_steps"])), {}, None
