@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from elmjax import tree
-from test_train_resume import ROOT, env, killed_train_command, metrics_by_step, run, train_command
+from test_train_resume import env, killed_train_command, metrics_by_step, run, train_command
 
 LORA = ("--config.model.adapter.kind=lora", "--config.model.adapter.rank=4", "--config.model.adapter.dropout=0.1",
         "--config.optim.weight_decay=0")
@@ -71,15 +71,11 @@ def jax_free(node):
 def test_the_readmes_peft_recipe_loads_the_exported_adapters_onto_the_exported_base(lora_run, base, tmp_path):
     """tools/export.py --adapters peft --base DIR, loaded as README.md says, gives the merged
     export's logits (peft is the oracle of the adapter math; the merged model elmjax's own)."""
-    import sys
-
     import torch
     from peft import LoraConfig, PeftModel
 
-    sys.path.insert(0, str(ROOT / "tools"))
-    import export as export_tool
-
     from elmjax.models.openelm.torch_model import OpenELMForCausalLM
+    from tools import export as export_tool
 
     hf, adapters, merged = tmp_path / "hf", tmp_path / "peft", tmp_path / "merged"
     assert export_tool.main(["--checkpoint", str(base), "--to", "torch", "--out", str(hf)]) == 0
