@@ -19,16 +19,25 @@ def load_store_tokenizer(root: str) -> Tokenizer:
     return Tokenizer.from_stored_file(file_name, payload, name=root, special=special)
 
 
-def run_tokenizer(path, *, look_up: bool = True) -> Tokenizer | None:
-    """The tokenizer kept with the run at `path` (workdir or step dir), or None (run_files.py)."""
+def _kept(path, look_up: bool) -> tuple[Tokenizer, bool] | None:
+    """(the tokenizer kept with the run at `path`, whether its special-token names are kept
+    beside it), or None (run_files.py)."""
     from elmjax.data.run_files import find_stored_tokenizer
 
     found = find_stored_tokenizer(path, look_up=look_up)
     if found is None:
         return None
     file_name, payload, file_path, special = found
-    kept = Tokenizer.from_stored_file(file_name, payload, name=file_path, special=special)
-    return kept if special is not None else _with_names_from_its_source(kept, file_path)
+    return Tokenizer.from_stored_file(file_name, payload, name=file_path, special=special), special is not None
+
+
+def run_tokenizer(path, *, look_up: bool = True) -> Tokenizer | None:
+    """The tokenizer kept with the run at `path` (workdir or step dir), or None (run_files.py)."""
+    found = _kept(path, look_up)
+    if found is None:
+        return None
+    kept, named = found
+    return kept if named else _with_names_from_its_source(kept, kept.name)
 
 
 def _with_names_from_its_source(kept: Tokenizer, file_path: str) -> Tokenizer:
@@ -54,13 +63,12 @@ def _with_names_from_its_source(kept: Tokenizer, file_path: str) -> Tokenizer:
 def keep_with_run(workdir, tokenizer: Tokenizer) -> None:
     """Writes `tokenizer` into `workdir` unless it is there; a different one there (the run
     trained with another) is a one-line ConfigError naming both."""
-    from elmjax.data.run_files import find_stored_tokenizer, write_stored_tokenizer
+    from elmjax.data.run_files import write_stored_tokenizer
     from elmjax.validation import ConfigError
 
-    found = find_stored_tokenizer(workdir, look_up=False)
-    kept = None if found is None else Tokenizer.from_stored_file(found[0], found[1], name=found[2], special=found[3])
+    kept, named = _kept(workdir, look_up=False) or (None, False)
     special = tokenizer.stored_special()
-    if kept is None or (kept.fingerprint == tokenizer.fingerprint and special and found[3] is None):
+    if kept is None or (kept.fingerprint == tokenizer.fingerprint and special and not named):
         # New, or kept by a version that did not keep the special-token names: (re)write.
         write_stored_tokenizer(workdir, *tokenizer.stored_file(), special)
     elif kept.fingerprint != tokenizer.fingerprint:

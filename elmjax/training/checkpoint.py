@@ -178,12 +178,14 @@ def save(manager, step: int, state, data_iterator, config, *, force: bool = Fals
         raise save_failed(manager.directory, step, error, latest_complete_step(manager.directory)) from error
 
 
-def set_aside(step_dir: epath.Path, why: str = "damaged") -> None:
+def set_aside(step_dir: epath.Path, why: str = "damaged") -> str:
     """Moves a damaged (or incomplete) step to `<step>.<why>-<time>`, a name that is not a step
     number, so the manager neither restores nor overwrites it (on GCS a copy and delete: see
-    elmjax/storage.py)."""
+    elmjax/storage.py). Only process 0 moves it; every process returns the new name."""
+    name = f"{step_dir.name}.{why}-{int(time.time())}"
     if jax.process_index() == 0 and step_dir.exists():
-        storage.move(step_dir, step_dir.with_name(f"{step_dir.name}.{why}-{int(time.time())}"))
+        storage.move(step_dir, step_dir.with_name(name))
+    return name
 
 
 def _damaged_before(root) -> list[str]:
@@ -211,8 +213,7 @@ def restore_train_state(workdir, abstract_state, data_iterator):
 
     def skip(step_dir, error):
         log.warning("checkpoint %s is unreadable (%s); skipping it", step_dir, one_line(error))
-        set_aside(step_dir)
-        set_aside_now.append(step_dir)
+        set_aside_now.append(set_aside(step_dir))
         data_iterator.set_state(initial_data_state)
 
     for step in reversed(complete_steps(root)):
@@ -246,7 +247,7 @@ def restore_train_state(workdir, abstract_state, data_iterator):
         except Exception as error:  # a damaged step: fall back to the one before it
             skip(step_dir, error)
     if damaged_before or set_aside_now:  # starting over would train from step 0 where trained steps were
-        names = _damaged_before(root) or [f"{step_dir.name}.damaged-*" for step_dir in set_aside_now]
+        names = sorted(damaged_before + set_aside_now)
         raise DamagedCheckpointError(
             f"every checkpoint in {root} is damaged (set aside as {', '.join(names)}), so nothing can be "
             f"resumed; to start over from step 0, move those directories out of {root} (or use a new --workdir)")

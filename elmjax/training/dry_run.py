@@ -122,8 +122,9 @@ def _dry_run_shape(config, devices, topology: str | None, log) -> dict:
             f"{report['optimal_seconds']:.4g} s; "
             f"estimated MFU {100 * report['estimated_mfu']:.1f}% of {spec[0] / 1e12:.0f} TFLOP/s per chip "
             f"({tokens / report['optimal_seconds']:,.0f} tokens/s estimated)")
-    elif device.platform == "tpu":
+    elif device.platform == "tpu" and (report.get("optimal_seconds") or 0) <= 0:  # v4 and v5e report negatives
         log(f"no step-time estimate: the TPU compiler's cost analysis for {device.device_kind} gives no usable "
-            f"optimal_seconds (it reports {report.get('optimal_seconds', 'none')})" if (report.get("optimal_seconds") or 0) <= 0 else
-            f"no MFU estimate: no peak FLOP/s known for {device.device_kind}")
+            f"optimal_seconds (it reports {report.get('optimal_seconds', 'none')})")
+    elif device.platform == "tpu":
+        log(f"no MFU estimate: no peak FLOP/s known for {device.device_kind}")
     return report
